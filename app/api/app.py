@@ -1,0 +1,94 @@
+"""The HTTP application: routers, one exception mapping, and common response headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import chat, generate, models
+from app.api.backend import GenerationBackend
+from app.api.context import ApiContext
+from app.api.errors import ErrorShape, error_response, format_location, validation_error
+from app.config import AppConfig
+from app.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, ServiceError
+
+SIE_API_VERSION = "0.10.1"
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/models")
+
+
+def shape_for(path: str) -> ErrorShape:
+    return "openai" if path.startswith(OPENAI_PREFIXES) else "sie"
+
+
+def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
+    app = FastAPI(title="poolserve", version=SIE_API_VERSION)
+    app.state.context = ApiContext(config=config, backend=backend)
+    for module in (chat, generate, models):
+        app.include_router(module.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return error_response(error, shape_for(request.url.path))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_body(request: Request, error: ValidationError) -> JSONResponse:
+        return error_response(validation_error(error), shape_for(request.url.path))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(_request_validation(error), shape_for(request.url.path))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        mapped: ServiceError
+        if error.status_code == 405:
+            mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        elif error.status_code == 404:
+            mapped = RouteNotFound(f"no route {request.method} {request.url.path}")
+        else:
+            mapped = ServiceError(str(error.detail))
+            mapped.status = error.status_code
+        return error_response(mapped, shape_for(request.url.path))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return error_response(error, shape_for(request.url.path))
+
+    app.add_middleware(ServerHeaders)
+    return app
+
+
+def _request_validation(error: RequestValidationError) -> ServiceError:
+    errors = error.errors()
+    if not errors:
+        return InvalidRequest("invalid request")
+    first: dict[str, Any] = errors[0]
+    param = format_location(first.get("loc", ())[1:])
+    return InvalidRequest(f"{param}: {first.get('msg', 'invalid value')}", param=param or None)
+
+
+class ServerHeaders:
+    """Adds `X-SIE-Server-Version` to every response (pure ASGI: streaming stays untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-sie-server-version", SIE_API_VERSION.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

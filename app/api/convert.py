@@ -1,0 +1,213 @@
+"""Wire requests (OpenAI chat, SIE generate) -> internal `GenerationRequest`s.
+
+Fields the contract accepts but this service does not implement yet are refused with
+400 `unsupported_field` naming the field, never silently ignored."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+
+from app.config import AppConfig
+from app.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    ModelPathInvalid,
+    PayloadTooLarge,
+    UnsupportedField,
+)
+from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions
+from app.protocol.openai import ChatCompletionRequest, ChatMessageIn
+from app.protocol.sie import MAX_PROMPT_BYTES, GenerateRequest
+
+POOL_HEADER = "x-sie-pool"
+PROFILE_HEADER = "x-sie-machine-profile"
+MAX_LOGIT_BIAS_KEYS = 1024
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def resolve_model(config: AppConfig, model: str) -> str:
+    if config.model(model) is None:
+        raise ModelNotFound(model)
+    return model
+
+
+def model_from_path(segment: str) -> str:
+    """SIE SDK path form: '/' travels as '__' (and '.' may travel as '_dot_')."""
+    if "/" in segment:
+        raise ModelPathInvalid(
+            f"model path '{segment}' contains '/'; send it as '__'", param="model"
+        )
+    return segment.replace("__", "/").replace("_dot_", ".")
+
+
+def routing_from_headers(
+    config: AppConfig, headers: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    pool = (headers.get(POOL_HEADER) or "").strip().lower() or None
+    profile = (headers.get(PROFILE_HEADER) or "").strip().lower() or None
+    if profile is not None and config.profile(profile) is None:
+        known = ", ".join(p.name for p in config.profiles)
+        raise InvalidRequest(
+            f"unknown machine profile '{profile}' (configured: {known})",
+            param="X-SIE-MACHINE-PROFILE",
+        )
+    return pool, profile
+
+
+def logit_bias(raw: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not raw:
+        return ()
+    if len(raw) > MAX_LOGIT_BIAS_KEYS:
+        raise InvalidRequest(
+            f"logit_bias has more than {MAX_LOGIT_BIAS_KEYS} entries", param="logit_bias"
+        )
+    result = []
+    for key, value in raw.items():
+        try:
+            token_id = int(key)
+        except ValueError as error:
+            raise InvalidRequest(
+                f"logit_bias key '{key}' is not a token id", param="logit_bias"
+            ) from error
+        if token_id < 0 or not math.isfinite(value) or not -100 <= value <= 100:
+            raise InvalidRequest(
+                "logit_bias values must be finite in [-100, 100]", param="logit_bias"
+            )
+        result.append((token_id, float(value)))
+    return tuple(result)
+
+
+def chat_turns(messages: list[ChatMessageIn]) -> tuple[ChatTurn, ...]:
+    turns = []
+    for index, message in enumerate(messages):
+        if message.tool_calls or message.role == "tool":
+            raise UnsupportedField(f"messages[{index}].role", "tool messages are not supported yet")
+        role = "system" if message.role == "developer" else message.role
+        turns.append(ChatTurn(role=role, content=_text_content(message, index)))
+    return tuple(turns)
+
+
+def _text_content(message: ChatMessageIn, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part_index, part in enumerate(message.content):
+        if part.type not in ("text", "input_text"):
+            raise UnsupportedField(
+                f"messages[{index}].content[{part_index}].type",
+                f"content part type '{part.type}' is not supported (no vision model is configured)",
+            )
+        if part.text is None:
+            raise InvalidRequest(
+                "text part without 'text'", param=f"messages[{index}].content[{part_index}].text"
+            )
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    values = [stop] if isinstance(stop, str) else stop
+    if len(values) > 16 or any(not value for value in values):
+        raise InvalidRequest("stop takes up to 16 non-empty strings", param="stop")
+    return tuple(values)
+
+
+def chat_request(
+    config: AppConfig, body: ChatCompletionRequest, headers: Mapping[str, str]
+) -> GenerationRequest:
+    _refuse_unimplemented_chat_fields(body)
+    max_tokens, _ = body.effective_max_tokens
+    pool, profile = routing_from_headers(config, headers)
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=resolve_model(config, body.model),
+        messages=chat_turns(body.messages),
+        sampling=SamplingOptions(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k,
+            stop=_stop(body.stop),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            logit_bias=logit_bias(body.logit_bias),
+        ),
+        pool=pool,
+        machine_profile=profile,
+        routing_key=body.routing_key,
+        prompt_cache_key=body.prompt_cache_key,
+    )
+
+
+def _refuse_unimplemented_chat_fields(body: ChatCompletionRequest) -> None:
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+    if body.n is not None and body.n > 1 and body.stream:
+        raise InvalidRequest("n > 1 cannot be streamed", param="n")
+    if body.best_of is not None and body.n is not None and body.best_of < body.n:
+        raise InvalidRequest("best_of must be >= n", param="best_of")
+    if body.best_of is not None and body.stream:
+        raise InvalidRequest("best_of cannot be streamed", param="best_of")
+    unimplemented = {
+        "tools": bool(body.tools),
+        "tool_choice": body.tool_choice not in (None, "none", "auto"),
+        "response_format": bool(body.response_format)
+        and body.response_format.get("type") != "text",
+        "n": (body.n or 1) > 1,
+        "best_of": (body.best_of or 1) > 1,
+        "logprobs": bool(body.logprobs),
+        "lora_adapter": body.lora_adapter is not None,
+    }
+    for param, refused in unimplemented.items():
+        if refused:
+            raise UnsupportedField(param)
+
+
+def generate_request(
+    config: AppConfig, model: str, body: GenerateRequest, headers: Mapping[str, str]
+) -> GenerationRequest:
+    if len(body.prompt.encode("utf-8")) > MAX_PROMPT_BYTES:
+        raise PayloadTooLarge("prompt is larger than 4 MiB", param="prompt")
+    if (body.logprobs or body.top_logprobs is not None) and not body.stream:
+        raise UnsupportedField("logprobs", "logprobs are only available on streams")
+    for param, refused in {
+        "images": bool(body.images),
+        "grammar": body.grammar is not None,
+        "logprobs": bool(body.logprobs),
+        "lora_adapter": body.lora_adapter is not None,
+    }.items():
+        if refused:
+            raise UnsupportedField(param)
+    pool, profile = routing_from_headers(config, headers)
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=resolve_model(config, model),
+        prompt=body.prompt,
+        sampling=SamplingOptions(
+            max_new_tokens=body.max_new_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k,
+            stop=tuple(body.stop or ()),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            logit_bias=logit_bias(body.logit_bias),
+        ),
+        pool=pool,
+        machine_profile=profile,
+        routing_key=body.routing_key,
+        prompt_cache_key=body.prompt_cache_key,
+    )

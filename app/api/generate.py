@@ -1,0 +1,94 @@
+"""`POST /v1/generate/{model}`: the SIE-native route, buffered JSON or SSE `GenerateChunk`s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.api.chat import terminal_error, usage_of
+from app.api.context import ApiContext, read_json
+from app.api.convert import generate_request, model_from_path
+from app.api.errors import error_object
+from app.api.streaming import ChunkStream, sse_response
+from app.errors import ServiceError
+from app.protocol.generation import GenerationChunk, GenerationResult
+from app.protocol.sie import GenerateRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/generate/{model:path}")
+async def generate(model: str, request: Request) -> Response:
+    context = ApiContext.of(request)
+    model_id = model_from_path(model)
+    body = GenerateRequest.model_validate(await read_json(request, context))
+    generation = generate_request(context.config, model_id, body, request.headers)
+    stream = await ChunkStream.open(context.backend, generation)
+    headers = {"X-SIE-Request-ID": generation.request_id}
+    if body.stream:
+        formatter = GenerateStreamFormatter(generation.request_id)
+        return sse_response(stream, formatter, keepalive_s=context.keepalive_s, headers=headers)
+    result = GenerationResult.collect(await stream.collect())
+    if result.failed or result.finish_reason == "cancelled":
+        raise terminal_error(result)
+    payload: dict[str, Any] = {
+        "model": model_id,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "usage": usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+        "ttft_ms": result.ttft_ms,
+        "tpot_ms": result.tpot_ms,
+    }
+    return JSONResponse(payload, headers=headers)
+
+
+class GenerateStreamFormatter:
+    """Chunk batches -> SIE `GenerateChunk` payloads: one delta event per batch, `seq` from 0,
+    then one terminal event with finish_reason, usage and timings."""
+
+    def __init__(self, request_id: str) -> None:
+        self._request_id = request_id
+        self._seq = 0
+        self.finished = False
+
+    def _event(self, text: str, done: bool, **extra: Any) -> dict[str, Any]:
+        event = {
+            "request_id": self._request_id,
+            "seq": self._seq,
+            "text_delta": text,
+            "done": done,
+            **extra,
+        }
+        self._seq += 1
+        return event
+
+    def feed(self, batch: list[GenerationChunk]) -> list[dict[str, Any]]:
+        text = "".join(chunk.text_delta for chunk in batch)
+        terminal = next((chunk for chunk in batch if chunk.done), None)
+        events = [self._event(text, False)] if text else []
+        if terminal is None:
+            return events
+        self.finished = True
+        result = GenerationResult.collect([terminal])
+        if result.failed:
+            events.append(self.error(terminal_error(result)))
+            return events
+        extra: dict[str, Any] = {
+            "finish_reason": result.finish_reason,
+            "usage": usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+        }
+        if result.ttft_ms is not None:
+            extra["ttft_ms"] = result.ttft_ms
+        if result.tpot_ms is not None:
+            extra["tpot_ms"] = result.tpot_ms
+        events.append(self._event("", True, **extra))
+        return events
+
+    def error(self, error: ServiceError) -> dict[str, Any]:
+        self.finished = True
+        body = error_object(error, "sie")
+        if error.retry_after_s is not None and error.code == "RESOURCE_EXHAUSTED":
+            body["retry_after_s"] = int(min(60, max(1, error.retry_after_s)))
+        return self._event("", True, finish_reason="error", error=body)

@@ -1,0 +1,146 @@
+"""`GET /health` (SIE gateway shape), `GET /v1/models` (OpenAI `data` + SIE `models`) and
+`GET /v1/models/{id}` (ids keep their slashes)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from app.api.context import ApiContext
+from app.config import AppConfig, ModelConfig
+from app.errors import ModelNotFound
+from app.protocol.sie import HealthCluster, HealthModel, HealthResponse, HealthWorker
+from app.protocol.workers import WorkerStatus
+
+router = APIRouter()
+CREATED_AT = int(time.time())
+
+
+def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> HealthResponse:
+    entries = []
+    for worker in workers:
+        live = now - worker.reported_at <= config.worker_stale_seconds
+        failed = any(status.state == "failed" for status in worker.models)
+        loading = any(status.state == "loading" for status in worker.models)
+        healthy = live and not failed
+        entries.append(
+            HealthWorker(
+                name=worker.worker_id,
+                url=f"serve://{worker.deployment}/{worker.worker_id}",
+                gpu=worker.profile,
+                gpu_count=1,
+                ready_gpu_slots=1 if healthy and not loading else 0,
+                healthy=healthy,
+                queue_depth=worker.active_requests,
+                loaded_models=worker.loaded_models,
+                pool=worker.pool,
+                node_id=worker.node_id,
+                state="stale"
+                if not live
+                else "failed"
+                if failed
+                else "loading"
+                if loading
+                else "ready",
+            )
+        )
+    healthy_count = sum(entry.healthy for entry in entries)
+    if not entries:
+        status = "no_workers"
+    elif healthy_count == len(entries):
+        status = "healthy"
+    else:
+        status = "degraded"
+    models = [_model_summary(model, workers, entries) for model in config.models]
+    return HealthResponse(
+        status=status,
+        cluster=HealthCluster(
+            worker_count=len(entries),
+            gpu_count=len(entries),
+            models_loaded=sum(1 for model in models if model.state == "loaded"),
+        ),
+        configured_gpu_types=[profile.name for profile in config.profiles],
+        live_gpu_types=sorted({entry.gpu for entry in entries if entry.healthy}),
+        workers=entries,
+        models=models,
+    )
+
+
+def _model_summary(
+    model: ModelConfig, workers: list[WorkerStatus], entries: list[HealthWorker]
+) -> HealthModel:
+    healthy = {entry.name for entry in entries if entry.healthy}
+    states = [
+        (worker, status)
+        for worker in workers
+        if (status := worker.model_state(model.id)) is not None
+    ]
+    serving = [
+        worker
+        for worker, status in states
+        if status.state == "loaded" and worker.worker_id in healthy
+    ]
+    if serving:
+        state = "loaded"
+    elif any(status.state == "loading" for _, status in states):
+        state = "loading"
+    elif states and all(status.state == "failed" for _, status in states):
+        state = "failed"
+    else:
+        state = "available"
+    return HealthModel(
+        name=model.id,
+        state=state,
+        worker_count=len(serving),
+        gpu_types=sorted({worker.profile for worker in serving}),
+        total_queue_depth=sum(worker.active_requests for worker in serving),
+    )
+
+
+def model_info(model: ModelConfig, summary: HealthModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": CREATED_AT,
+        "owned_by": "poolserve",
+        "name": model.id,
+        "loaded": summary.state == "loaded",
+        "state": summary.state,
+        "inputs": ["text"],
+        "outputs": ["tokens"],
+        "max_sequence_length": model.engine.max_model_len,
+        "profiles": {name: {"is_default": index == 0} for index, name in enumerate(model.profiles)},
+        "capabilities": {"streaming": True, "grammar": [], "tools": False, "lora_adapters": []},
+        "worker_count": summary.worker_count,
+    }
+
+
+async def _health(request: Request) -> tuple[ApiContext, HealthResponse]:
+    context = ApiContext.of(request)
+    return context, health_of(context.config, await context.backend.workers(), time.time())
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    _, report = await _health(request)
+    return report.model_dump()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    context, report = await _health(request)
+    summaries = {summary.name: summary for summary in report.models}
+    infos = [model_info(model, summaries[model.id]) for model in context.config.models]
+    return {"object": "list", "data": infos, "models": infos}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    context, report = await _health(request)
+    model = context.config.model(model_id)
+    if model is None:
+        raise ModelNotFound(model_id)
+    summary = next(summary for summary in report.models if summary.name == model.id)
+    return model_info(model, summary)

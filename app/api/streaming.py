@@ -1,0 +1,149 @@
+"""SSE framing and the stream plumbing shared by every streaming route.
+
+A stream's first batch is awaited before any byte is sent, so errors raised before generation
+starts become ordinary HTTP error responses; after that they travel in-band."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi.responses import StreamingResponse
+
+from app.api.backend import GenerationBackend
+from app.api.errors import as_service_error
+from app.errors import ServiceError
+from app.protocol.generation import GenerationChunk, GenerationRequest
+
+DONE_EVENT = b"data: [DONE]\n\n"
+KEEPALIVE_EVENT = b": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        + b"\n\n"
+    )
+
+
+class StreamFormatter(Protocol):
+    """Turns chunk batches of one request into wire payloads (one surface: chat or generate)."""
+
+    finished: bool
+
+    def feed(self, batch: list[GenerationChunk]) -> list[dict[str, Any]]: ...
+
+    def error(self, error: ServiceError) -> dict[str, Any]: ...
+
+
+class ChunkStream:
+    """An opened generation: the first batch already received, the rest still to come."""
+
+    def __init__(self, first: list[GenerationChunk], rest: AsyncIterator[list[GenerationChunk]]):
+        self.first = first
+        self.rest = rest
+
+    @classmethod
+    async def open(cls, backend: GenerationBackend, request: GenerationRequest) -> ChunkStream:
+        batches = backend.stream(request)
+        try:
+            first = await anext(batches)
+        except StopAsyncIteration:
+            first = []
+        except BaseException:
+            await _close(batches)
+            raise
+        return cls(first, batches)
+
+    async def batches(self) -> AsyncIterator[list[GenerationChunk]]:
+        try:
+            yield self.first
+            async for batch in self.rest:
+                yield batch
+        finally:
+            await _close(self.rest)
+
+    async def collect(self) -> list[GenerationChunk]:
+        chunks: list[GenerationChunk] = []
+        async for batch in self.batches():
+            chunks.extend(batch)
+            if any(chunk.done for chunk in batch):
+                break
+        return chunks
+
+
+async def _close(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def sse_body(
+    stream: ChunkStream, formatter: StreamFormatter, *, keepalive_s: float
+) -> AsyncIterator[bytes]:
+    events = _events(stream, formatter)
+    async for event in with_keepalive(events, keepalive_s):
+        yield event
+
+
+async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncIterator[bytes]:
+    batches = stream.batches()
+    try:
+        async for batch in batches:
+            for payload in formatter.feed(batch):
+                yield sse_event(payload)
+            if formatter.finished:
+                break
+        else:
+            ended = ServiceError("generation stream ended before a terminal event")
+            yield sse_event(formatter.error(ended))
+    except Exception as error:  # noqa: BLE001 - every failure mid-stream is reported in-band
+        yield sse_event(formatter.error(as_service_error(error)))
+    finally:
+        await _close(batches)
+    yield DONE_EVENT
+
+
+async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """Forward `source`, inserting an SSE comment whenever it is silent for `interval_s`."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE_EVENT
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await _close(source)
+
+
+def sse_response(
+    stream: ChunkStream,
+    formatter: StreamFormatter,
+    *,
+    keepalive_s: float,
+    headers: dict[str, str],
+) -> StreamingResponse:
+    return StreamingResponse(
+        sse_body(stream, formatter, keepalive_s=keepalive_s),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )

@@ -1,0 +1,48 @@
+"""`build_app(args)`: the `import_path` of serve_config.yaml. Validates the args into an
+AppConfig and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from app.config import AppConfig
+from app.deployments.autoscaler import PoolAutoscaler
+from app.deployments.generator import Generator
+from app.deployments.ingress import Ingress
+
+GRACEFUL_SHUTDOWN_SECONDS = 20.0
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppConfig.model_validate(args or {})
+    plain = config.model_dump(mode="json")
+    registry = (
+        serve.deployment(PoolAutoscaler)
+        .options(name="PoolAutoscaler", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .bind(plain)
+    )
+    generators = {
+        profile.name: serve.deployment(Generator)
+        .options(
+            name=profile.deployment_name,
+            num_replicas=profile.num_replicas,
+            max_ongoing_requests=profile.max_ongoing_requests,
+            ray_actor_options=profile.ray_actor_options(),
+            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        .bind(plain, profile.name, registry)
+        for profile in config.profiles
+    }
+    return (
+        serve.deployment(Ingress)
+        .options(
+            name="Ingress",
+            num_replicas=config.ingress.num_replicas,
+            max_ongoing_requests=config.ingress.max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(plain, registry, generators)
+    )

@@ -1,0 +1,135 @@
+"""AppConfig: the typed `args` of `serve_config.yaml`, validated once at build time and passed
+to every deployment as a plain dict (so it pickles and can be re-validated anywhere)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_DEFAULT_SOURCE = "embedded:smollm2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ClosedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(ClosedModel):
+    """vLLM engine arguments that matter on every machine; the rest go through `extra_args`."""
+
+    dtype: str = Field("float32", description="Weights dtype (float32 is fastest on AVX2 CPUs).")
+    enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~150 s at start).")
+    max_model_len: int = Field(2048, gt=0, description="Context length in tokens.")
+    max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine runs at once.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
+    cpu_kv_cache_gib: float = Field(
+        2.0, gt=0, description="KV cache size on CPU workers (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU workers only.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.AsyncEngineArgs keyword."
+    )
+
+
+class ModelConfig(ClosedModel):
+    id: str = Field(description="The id clients send (slash form, e.g. org/name).")
+    source: str = Field(
+        EMBEDDED_DEFAULT_SOURCE,
+        description="Local directory, Hugging Face id, or 'embedded:smollm2' (the bundled default).",
+    )
+    profiles: list[str] = Field(
+        default_factory=lambda: ["cpu"], description="Machine profiles whose workers serve it."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
+class MachineProfile(ClosedModel):
+    """A kind of machine; each profile gets its own Generator deployment (one replica = one worker)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None
+    memory_bytes: int | None = Field(None, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    num_replicas: int = Field(1, ge=0, description="Workers of this profile.")
+    max_ongoing_requests: int = Field(128, gt=0)
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Generator-{self.name}"
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        if self.memory_bytes:
+            options["memory"] = self.memory_bytes
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class IngressConfig(ClosedModel):
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(512, gt=0)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+
+
+class StreamingConfig(ClosedModel):
+    coalesce_window_ms: float = Field(
+        10.0, ge=0, description="After the first chunk, gather chunks this long per Ray object."
+    )
+    coalesce_max_chunks: int = Field(256, gt=0, description="Most chunks in one Ray object.")
+    keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment when a stream idles.")
+
+
+class AppConfig(ClosedModel):
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(id=DEFAULT_MODEL_ID)], min_length=1
+    )
+    profiles: list[MachineProfile] = Field(
+        default_factory=lambda: [MachineProfile(name="cpu")], min_length=1
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    worker_heartbeat_seconds: float = Field(2.0, gt=0)
+    worker_stale_seconds: float = Field(
+        10.0, gt=0, description="No heartbeat this long: unhealthy."
+    )
+    engine_adapter: str = Field(
+        "app.engine.vllm_adapter:VLLMAdapter",
+        description="Import path of the GenerationAdapter class the workers run.",
+    )
+
+    @model_validator(mode="after")
+    def _check_references(self) -> AppConfig:
+        names = [profile.name for profile in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate profile names: {names}")
+        ids = [model.id for model in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate model ids: {ids}")
+        for model in self.models:
+            unknown = set(model.profiles) - set(names)
+            if unknown:
+                raise ValueError(f"model {model.id} names unknown profiles {sorted(unknown)}")
+        return self
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        for model in self.models:
+            if model.id == model_id:
+                return model
+        return None
+
+    def profile(self, name: str) -> MachineProfile | None:
+        for profile in self.profiles:
+            if profile.name == name.lower():
+                return profile
+        return None
+
+    def models_for_profile(self, name: str) -> list[ModelConfig]:
+        return [model for model in self.models if name in model.profiles]

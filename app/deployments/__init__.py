@@ -1,0 +1,1 @@
+"""Ray Serve glue: the only package (with builder.py and handles.py) that imports ray."""

@@ -1,0 +1,60 @@
+"""Generator-<profile> deployment: one replica is one worker hosting its profile's engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from app.config import AppConfig
+from app.engine.worker import Worker
+from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.workers import WorkerStatus
+
+logger = logging.getLogger("ray.serve")
+
+
+class Generator:
+    """Plain class; `builder.py` turns it into one Serve deployment per machine profile."""
+
+    def __init__(self, config: dict[str, Any], profile: str, registry: DeploymentHandle) -> None:
+        self._config = AppConfig.model_validate(config)
+        self._worker = Worker(self._config, profile)
+        self._registry = registry
+        self._worker_id = serve.get_replica_context().replica_id.unique_id
+        self._node_id = ray.get_runtime_context().get_node_id()
+        loop = asyncio.get_running_loop()
+        self._loading = loop.create_task(self._worker.load_all())
+        self._heartbeat = loop.create_task(self._report_forever())
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        async for batch in self._worker.stream(request):
+            yield batch
+
+    def status(self) -> WorkerStatus:
+        return self._worker.status(self._worker_id, self._node_id)
+
+    async def _report_forever(self) -> None:
+        interval = self._config.worker_heartbeat_seconds
+        while True:
+            try:
+                await self._registry.report.remote(self.status())
+            except Exception:
+                logger.warning("heartbeat to the registry failed", exc_info=True)
+            await asyncio.sleep(interval)
+
+    def check_health(self) -> None:
+        if self._heartbeat.done():
+            raise RuntimeError("worker heartbeat stopped")
+
+    async def __del__(self) -> None:
+        self._heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            await self._registry.forget.remote(self._worker_id)
+        await self._worker.shutdown()

@@ -1,0 +1,96 @@
+"""Ingress deployment: the FastAPI app of `app/api`, backed by Serve deployment handles."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from app.api.app import create_app
+from app.config import AppConfig
+from app.errors import ServiceError, WorkerUnavailable
+from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.workers import WorkerStatus
+from app.routing.targets import choose_target
+
+logger = logging.getLogger("ray.serve")
+SNAPSHOT_MAX_AGE_SECONDS = 0.5
+
+
+class ServeBackend:
+    """GenerationBackend over Serve: worker snapshots from the registry, streams from the
+    Generator deployment of the chosen profile."""
+
+    def __init__(
+        self, config: AppConfig, generators: dict[str, DeploymentHandle], registry: DeploymentHandle
+    ) -> None:
+        self._config = config
+        self._generators = {
+            name: handle.options(stream=True) for name, handle in generators.items()
+        }
+        self._registry = registry
+        self._snapshot: list[WorkerStatus] = []
+        self._snapshot_at = float("-inf")
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def workers(self) -> list[WorkerStatus]:
+        if time.monotonic() - self._snapshot_at > SNAPSHOT_MAX_AGE_SECONDS:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.get_running_loop().create_task(self._load_snapshot())
+            await asyncio.shield(self._refresh)
+        return self._snapshot
+
+    async def _load_snapshot(self) -> None:
+        try:
+            self._snapshot = await self._registry.workers.remote()
+            self._snapshot_at = time.monotonic()
+        except Exception:
+            logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        target = choose_target(self._config, await self.workers(), request, time.time())
+        response = self._generators[target.profile].generate.remote(request)
+        finished = False
+        try:
+            async for batch in response:
+                finished = any(chunk.done for chunk in batch)
+                yield batch
+        except RayTaskError as error:
+            cause = error.cause
+            if isinstance(cause, ServiceError):
+                raise cause from None
+            if isinstance(cause, (RayActorError, ActorUnavailableError)):
+                raise _worker_lost(cause) from None
+            raise
+        except (RayActorError, ActorUnavailableError) as error:
+            raise _worker_lost(error) from None
+        finally:
+            if not finished:
+                response.cancel()
+
+
+def _worker_lost(error: Exception) -> WorkerUnavailable:
+    logger.warning("worker lost mid-request: %s", error)
+    return WorkerUnavailable("the worker serving this request became unavailable")
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        registry: DeploymentHandle,
+        generators: dict[str, DeploymentHandle],
+    ) -> None:
+        self._config = AppConfig.model_validate(config)
+        self._backend = ServeBackend(self._config, generators, registry)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self._config, self._backend)

@@ -1,0 +1,81 @@
+"""The engine contract: a GenerationAdapter turns a GenerationRequest into a stream of
+GenerationChunks (zero or more deltas, then exactly one terminal chunk), and closing that
+stream early aborts the engine request."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+
+from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
+from app.protocol.workers import EngineStats
+
+
+class GenerationAdapter(ABC):
+    model_id: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model; may take tens of seconds."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the generation; raises ServiceError for refusals before the first chunk."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+
+class StreamTimer:
+    """TTFT (to the first non-empty text) and TPOT (mean gap between later tokens), in ms."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.started = self._clock()
+        self.first_text_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def saw_text(self) -> bool:
+        """Record text arriving now; True if it is the first text of the stream."""
+        now = self._clock()
+        self.last_token_at = now
+        if self.first_text_at is None:
+            self.first_text_at = now
+            return True
+        return False
+
+    def ttft_ms(self) -> float | None:
+        return None if self.first_text_at is None else (self.first_text_at - self.started) * 1000
+
+    def tpot_ms(self, completion_tokens: int) -> float | None:
+        if self.first_text_at is None or self.last_token_at is None or completion_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_text_at) * 1000 / (completion_tokens - 1)
+
+    def terminal(
+        self,
+        finish_reason: FinishReason,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int | None = None,
+        text_delta: str = "",
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> GenerationChunk:
+        return GenerationChunk(
+            text_delta=text_delta,
+            done=True,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            error_code=error_code,
+            error_message=error_message,
+            ttft_ms=self.ttft_ms(),
+            tpot_ms=self.tpot_ms(completion_tokens),
+        )

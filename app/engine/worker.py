@@ -1,0 +1,112 @@
+"""A worker: the engines of one Generator replica, their load states, and the coalesced chunk
+stream it serves. No Ray here; `app/deployments/generator.py` wraps it."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from app.config import AppConfig, ModelConfig
+from app.engine.base import GenerationAdapter
+from app.engine.coalesce import coalesce
+from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
+from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.workers import ModelStatus, WorkerStatus
+
+logger = logging.getLogger(__name__)
+
+AdapterFactory = Callable[[ModelConfig], GenerationAdapter]
+
+
+def load_adapter_factory(import_path: str) -> AdapterFactory:
+    """'package.module:Class' -> the class (a GenerationAdapter taking a ModelConfig)."""
+    module_name, _, attribute = import_path.partition(":")
+    factory: AdapterFactory = getattr(importlib.import_module(module_name), attribute)
+    return factory
+
+
+class Worker:
+    def __init__(
+        self, config: AppConfig, profile: str, factory: AdapterFactory | None = None
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        factory = factory or load_adapter_factory(config.engine_adapter)
+        self._adapters = {m.id: factory(m) for m in config.models_for_profile(profile)}
+        self._states: dict[str, ModelStatus] = {
+            model_id: ModelStatus(model_id, "loading") for model_id in self._adapters
+        }
+        self.active_requests = 0
+
+    async def load_all(self) -> None:
+        await asyncio.gather(*(self._load(model_id) for model_id in self._adapters))
+
+    async def _load(self, model_id: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._adapters[model_id].start()
+        except Exception as error:
+            logger.exception("loading %s failed", model_id)
+            self._states[model_id] = ModelStatus(
+                model_id, "failed", error=f"{type(error).__name__}: {error}"
+            )
+            return
+        self._states[model_id] = ModelStatus(model_id, "loaded")
+        logger.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
+
+    def adapter(self, model_id: str) -> GenerationAdapter:
+        adapter = self._adapters.get(model_id)
+        if adapter is None:
+            raise ModelNotFound(model_id)
+        status = self._states[model_id]
+        if status.state == "loading":
+            raise ModelLoading(f"model '{model_id}' is loading")
+        if status.state == "failed":
+            raise ModelLoadFailed(status.error or "load failed", error_class="ENGINE")
+        return adapter
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Coalesced batches: the first chunk alone and at once, then windows of chunks."""
+        adapter = self.adapter(request.model)
+        streaming = self.config.streaming
+        self.active_requests += 1
+        try:
+            batches = coalesce(
+                adapter.generate(request),
+                window_s=streaming.coalesce_window_ms / 1000,
+                max_items=streaming.coalesce_max_chunks,
+            )
+            try:
+                async for batch in batches:
+                    yield batch
+            finally:
+                await batches.aclose()
+        finally:
+            self.active_requests -= 1
+
+    def status(self, worker_id: str, node_id: str, pool: str = "default") -> WorkerStatus:
+        models = tuple(
+            ModelStatus(
+                model_id,
+                status.state,
+                status.error,
+                self._adapters[model_id].stats() if status.state == "loaded" else None,
+            )
+            for model_id, status in self._states.items()
+        )
+        return WorkerStatus(
+            worker_id=worker_id,
+            deployment=f"Generator-{self.profile}",
+            profile=self.profile,
+            node_id=node_id,
+            pool=pool,
+            models=models,
+            active_requests=self.active_requests,
+        )
+
+    async def shutdown(self) -> None:
+        for adapter in self._adapters.values():
+            await adapter.shutdown()

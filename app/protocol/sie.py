@@ -1,0 +1,98 @@
+"""SIE gateway wire types: native `/v1/generate/{model}` requests and `/health` replies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from app.protocol.openai import INT64_MAX, INT64_MIN, Penalty, WireModel
+
+MAX_PROMPT_BYTES = 4 * 1024 * 1024
+
+
+class Grammar(WireModel):
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    label: str | None = None
+    strict: bool | None = None
+
+
+class GenerateRequest(WireModel):
+    prompt: str
+    max_new_tokens: Annotated[int, Field(ge=1, le=2**32 - 1)]
+    stream: bool = False
+    images: list[dict[str, Any]] | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    options: dict[str, Any] | None = None
+    grammar: Grammar | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    routing_key: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    lora_adapter: str | None = None
+
+
+class GenerateUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str
+    finish_reason: str
+    usage: GenerateUsage
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+class HealthWorker(BaseModel):
+    name: str
+    url: str
+    gpu: str
+    gpu_count: int
+    ready_gpu_slots: int
+    healthy: bool
+    queue_depth: int = 0
+    loaded_models: list[str] = Field(default_factory=list)
+    bundle: str = ""
+    pool: str = "default"
+    node_id: str = ""
+    state: str = "ready"
+
+
+class HealthCluster(BaseModel):
+    worker_count: int
+    gpu_count: int
+    models_loaded: int
+    total_qps: float = 0.0
+
+
+class HealthModel(BaseModel):
+    name: str
+    state: str
+    worker_count: int
+    gpu_types: list[str]
+    total_queue_depth: int = 0
+
+
+class HealthResponse(BaseModel):
+    type: str = "gateway"
+    status: str
+    cluster: HealthCluster
+    configured_gpu_types: list[str]
+    live_gpu_types: list[str]
+    workers: list[HealthWorker]
+    models: list[HealthModel]

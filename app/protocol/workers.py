@@ -1,0 +1,51 @@
+"""What a worker reports about itself (heartbeats to the registry, `/health`, the dashboard)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+ModelState = Literal["loading", "loaded", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """One loaded engine's capacity and load."""
+
+    model: str
+    kv_blocks_total: int
+    kv_block_size_tokens: int
+    kv_usage_fraction: float
+    running_requests: int
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    model: str
+    state: ModelState
+    error: str | None = None
+    stats: EngineStats | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    worker_id: str
+    deployment: str
+    profile: str
+    node_id: str
+    pool: str
+    models: tuple[ModelStatus, ...]
+    active_requests: int
+    reported_at: float = field(default_factory=time.time)
+
+    @property
+    def loaded_models(self) -> list[str]:
+        return [status.model for status in self.models if status.state == "loaded"]
+
+    def model_state(self, model: str) -> ModelStatus | None:
+        for status in self.models:
+            if status.model == model:
+                return status
+        return None
