@@ -3,10 +3,11 @@ AppConfig and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from app.config import AppConfig
 from app.deployments.autoscaler import PoolAutoscaler
@@ -16,16 +17,20 @@ from app.deployments.ingress import Ingress
 GRACEFUL_SHUTDOWN_SECONDS = 20.0
 
 
+def _deployment(cls: type) -> Deployment:
+    return cast(Deployment, serve.deployment(cls))
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     plain = config.model_dump(mode="json")
     registry = (
-        serve.deployment(PoolAutoscaler)
+        _deployment(PoolAutoscaler)
         .options(name="PoolAutoscaler", num_replicas=1, ray_actor_options={"num_cpus": 0})
         .bind(plain)
     )
     generators = {
-        profile.name: serve.deployment(Generator)
+        profile.name: _deployment(Generator)
         .options(
             name=profile.deployment_name,
             num_replicas=profile.num_replicas,
@@ -37,7 +42,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         for profile in config.profiles
     }
     return (
-        serve.deployment(Ingress)
+        _deployment(Ingress)
         .options(
             name="Ingress",
             num_replicas=config.ingress.num_replicas,

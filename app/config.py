@@ -3,7 +3,7 @@ to every deployment as a plain dict (so it pickles and can be re-validated anywh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,7 +18,9 @@ class ClosedModel(BaseModel):
 class EngineSettings(ClosedModel):
     """vLLM engine arguments that matter on every machine; the rest go through `extra_args`."""
 
-    dtype: str = Field("float32", description="Weights dtype (float32 is fastest on AVX2 CPUs).")
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        "float32", description="Weights dtype (float32 is fastest on AVX2 CPUs)."
+    )
     enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~150 s at start).")
     max_model_len: int = Field(2048, gt=0, description="Context length in tokens.")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine runs at once.")

@@ -162,7 +162,7 @@ def _refuse_unimplemented_chat_fields(body: ChatCompletionRequest) -> None:
     unimplemented = {
         "tools": bool(body.tools),
         "tool_choice": body.tool_choice not in (None, "none", "auto"),
-        "response_format": bool(body.response_format)
+        "response_format": body.response_format is not None
         and body.response_format.get("type") != "text",
         "n": (body.n or 1) > 1,
         "best_of": (body.best_of or 1) > 1,

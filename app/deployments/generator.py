@@ -23,7 +23,9 @@ logger = logging.getLogger("ray.serve")
 class Generator:
     """Plain class; `builder.py` turns it into one Serve deployment per machine profile."""
 
-    def __init__(self, config: dict[str, Any], profile: str, registry: DeploymentHandle) -> None:
+    def __init__(
+        self, config: dict[str, Any], profile: str, registry: DeploymentHandle[Any]
+    ) -> None:
         self._config = AppConfig.model_validate(config)
         self._worker = Worker(self._config, profile)
         self._registry = registry

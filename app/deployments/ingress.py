@@ -6,12 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.api.app import create_app
 from app.config import AppConfig
@@ -29,7 +29,10 @@ class ServeBackend:
     Generator deployment of the chosen profile."""
 
     def __init__(
-        self, config: AppConfig, generators: dict[str, DeploymentHandle], registry: DeploymentHandle
+        self,
+        config: AppConfig,
+        generators: dict[str, DeploymentHandle[Any]],
+        registry: DeploymentHandle[Any],
     ) -> None:
         self._config = config
         self._generators = {
@@ -56,7 +59,10 @@ class ServeBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         target = choose_target(self._config, await self.workers(), request, time.time())
-        response = self._generators[target.profile].generate.remote(request)
+        response = cast(
+            DeploymentResponseGenerator[list[GenerationChunk]],
+            self._generators[target.profile].generate.remote(request),
+        )
         finished = False
         try:
             async for batch in response:
@@ -73,7 +79,7 @@ class ServeBackend:
             raise _worker_lost(error) from None
         finally:
             if not finished:
-                response.cancel()
+                response.cancel()  # type: ignore[no-untyped-call]
 
 
 def _worker_lost(error: Exception) -> WorkerUnavailable:
@@ -86,8 +92,8 @@ class Ingress:
     def __init__(
         self,
         config: dict[str, Any],
-        registry: DeploymentHandle,
-        generators: dict[str, DeploymentHandle],
+        registry: DeploymentHandle[Any],
+        generators: dict[str, DeploymentHandle[Any]],
     ) -> None:
         self._config = AppConfig.model_validate(config)
         self._backend = ServeBackend(self._config, generators, registry)

@@ -1,11 +1,12 @@
-"""Chunk coalescing: the first item goes out alone and at once; later items are gathered over a
-short window so one Ray object carries many tokens (Ray moves ~1,500 objects/s on 2 cores)."""
+"""Chunk coalescing: the first batch goes out at once (whatever is ready, no waiting); later
+batches gather items over a short window so one Ray object carries many tokens (Ray moves
+~1,500 objects/s on 2 cores)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -15,7 +16,7 @@ _END = object()
 
 async def coalesce(
     source: AsyncIterator[T], *, window_s: float, max_items: int
-) -> AsyncIterator[list[T]]:
+) -> AsyncGenerator[list[T], None]:
     """Yield lists of items from `source`.
 
     A pump task reads `source` into a queue so that waiting for the window never cancels a

@@ -21,11 +21,10 @@ class FakeAdapter(GenerationAdapter):
     """Emits WORDS in a cycle, one token per word, `token_delay_s` apart (0 = instantly).
     Prompt tokens = whitespace-separated words of the prompt or messages."""
 
-    token_delay_s = 0.0
-    load_delay_s = 0.0
-
     def __init__(self, model: ModelConfig) -> None:
         self.model_id = model.id
+        self.token_delay_s = float(model.engine.extra_args.get("token_delay_s", 0.0))
+        self.load_delay_s = float(model.engine.extra_args.get("load_delay_s", 0.0))
         self.loaded = False
         self.active: set[str] = set()
         self.aborted: list[str] = []
@@ -59,8 +58,7 @@ class FakeAdapter(GenerationAdapter):
         text = ""
         try:
             for index in range(budget):
-                if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
+                await asyncio.sleep(self.token_delay_s)  # 0 still yields, like a real engine
                 word = WORDS[index % len(WORDS)] + " "
                 text += word
                 stop = next((s for s in request.sampling.stop if s in text), None)

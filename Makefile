@@ -1,0 +1,53 @@
+# The README's two commands: `make serve` (whole stack, local) and `make test` (the suite).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_STAMP := $(HOME)/.cache/poolserve/models/SmolLM2-135M-Instruct/.poolserve-complete
+PYTEST_ARGS ?=
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install model serve stop test test-all lint typecheck check clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m app.engine.default_model
+
+serve: model
+	$(PY) scripts/stack.py serve
+
+stop:
+	@test -x $(PY) || { echo "nothing to stop (no $(VENV))"; exit 0; }
+	$(PY) scripts/stack.py stop
+
+test: model
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check app tests scripts benchmarks
+	$(VENV)/bin/ruff format --check app tests scripts benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""`make serve` / `make stop`: run the whole stack locally on a Ray head of its own.
+
+serve: start a Ray head on 127.0.0.1 (unless ours is already up), `serve deploy` the config,
+wait until /health reports every configured model loaded, print the URLs. Idempotent.
+stop: shut the Serve app down and stop only the Ray processes of the head `serve` started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_FILE = ROOT / ".cache" / "stack.json"
+BIN = Path(sys.executable).parent
+RAY_PORT = int(os.environ.get("POOLSERVE_RAY_PORT", "6380"))
+DASHBOARD_PORT = int(os.environ.get("POOLSERVE_RAY_DASHBOARD_PORT", "8265"))
+API_URL = os.environ.get("POOLSERVE_API_URL", "http://127.0.0.1:8000")
+READY_TIMEOUT_S = float(os.environ.get("POOLSERVE_READY_TIMEOUT_S", "600"))
+
+ENV = {
+    **os.environ,
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}",
+    "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
+    "PYTHONPATH": str(ROOT),
+}
+
+
+def log(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, env=ENV, cwd=ROOT, check=check, text=True, capture_output=True)
+
+
+def ray_is_up() -> bool:
+    return (
+        run(str(BIN / "ray"), "status", f"--address=127.0.0.1:{RAY_PORT}", check=False).returncode
+        == 0
+    )
+
+
+def start_ray() -> None:
+    if ray_is_up():
+        log(f"Ray head already running on 127.0.0.1:{RAY_PORT}")
+        return
+    log(f"starting a Ray head on 127.0.0.1:{RAY_PORT} (dashboard 127.0.0.1:{DASHBOARD_PORT})")
+    started = time.monotonic()
+    result = run(
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={RAY_PORT}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={DASHBOARD_PORT}",
+        "--disable-usage-stats",
+        check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps({"ray_port": RAY_PORT, "started_at": time.time()}))
+    log(f"Ray head up in {time.monotonic() - started:.1f} s")
+
+
+def health() -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(f"{API_URL}/health", timeout=5) as response:
+            body: dict[str, object] = json.load(response)
+            return body
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def wait_until_ready() -> None:
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < READY_TIMEOUT_S:
+        report = health()
+        models = report.get("models", []) if report else []
+        states = ", ".join(f"{m['name']}: {m['state']}" for m in models) if models else "starting"  # type: ignore[index, union-attr]
+        if states != last:
+            log(f"{time.monotonic() - started:5.1f} s  {states}")
+            last = states
+        if models and all(m["state"] == "loaded" for m in models):  # type: ignore[index, union-attr]
+            log(f"healthy after {time.monotonic() - started:.1f} s")
+            return
+        time.sleep(2)
+    sys.exit(
+        f"not healthy after {READY_TIMEOUT_S:.0f} s; see `serve status` and /tmp/ray/session_latest/logs/serve/"
+    )
+
+
+def serve(config: str) -> None:
+    start_ray()
+    log(f"deploying {config}")
+    result = run(str(BIN / "serve"), "deploy", config, check=False)
+    if result.returncode != 0:
+        sys.exit(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+    wait_until_ready()
+    print()
+    print(f"  API        {API_URL}   (OpenAI: {API_URL}/v1, SIE: {API_URL}/v1/generate/<model>)")
+    print(f"  Health     {API_URL}/health")
+    print(
+        f"  Dashboard  http://127.0.0.1:{DASHBOARD_PORT}   (Ray's dashboard: actors, Serve, logs)"
+    )
+    print("  Stop       make stop")
+
+
+def our_ray_pids(port: int) -> list[int]:
+    """Processes of the head we started (they name its GCS port on their command line) and all
+    their descendants (Ray workers, vLLM engine processes)."""
+    markers = (f"127.0.0.1:{port}", f"--gcs_server_port={port}", f"--gcs-address=127.0.0.1:{port}")
+    children: dict[int, list[int]] = {}
+    roots = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+        if any(marker in cmdline for marker in markers) and "stack.py" not in cmdline:
+            roots.append(int(proc.name))
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def stop() -> None:
+    if not STATE_FILE.exists():
+        if ray_is_up():
+            log("the Ray head was not started by `make serve`; shutting down only the Serve app")
+            run(str(BIN / "serve"), "shutdown", "-y", check=False)
+        else:
+            log("nothing to stop")
+        return
+    port = json.loads(STATE_FILE.read_text())["ray_port"]
+    if ray_is_up():
+        log("shutting down Serve")
+        run(str(BIN / "serve"), "shutdown", "-y", check=False)
+    pids = our_ray_pids(port)
+    log(f"stopping {len(pids)} Ray processes of the head on port {port}")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.3)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not pids:
+            break
+    STATE_FILE.unlink()
+    log("stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser = sub.add_parser("serve")
+    serve_parser.add_argument("--config", default="serve_config.yaml")
+    sub.add_parser("stop")
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.config)
+    else:
+        stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shared fixtures. One local Ray cluster and one Serve instance per test session, holding two
+applications: `poolserve` (the real vLLM engine and SmolLM2, HTTP at /) and `fake` (the fake
+engine from tests/fakes, for the layers above the engine)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REAL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FAKE_MODEL = "fake/model"
+READY_TIMEOUT_S = 600
+
+
+def real_app_args() -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "id": REAL_MODEL,
+                "source": "embedded:smollm2",
+                "engine": {"max_model_len": 2048, "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
+            }
+        ],
+        "profiles": [{"name": "cpu", "num_cpus": 1}],
+    }
+
+
+def fake_app_args(token_delay_s: float = 0.0) -> dict[str, Any]:
+    return {
+        "engine_adapter": "tests.fakes.fake_engine:FakeAdapter",
+        "models": [{"id": FAKE_MODEL, "engine": {"extra_args": {"token_delay_s": token_delay_s}}}],
+        "profiles": [{"name": "cpu", "num_cpus": 0}],
+        "worker_heartbeat_seconds": 0.5,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    base_url: str
+
+    def handle(self, deployment: str, app: str = "poolserve") -> Any:
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=app)
+
+    def worker_status(self, app: str = "poolserve") -> Any:
+        return self.handle("Generator-cpu", app).status.remote().result()
+
+
+def _wait_ready(base_url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            report = httpx.get(f"{base_url}/health", timeout=5).json()
+            if report["models"] and all(m["state"] == "loaded" for m in report["models"]):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the stack did not become healthy within {READY_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    import ray
+    from ray import serve
+
+    from app.builder import build_app
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(fake_app_args()), name="fake", route_prefix="/fake", blocking=False)
+    serve.run(build_app(real_app_args()), name="poolserve", route_prefix="/", blocking=False)
+    base_url = f"http://127.0.0.1:{port}"
+    _wait_ready(base_url)
+    _wait_ready(f"{base_url}/fake")
+    try:
+        yield Stack(base_url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,283 @@
+"""The HTTP layer over the fake engine, in process (no Ray): shapes, SSE framing, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.app import create_app
+from app.config import AppConfig
+from tests.fakes.local_backend import LocalBackend
+
+MODEL = "org/fake-model"
+CHAT = "/v1/chat/completions"
+GENERATE = "/v1/generate/org__fake-model"
+
+
+@pytest.fixture
+def backend() -> LocalBackend:
+    config = AppConfig.model_validate(
+        {
+            "engine_adapter": "tests.fakes.fake_engine:FakeAdapter",
+            "models": [{"id": MODEL}],
+            "ingress": {"max_body_bytes": 64 * 1024},
+        }
+    )
+    return LocalBackend(config)
+
+
+@pytest.fixture
+def client(backend: LocalBackend) -> Iterator[TestClient]:
+    with TestClient(create_app(backend.config, backend)) as test_client:
+        test_client.portal.call(backend.start)  # type: ignore[union-attr]
+        yield test_client
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], **fields}
+
+
+def sse(text: str) -> list[Any]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_buffered_chat(client: TestClient) -> None:
+    response = client.post(CHAT, json=chat(max_tokens=3))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "alpha beta gamma "}
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+    assert response.headers["x-sie-server-version"]
+    assert response.headers["x-sie-request-id"] in body["id"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client: TestClient) -> None:
+    body = client.post(CHAT, json=chat(max_tokens=9, max_completion_tokens=2)).json()
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_stop_string_ends_with_stop(client: TestClient) -> None:
+    body = client.post(CHAT, json=chat(max_tokens=20, stop=["gamma"])).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_developer_role_and_text_parts_are_accepted(client: TestClient) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": "input_text", "text": " there"}],
+        },
+    ]
+    assert (
+        client.post(CHAT, json={"model": MODEL, "messages": messages, "max_tokens": 1}).status_code
+        == 200
+    )
+
+
+def test_streamed_chat_framing(client: TestClient) -> None:
+    response = client.post(
+        CHAT, json=chat(max_tokens=4, stream=True, stream_options={"include_usage": True})
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "alpha beta gamma delta "
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["finish_reason"] for c in finishing] == ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_streamed_chat_without_usage_has_no_usage_chunk(client: TestClient) -> None:
+    events = sse(client.post(CHAT, json=chat(max_tokens=2, stream=True)).text)
+    assert all("usage" not in event for event in events[:-1])
+
+
+def test_buffered_generate(client: TestClient) -> None:
+    response = client.post(GENERATE, json={"prompt": "one two", "max_new_tokens": 2})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["model"], body["text"], body["finish_reason"]) == (MODEL, "alpha beta ", "length")
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert body["ttft_ms"] >= 0
+
+
+def test_streamed_generate_framing(client: TestClient) -> None:
+    response = client.post(GENERATE, json={"prompt": "one", "max_new_tokens": 5, "stream": True})
+    events = sse(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert len({c["request_id"] for c in chunks}) == 1
+    assert [c["done"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert "".join(c["text_delta"] for c in chunks) == "alpha beta gamma delta epsilon "
+    terminal = chunks[-1]
+    assert terminal["text_delta"] == "" and terminal["finish_reason"] == "length"
+    assert terminal["usage"]["completion_tokens"] == 5 and "ttft_ms" in terminal
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "code", "param"),
+    [
+        (CHAT, chat(bogus=1), 400, "unsupported_field", "bogus"),
+        (
+            CHAT,
+            chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            400,
+            "unsupported_field",
+            "tools",
+        ),
+        (CHAT, chat(n=2, stream=True), 400, "invalid_request", "n"),
+        (CHAT, chat(top_logprobs=2), 400, "invalid_request", "top_logprobs"),
+        (CHAT, chat(logit_bias={"x": 1}), 400, "invalid_request", "logit_bias"),
+        (CHAT, chat(logit_bias={"1": 101}), 400, "invalid_request", "logit_bias"),
+        (
+            CHAT,
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "MODEL_NOT_FOUND",
+            "model",
+        ),
+        (
+            CHAT,
+            {
+                "model": MODEL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:"}}],
+                    }
+                ],
+            },
+            400,
+            "unsupported_field",
+            "messages[0].content[0].type",
+        ),
+        (CHAT, chat(max_tokens=100000), 400, "INPUT_TOO_LONG", "prompt"),
+        (GENERATE, {"prompt": "x"}, 400, "invalid_request", "max_new_tokens"),
+        (
+            GENERATE,
+            {"prompt": "x", "max_new_tokens": 1, "logprobs": True},
+            400,
+            "unsupported_field",
+            "logprobs",
+        ),
+        (
+            GENERATE,
+            {"prompt": "x", "max_new_tokens": 1, "extra": 1},
+            400,
+            "unsupported_field",
+            "extra",
+        ),
+        (
+            GENERATE,
+            {"prompt": "x", "max_new_tokens": 1, "stop": [""]},
+            400,
+            "invalid_request",
+            "stop[0]",
+        ),
+        (
+            "/v1/generate/org/fake-model",
+            {"prompt": "x", "max_new_tokens": 1},
+            400,
+            "MODEL_NOT_FOUND",
+            "model",
+        ),
+        (
+            "/v1/generate/other__model",
+            {"prompt": "x", "max_new_tokens": 1},
+            404,
+            "MODEL_NOT_FOUND",
+            "model",
+        ),
+    ],
+)
+def test_bad_requests_get_the_contract_error(
+    client: TestClient, path: str, payload: dict[str, Any], status: int, code: str, param: str
+) -> None:
+    response = client.post(path, json=payload)
+    assert response.status_code == status, response.text
+    body = response.json()
+    error = body["error"] if path == CHAT else body["detail"]
+    assert (error["code"], error.get("param")) == (code, param)
+    assert response.headers["x-sie-error-code"] == code
+
+
+def test_malformed_json_wrong_content_type_and_oversized_bodies(client: TestClient) -> None:
+    assert (
+        client.post(
+            CHAT, content=b"{nope", headers={"content-type": "application/json"}
+        ).status_code
+        == 400
+    )
+    assert (
+        client.post(CHAT, content=b"\xff", headers={"content-type": "application/json"}).status_code
+        == 400
+    )
+    wrong = client.post(
+        CHAT, content=b"a=b", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert wrong.status_code == 415
+    huge = client.post(CHAT, json=chat(padding="x" * 70_000))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "INPUT_TOO_LONG"
+
+
+def test_unknown_routes_and_methods(client: TestClient) -> None:
+    missing = client.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["detail"]["code"] == "not_found"
+    assert client.get(CHAT).status_code == 405
+
+
+def test_routing_headers(client: TestClient) -> None:
+    ok = client.post(
+        CHAT,
+        json=chat(max_tokens=1),
+        headers={"X-SIE-Pool": "DEFAULT", "X-SIE-MACHINE-PROFILE": "CPU"},
+    )
+    assert ok.status_code == 200
+    unknown_pool = client.post(CHAT, json=chat(max_tokens=1), headers={"X-SIE-Pool": "eval"})
+    assert (
+        unknown_pool.status_code == 404 and unknown_pool.json()["error"]["code"] == "POOL_NOT_FOUND"
+    )
+    unknown_profile = client.post(
+        CHAT, json=chat(max_tokens=1), headers={"X-SIE-MACHINE-PROFILE": "h100"}
+    )
+    assert unknown_profile.status_code == 400
+
+
+def test_health_and_models(client: TestClient) -> None:
+    health = client.get("/health").json()
+    assert health["type"] == "gateway" and health["status"] == "healthy"
+    assert health["cluster"]["worker_count"] == 1 and health["workers"][0]["gpu"] == "cpu"
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL] and models["models"] == models["data"]
+    assert client.get(f"/v1/models/{MODEL}").json()["state"] == "loaded"
+    assert client.get("/v1/models/org/other").status_code == 404
+
+
+def test_nothing_is_left_running_after_requests(client: TestClient, backend: LocalBackend) -> None:
+    for _ in range(3):
+        client.post(CHAT, json=chat(max_tokens=3, stream=True))
+    adapter = backend.workers_by_profile["cpu"]._adapters[MODEL]
+    assert adapter.active == set()  # type: ignore[attr-defined]
+    assert backend.workers_by_profile["cpu"].active_requests == 0
