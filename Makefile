@@ -4,7 +4,6 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_STAMP := $(HOME)/.cache/poolserve/models/SmolLM2-135M-Instruct/.poolserve-complete
 PYTEST_ARGS ?=
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
