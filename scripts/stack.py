@@ -30,6 +30,9 @@ ENV = {
     **os.environ,
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray 2.60 turns token auth on for a new cluster as soon as ~/.ray/auth_token exists, but the
+    # `serve` CLI only sends the token when told to: say it explicitly, everywhere.
+    "RAY_AUTH_MODE": "token",
     "RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}",
     "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
     "PYTHONPATH": str(ROOT),
@@ -55,6 +58,7 @@ def start_ray() -> None:
     if ray_is_up():
         log(f"Ray head already running on 127.0.0.1:{RAY_PORT}")
         return
+    run(str(BIN / "ray"), "get-auth-token", "--generate")  # creates ~/.ray/auth_token once
     log(f"starting a Ray head on 127.0.0.1:{RAY_PORT} (dashboard 127.0.0.1:{DASHBOARD_PORT})")
     started = time.monotonic()
     result = run(
