@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,9 +111,11 @@ def wait_until_ready() -> None:
 def serve(config: str) -> None:
     start_ray()
     log(f"deploying {config}")
+    started = time.monotonic()
     result = run(str(BIN / "serve"), "deploy", config, check=False)
     if result.returncode != 0:
         sys.exit(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+    log(f"deploy accepted in {time.monotonic() - started:.1f} s; waiting for the engines")
     wait_until_ready()
     print()
     print(f"  API        {API_URL}   (OpenAI: {API_URL}/v1, SIE: {API_URL}/v1/generate/<model>)")
