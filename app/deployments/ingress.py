@@ -97,6 +97,14 @@ class Ingress:
     ) -> None:
         self._config = AppConfig.model_validate(config)
         self._backend = ServeBackend(self._config, generators, registry)
+        self._connection = (self._config.model_dump(mode="json"), registry, generators)
+
+    def connection(
+        self,
+    ) -> tuple[dict[str, Any], DeploymentHandle[Any], dict[str, DeploymentHandle[Any]]]:
+        """What `app.handles.connect` needs to build the same ServeBackend in a Ray job: the
+        config and this ingress's own registry and generator handles."""
+        return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._config, self._backend)
