@@ -55,7 +55,18 @@ class MachineProfile(ClosedModel):
     accelerator_type: str | None = None
     memory_bytes: int | None = Field(None, gt=0)
     resources: dict[str, float] = Field(default_factory=dict)
-    num_replicas: int = Field(1, ge=0, description="Workers of this profile.")
+    num_replicas: int = Field(
+        1,
+        ge=0,
+        description="Workers of this profile at start; also the default pool's base capacity, "
+        "which the pool autoscaler keeps (0: the profile scales from zero on demand).",
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=0,
+        description="Most workers of this profile the pool autoscaler may run "
+        "(None: as many as the cluster's resources allow).",
+    )
     max_ongoing_requests: int = Field(128, gt=0)
 
     @property
@@ -89,6 +100,37 @@ class StreamingConfig(ClosedModel):
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment when a stream idles.")
 
 
+class PoolsConfig(ClosedModel):
+    """The pool autoscaler's policy (SIE pools: leases, caps, warm floors)."""
+
+    lease_seconds: float = Field(
+        1200.0, gt=0, description="A pool not renewed for this long expires and frees its workers."
+    )
+    control_interval_seconds: float = Field(
+        1.0, gt=0, description="How often the autoscaler decides and applies replica targets."
+    )
+    scale_down_cooldown_seconds: float = Field(
+        60.0, ge=0, description="A profile shrinks only after wanting fewer workers this long."
+    )
+    demand_window_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A request that found no worker of a (pool, profile) counts as demand this long.",
+    )
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests per worker above which a pool wants one more worker."
+    )
+    provisioning_retry_after_seconds: float = Field(
+        2.0, gt=0, description="Retry-After sent with 503 PROVISIONING while workers come up."
+    )
+    startup_grace_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="After a restart the autoscaler waits this long for worker heartbeats before "
+        "deciding (None: three heartbeat intervals).",
+    )
+
+
 class AppConfig(ClosedModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(id=DEFAULT_MODEL_ID)], min_length=1
@@ -98,6 +140,7 @@ class AppConfig(ClosedModel):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_stale_seconds: float = Field(
         10.0, gt=0, description="No heartbeat this long: unhealthy."
@@ -115,6 +158,9 @@ class AppConfig(ClosedModel):
         ids = [model.id for model in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate model ids: {ids}")
+        for profile in self.profiles:
+            if profile.max_replicas is not None and profile.max_replicas < profile.num_replicas:
+                raise ValueError(f"profile {profile.name}: max_replicas < num_replicas")
         for model in self.models:
             unknown = set(model.profiles) - set(names)
             if unknown:

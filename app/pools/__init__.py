@@ -1,0 +1,1 @@
+"""Pools (SIE semantics) and the pool autoscaler's decisions. Pure Python, clocked by the caller."""
