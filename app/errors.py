@@ -217,3 +217,14 @@ class GenerationFailed(ServiceError):
 class UnsupportedMediaType(ServiceError):
     status = 415
     code = "unsupported_media_type"
+
+
+class UnknownLora(InvalidRequest):
+    code = "unknown_lora"
+
+    def __init__(self, adapter: str, model: str) -> None:
+        super().__init__(
+            f"LoRA adapter '{adapter}' is not configured for model '{model}'",
+            param="lora_adapter",
+            extra={"lora_adapter": adapter},
+        )

@@ -1,4 +1,5 @@
-"""`POST /v1/chat/completions`: OpenAI chat, buffered and streamed (SSE ending in [DONE])."""
+"""`POST /v1/chat/completions`: OpenAI chat, buffered and streamed (SSE ending in [DONE]), with
+n choices, tool calls and logprobs."""
 
 from __future__ import annotations
 
@@ -13,13 +14,8 @@ from app.api.convert import chat_request
 from app.api.errors import error_object
 from app.api.streaming import ChunkStream, sse_response
 from app.errors import GenerationCancelled, GenerationFailed, ServiceError
-from app.protocol.generation import GenerationChunk, GenerationResult
-from app.protocol.openai import (
-    ChatChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-)
+from app.protocol.generation import ChoiceResult, GenerationChunk, GenerationResult
+from app.protocol.openai import ChatCompletionRequest
 
 router = APIRouter()
 
@@ -37,6 +33,10 @@ def usage_of(
     return usage
 
 
+def result_usage(result: GenerationResult) -> dict[str, Any]:
+    return usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+
+
 def terminal_error(result: GenerationResult) -> ServiceError:
     if result.finish_reason == "cancelled":
         return GenerationCancelled("generation was cancelled")
@@ -46,6 +46,27 @@ def terminal_error(result: GenerationResult) -> ServiceError:
     )
 
 
+def raise_if_failed(result: GenerationResult) -> None:
+    if result.failed or result.finish_reason == "cancelled":
+        raise terminal_error(result)
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def choice_message(choice: ChoiceResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text or None}
+    if choice.tool_calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in choice.tool_calls
+        ]
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     context = ApiContext.of(request)
@@ -53,40 +74,46 @@ async def chat_completions(request: Request) -> Response:
     generation = chat_request(context.config, body, request.headers)
     stream = await ChunkStream.open(context.backend, generation)
     headers = {"X-SIE-Request-ID": generation.request_id}
+    completion_id = f"chatcmpl-{generation.request_id}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        formatter = ChatStreamFormatter(
-            f"chatcmpl-{generation.request_id}", body.model, include_usage
-        )
+        formatter = ChatStreamFormatter(completion_id, body.model, include_usage)
         return sse_response(stream, formatter, keepalive_s=context.keepalive_s, headers=headers)
     result = GenerationResult.collect(await stream.collect())
-    if result.failed or result.finish_reason == "cancelled":
-        raise terminal_error(result)
-    response = ChatCompletionResponse(
-        id=f"chatcmpl-{generation.request_id}",
-        created=int(time.time()),
-        model=body.model,
-        choices=[
-            ChatChoice(
-                index=0,
-                message=ChatMessageOut(content=result.text),
-                finish_reason=result.finish_reason,
-            )
-        ],
-        usage=usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-    )
-    return JSONResponse(response.model_dump(exclude_none=False), headers=headers)
+    raise_if_failed(result)
+    choices = [
+        {
+            "index": choice.index,
+            "message": choice_message(choice),
+            "finish_reason": choice.finish_reason,
+            "logprobs": chat_logprobs(choice.logprobs),
+        }
+        for choice in sorted(result.choices.values(), key=lambda c: c.index)
+    ]
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": result_usage(result),
+    }
+    return JSONResponse(payload, headers=headers)
 
 
 class ChatStreamFormatter:
-    """Chunk batches -> `chat.completion.chunk` payloads; role on the first, usage at the end."""
+    """Chunk batches -> `chat.completion.chunk` payloads. Consecutive text of one choice in a
+    batch becomes one delta; the role goes on each choice's first delta; tool calls go out as
+    announcement + arguments deltas; usage comes last when asked for."""
 
     def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
         self._id = completion_id
         self._model = model
         self._created = int(time.time())
         self._include_usage = include_usage
-        self._sent_role = False
+        self._started: set[int] = set()
+        self._tool_calls: set[int] = set()
         self.finished = False
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -100,34 +127,75 @@ class ChatStreamFormatter:
             **extra,
         }
 
-    def _delta(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
-        if not self._sent_role:
-            delta["role"] = "assistant"
-            self._sent_role = True
-        if text or finish_reason is None:
-            delta["content"] = text
+    def _choice(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        if index not in self._started:
+            self._started.add(index)
+            delta = {"role": "assistant", **delta}
         return self._chunk(
-            [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": chat_logprobs(logprobs)}]
         )
 
     def feed(self, batch: list[GenerationChunk]) -> list[dict[str, Any]]:
-        text = "".join(chunk.text_delta for chunk in batch)
-        terminal = next((chunk for chunk in batch if chunk.done), None)
-        payloads = []
-        if text or (terminal is None and not self._sent_role):
-            payloads.append(self._delta(text))
-        if terminal is None:
-            return payloads
+        payloads: list[dict[str, Any]] = []
+        pending: GenerationChunk | None = None  # text being merged
+        pending_logprobs: list[dict[str, Any]] | None = None
+
+        def flush() -> None:
+            nonlocal pending, pending_logprobs
+            if pending is not None:
+                payloads.append(self._choice(pending.choice_index, {"content": pending.text_delta}, logprobs=pending_logprobs))
+            pending, pending_logprobs = None, None
+
+        for chunk in batch:
+            index = chunk.choice_index
+            if chunk.text_delta and not chunk.done:
+                if pending is not None and pending.choice_index == index:
+                    pending = GenerationChunk(pending.text_delta + chunk.text_delta, choice_index=index)
+                else:
+                    flush()
+                    pending = chunk
+                if chunk.logprobs is not None:
+                    pending_logprobs = (pending_logprobs or []) + list(chunk.logprobs)
+                if chunk.finish_reason is None:
+                    continue
+            flush()
+            if chunk.tool_call is not None:
+                self._tool_calls.add(index)
+                call = chunk.tool_call
+                delta: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments_delta}}
+                if call.id is not None:
+                    delta = {"index": call.index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                payloads.append(self._choice(index, {"tool_calls": [delta]}))
+            if chunk.done:
+                payloads.extend(self._terminal(chunk))
+                return payloads
+            if chunk.finish_reason is not None:
+                payloads.append(self._choice(index, {}, finish_reason=chunk.finish_reason))
+        flush()
+        if not payloads and not self._started:
+            payloads.append(self._choice(0, {"content": ""}))
+        return payloads
+
+    def _terminal(self, terminal: GenerationChunk) -> list[dict[str, Any]]:
         self.finished = True
         result = GenerationResult.collect([terminal])
         if result.failed or result.finish_reason == "cancelled":
-            payloads.append(self.error(terminal_error(result)))
-            return payloads
-        payloads.append(self._delta("", finish_reason=result.finish_reason))
+            return [self.error(terminal_error(result))]
+        payloads = []
+        if terminal.text_delta:
+            payloads.append(
+                self._choice(terminal.choice_index, {"content": terminal.text_delta}, logprobs=list(terminal.logprobs) if terminal.logprobs else None)
+            )
+        if len(self._started) <= 1:
+            payloads.append(self._choice(terminal.choice_index, {}, finish_reason=result.finish_reason))
         if self._include_usage:
-            usage = usage_of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-            payloads.append(self._chunk([], usage=usage))
+            payloads.append(self._chunk([], usage=result_usage(result)))
         return payloads
 
     def error(self, error: ServiceError) -> dict[str, Any]:

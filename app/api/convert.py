@@ -9,15 +9,17 @@ import math
 import uuid
 from collections.abc import Mapping
 
+from app.api.structured import chat_output, grammar_output, tools_of
 from app.config import AppConfig
 from app.errors import (
     InvalidRequest,
     ModelNotFound,
     ModelPathInvalid,
     PayloadTooLarge,
+    UnknownLora,
     UnsupportedField,
 )
-from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions
+from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions, ToolCall
 from app.protocol.openai import ChatCompletionRequest, ChatMessageIn
 from app.protocol.sie import MAX_PROMPT_BYTES, GenerateRequest
 
@@ -85,10 +87,32 @@ def logit_bias(raw: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]
 def chat_turns(messages: list[ChatMessageIn]) -> tuple[ChatTurn, ...]:
     turns = []
     for index, message in enumerate(messages):
-        if message.tool_calls or message.role == "tool":
-            raise UnsupportedField(f"messages[{index}].role", "tool messages are not supported yet")
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest(
+                "tool messages need tool_call_id", param=f"messages[{index}].tool_call_id"
+            )
+        if message.role != "tool" and message.tool_call_id is not None:
+            raise InvalidRequest(
+                "only tool messages take tool_call_id", param=f"messages[{index}].tool_call_id"
+            )
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(
+                "only assistant messages take tool_calls", param=f"messages[{index}].tool_calls"
+            )
+        calls = tuple(
+            ToolCall(call.id, call.function.name, call.function.arguments)
+            for call in message.tool_calls or ()
+        )
         role = "system" if message.role == "developer" else message.role
-        turns.append(ChatTurn(role=role, content=_text_content(message, index)))
+        turns.append(
+            ChatTurn(
+                role=role,
+                content=_text_content(message, index),
+                tool_calls=calls,
+                tool_call_id=message.tool_call_id,
+                name=message.name,
+            )
+        )
     return tuple(turns)
 
 
@@ -124,9 +148,10 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
 def chat_request(
     config: AppConfig, body: ChatCompletionRequest, headers: Mapping[str, str]
 ) -> GenerationRequest:
-    _refuse_unimplemented_chat_fields(body)
+    _check_chat_combinations(config, body)
     max_tokens, _ = body.effective_max_tokens
     pool, profile = routing_from_headers(config, headers)
+    tools, tool_choice = tools_of(body)
     return GenerationRequest(
         request_id=new_request_id(),
         model=resolve_model(config, body.model),
@@ -142,36 +167,42 @@ def chat_request(
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=body.seed,
             logit_bias=logit_bias(body.logit_bias),
+            n=body.n or 1,
+            best_of=body.best_of,
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs or 0,
+            structured=chat_output(body, tools, tool_choice),
         ),
         pool=pool,
         machine_profile=profile,
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 
-def _refuse_unimplemented_chat_fields(body: ChatCompletionRequest) -> None:
+def _check_chat_combinations(config: AppConfig, body: ChatCompletionRequest) -> None:
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
-    if body.n is not None and body.n > 1 and body.stream:
+    if (body.n or 1) > 1 and body.stream:
         raise InvalidRequest("n > 1 cannot be streamed", param="n")
-    if body.best_of is not None and body.n is not None and body.best_of < body.n:
+    if body.best_of is not None and body.best_of < (body.n or 1):
         raise InvalidRequest("best_of must be >= n", param="best_of")
     if body.best_of is not None and body.stream:
         raise InvalidRequest("best_of cannot be streamed", param="best_of")
-    unimplemented = {
-        "tools": bool(body.tools),
-        "tool_choice": body.tool_choice not in (None, "none", "auto"),
-        "response_format": body.response_format is not None
-        and body.response_format.get("type") != "text",
-        "n": (body.n or 1) > 1,
-        "best_of": (body.best_of or 1) > 1,
-        "logprobs": bool(body.logprobs),
-        "lora_adapter": body.lora_adapter is not None,
-    }
-    for param, refused in unimplemented.items():
-        if refused:
-            raise UnsupportedField(param)
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest("stream_options requires stream: true", param="stream_options")
+    check_lora(config, body.model, body.lora_adapter)
+
+
+def check_lora(config: AppConfig, model: str, adapter: str | None) -> None:
+    if adapter is None:
+        return
+    if not adapter:
+        raise InvalidRequest("lora_adapter must be a non-empty string", param="lora_adapter")
+    raise UnknownLora(adapter, model)
 
 
 def generate_request(
@@ -181,14 +212,11 @@ def generate_request(
         raise PayloadTooLarge("prompt is larger than 4 MiB", param="prompt")
     if (body.logprobs or body.top_logprobs is not None) and not body.stream:
         raise UnsupportedField("logprobs", "logprobs are only available on streams")
-    for param, refused in {
-        "images": bool(body.images),
-        "grammar": body.grammar is not None,
-        "logprobs": bool(body.logprobs),
-        "lora_adapter": body.lora_adapter is not None,
-    }.items():
-        if refused:
-            raise UnsupportedField(param)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+    if body.images:
+        raise UnsupportedField("images", "no vision model is configured")
+    check_lora(config, model, body.lora_adapter)
     pool, profile = routing_from_headers(config, headers)
     return GenerationRequest(
         request_id=new_request_id(),
@@ -205,6 +233,9 @@ def generate_request(
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=body.seed,
             logit_bias=logit_bias(body.logit_bias),
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs or 0,
+            structured=grammar_output(body.grammar) if body.grammar is not None else None,
         ),
         pool=pool,
         machine_profile=profile,

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.chat import terminal_error, usage_of
+from app.api.chat import raise_if_failed, terminal_error, usage_of
 from app.api.context import ApiContext, read_json
 from app.api.convert import generate_request, model_from_path
 from app.api.errors import error_object
@@ -31,8 +31,7 @@ async def generate(model: str, request: Request) -> Response:
         formatter = GenerateStreamFormatter(generation.request_id)
         return sse_response(stream, formatter, keepalive_s=context.keepalive_s, headers=headers)
     result = GenerationResult.collect(await stream.collect())
-    if result.failed or result.finish_reason == "cancelled":
-        raise terminal_error(result)
+    raise_if_failed(result)
     payload: dict[str, Any] = {
         "model": model_id,
         "text": result.text,
@@ -67,7 +66,9 @@ class GenerateStreamFormatter:
     def feed(self, batch: list[GenerationChunk]) -> list[dict[str, Any]]:
         text = "".join(chunk.text_delta for chunk in batch)
         terminal = next((chunk for chunk in batch if chunk.done), None)
-        events = [self._event(text, False)] if text else []
+        logprobs = [entry for chunk in batch if chunk.logprobs for entry in chunk.logprobs]
+        extra = {"logprobs": logprobs} if logprobs else {}
+        events = [self._event(text, False, **extra)] if text else []
         if terminal is None:
             return events
         self.finished = True

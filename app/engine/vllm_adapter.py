@@ -4,13 +4,16 @@ The only module of the project that imports vllm."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, StreamTimer
+from app.engine.base import GenerationAdapter, StreamTimer, best_of
+from app.engine.chat_render import chat_messages, tool_schema
 from app.engine.default_model import resolve_model_source
 from app.errors import InputTooLong, InvalidRequest, ModelLoading
 from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
@@ -97,16 +100,23 @@ class VLLMAdapter(GenerationAdapter):
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
         if request.messages is not None:
-            messages = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+            template = getattr(tokenizer, "chat_template", None) or ""
+            messages = chat_messages(request, template_supports_tools="tools" in template)
+            tools = [tool_schema(tool) for tool in request.tools] or None
+            if tools is not None and request.tool_choice != "none" and "tools" in template:
+                text = tokenizer.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False
+                )
+            else:
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
             return list(tokenizer.encode(text, add_special_tokens=False))
         return list(tokenizer.encode(request.prompt or ""))
 
     def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sampling = request.sampling
         room = self._max_model_len - prompt_tokens
@@ -123,7 +133,19 @@ class VLLMAdapter(GenerationAdapter):
                 f"model's context of {self._max_model_len} tokens",
                 param=param,
             )
+        structured = None
+        if sampling.structured is not None:
+            spec = sampling.structured
+            structured = StructuredOutputsParams(
+                json=json.loads(spec.spec) if spec.kind == "json_schema" and spec.spec else None,
+                json_object=True if spec.kind == "json_object" else None,
+                regex=spec.spec if spec.kind == "regex" else None,
+                grammar=spec.spec if spec.kind == "ebnf" else None,
+            )
+        ranking = (sampling.best_of or 0) > sampling.n
+        logprobs = sampling.top_logprobs if sampling.logprobs else (0 if ranking else None)
         return SamplingParams(
+            n=max(sampling.n, sampling.best_of or 0),
             max_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -135,6 +157,8 @@ class VLLMAdapter(GenerationAdapter):
             seed=sampling.seed,
             logit_bias=dict(sampling.logit_bias) or None,
             ignore_eos=sampling.ignore_eos,
+            logprobs=logprobs,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -144,40 +168,114 @@ class VLLMAdapter(GenerationAdapter):
             raise ModelLoading(f"model '{self.model_id}' is loading")
         prompt_ids = self.prompt_token_ids(request)
         params = self._sampling_params(request, len(prompt_ids))
+        sampling = request.sampling
+        chunks = self._stream(engine, request, prompt_ids, params)
+        if (sampling.best_of or 0) > sampling.n:
+            chunks = best_of(chunks, keep=sampling.n, expose_logprobs=sampling.logprobs)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def _stream(
+        self, engine: Any, request: GenerationRequest, prompt_ids: list[int], params: Any
+    ) -> AsyncGenerator[GenerationChunk, None]:
         timer = StreamTimer()
+        top_n = request.sampling.top_logprobs
+        many = params.n > 1
+        is_first = False
         completion_tokens = 0
         finished = False
         outputs = engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id)
         try:
             try:
-                first = await anext(outputs)
-            except ValueError as error:  # vLLM's input validation (e.g. logit_bias token ids)
+                output = await anext(outputs)
+            except ValueError as error:  # vLLM's request validation (bad schema, token ids)
                 raise InvalidRequest(str(error)) from error
-            output = first
             while True:
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
+                is_first = False
+                for completion in output.outputs:
+                    completion_tokens += len(completion.token_ids)
+                    text = completion.text
+                    is_first = bool(text) and timer.saw_text()
+                    logprobs = (
+                        token_logprobs(completion.token_ids, completion.logprobs, top_n)
+                        if completion.logprobs is not None
+                        else None
+                    )
+                    choice_done = many and completion.finish_reason is not None
+                    if text or completion.token_ids or choice_done:
+                        if not many and output.finished:
+                            break  # the terminal chunk below carries it
+                        yield GenerationChunk(
+                            text_delta=text,
+                            is_first=is_first,
+                            token_ids=tuple(completion.token_ids),
+                            choice_index=completion.index,
+                            logprobs=logprobs,
+                            finish_reason=(
+                                _FINISH_REASONS.get(completion.finish_reason, "stop")
+                                if choice_done
+                                else None
+                            ),
+                            cumulative_logprob=completion.cumulative_logprob
+                            if choice_done
+                            else None,
+                        )
                 if output.finished:
                     finished = True
-                    if completion.text:
-                        timer.saw_text()
-                    yield timer.terminal(
-                        _FINISH_REASONS.get(completion.finish_reason, "stop"),
+                    last = output.outputs[0] if output.outputs and not many else None
+                    terminal = timer.terminal(
+                        _FINISH_REASONS.get(last.finish_reason, "stop") if last else "stop",
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=completion_tokens,
                         cached_tokens=output.num_cached_tokens,
-                        text_delta=completion.text,
+                        text_delta=last.text if last else "",
                     )
+                    if last is not None:
+                        terminal = replace(
+                            terminal,
+                            is_first=is_first,
+                            token_ids=tuple(last.token_ids),
+                            logprobs=(
+                                token_logprobs(last.token_ids, last.logprobs, top_n)
+                                if last.logprobs is not None
+                                else None
+                            ),
+                            cumulative_logprob=last.cumulative_logprob,
+                        )
+                    yield terminal
                     return
-                if completion.text or completion.token_ids:
-                    is_first = bool(completion.text) and timer.saw_text()
-                    yield GenerationChunk(
-                        text_delta=completion.text,
-                        is_first=is_first,
-                        token_ids=tuple(completion.token_ids),
-                    )
                 output = await anext(outputs)
         finally:
             await outputs.aclose()
             if not finished:
                 await engine.abort(request.request_id)
+
+
+def token_logprobs(
+    token_ids: Sequence[int], entries: Sequence[dict[int, Any]], top_n: int
+) -> tuple[dict[str, Any], ...]:
+    """vLLM per-token logprob dicts -> OpenAI `ChatCompletionTokenLogprob` entries."""
+    result = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(token_id)
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank or 0)
+        tops = [item for item in ranked if (item[1].rank or 0) >= 1][:top_n]
+        result.append(
+            {
+                **_logprob_entry(
+                    chosen.decoded_token if chosen else "", chosen.logprob if chosen else 0.0
+                ),
+                "top_logprobs": [
+                    _logprob_entry(lp.decoded_token or "", lp.logprob) for _, lp in tops
+                ],
+            }
+        )
+    return tuple(result)
+
+
+def _logprob_entry(token: str | None, logprob: float) -> dict[str, Any]:
+    text = token or ""
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from app.config import AppConfig, ModelConfig
 from app.engine.base import GenerationAdapter
 from app.engine.coalesce import coalesce
+from app.engine.tool_calls import forced_tool_calls, parse_tool_calls
 from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import ModelStatus, WorkerStatus
@@ -19,6 +20,17 @@ from app.protocol.workers import ModelStatus, WorkerStatus
 logger = logging.getLogger(__name__)
 
 AdapterFactory = Callable[[ModelConfig], GenerationAdapter]
+
+
+def with_tool_calls(
+    chunks: AsyncIterator[GenerationChunk], request: GenerationRequest
+) -> AsyncIterator[GenerationChunk]:
+    """Tool calls come out of the text (`auto`) or out of constrained JSON (required/named)."""
+    if not request.tools or request.tool_choice == "none":
+        return chunks
+    if request.tool_choice == "auto":
+        return parse_tool_calls(chunks, parallel=request.parallel_tool_calls)
+    return forced_tool_calls(chunks)
 
 
 def load_adapter_factory(import_path: str) -> AdapterFactory:
@@ -75,7 +87,7 @@ class Worker:
         self.active_requests += 1
         try:
             batches = coalesce(
-                adapter.generate(request),
+                with_tool_calls(adapter.generate(request), request),
                 window_s=streaming.coalesce_window_ms / 1000,
                 max_items=streaming.coalesce_max_chunks,
             )

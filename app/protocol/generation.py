@@ -7,16 +7,54 @@ terminal chunk (`done=True`) carrying the finish reason, usage and timings."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
+StructuredKind = Literal["json_schema", "json_object", "regex", "ebnf"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete call, as the assistant made it (history) or as parsed from output."""
+
+    id: str
+    name: str
+    arguments: str  # compact JSON text
 
 
 @dataclass(frozen=True, slots=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    description: str = ""
+    parameters: str = "{}"  # JSON Schema as compact JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """One tool-call event: an announcement (id + name) then the arguments, same index."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments_delta: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """Constrained decoding through the engine's structured-output backend."""
+
+    kind: StructuredKind
+    spec: str | None = None  # schema JSON text, regex or EBNF grammar; None for json_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +70,11 @@ class SamplingOptions:
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    best_of: int | None = None  # > n: generate best_of, keep the n with best cumulative logprob
+    logprobs: bool = False
+    top_logprobs: int = 0
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +91,9 @@ class GenerationRequest:
     machine_profile: str | None = None
     routing_key: str | None = None
     prompt_cache_key: str | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | function:<name>
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +110,44 @@ class GenerationChunk:
     error_message: str | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    choice_index: int = 0
+    logprobs: tuple[dict[str, Any], ...] | None = None  # OpenAI token logprobs for text_delta
+    tool_call: ToolCallDelta | None = None
+    cumulative_logprob: float | None = None  # on a choice's finishing chunk (best_of ranking)
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """One candidate of a buffered generation."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text += chunk.text_delta
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(chunk.logprobs)
+        call = chunk.tool_call
+        if call is not None:
+            if call.id is not None:
+                self.tool_calls.append(ToolCall(call.id, call.name or "", call.arguments_delta))
+            elif self.tool_calls:
+                last = self.tool_calls[-1]
+                self.tool_calls[-1] = ToolCall(
+                    last.id, last.name, last.arguments + call.arguments_delta
+                )
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
 
 
 @dataclass(slots=True)
 class GenerationResult:
     """A whole generation gathered from its chunks (buffered responses)."""
 
-    text: str = ""
+    choices: dict[int, ChoiceResult] = field(default_factory=dict)
     finish_reason: FinishReason = "stop"
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -82,16 +159,30 @@ class GenerationResult:
     tpot_ms: float | None = None
     terminated: bool = False
 
+    def choice(self, index: int) -> ChoiceResult:
+        if index not in self.choices:
+            self.choices[index] = ChoiceResult(index)
+        return self.choices[index]
+
+    @property
+    def text(self) -> str:
+        return self.choice(0).text
+
     def add(self, chunk: GenerationChunk) -> None:
         """Fold one chunk in; chunks after the terminal one are ignored."""
         if self.terminated:
             return
-        self.text += chunk.text_delta
+        choice = self.choice(chunk.choice_index)
         self.token_ids.extend(chunk.token_ids)
         if not chunk.done:
+            choice.add(chunk)
             return
+        choice.add(replace(chunk, finish_reason=None))
         self.terminated = True
         self.finish_reason = chunk.finish_reason or "stop"
+        for each in self.choices.values():
+            if each.finish_reason is None:
+                each.finish_reason = self.finish_reason
         self.prompt_tokens = chunk.prompt_tokens or 0
         self.completion_tokens = chunk.completion_tokens or 0
         self.cached_tokens = chunk.cached_tokens

@@ -14,6 +14,7 @@ from app.config import AppConfig
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 CHAT = "/v1/chat/completions"
 GENERATE = "/v1/generate/org__fake-model"
 
@@ -140,13 +141,26 @@ def test_streamed_generate_framing(client: TestClient) -> None:
     ("path", "payload", "status", "code", "param"),
     [
         (CHAT, chat(bogus=1), 400, "unsupported_field", "bogus"),
-        (
-            CHAT,
-            chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-            400,
-            "unsupported_field",
-            "tools",
-        ),
+        (CHAT, chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}), 400, "invalid_request", "tool_choice"),
+        (CHAT, chat(tool_choice="required"), 400, "invalid_request", "tool_choice"),
+        (CHAT, chat(tools=[TOOL, TOOL]), 400, "invalid_request", "tools"),
+        (CHAT, chat(tools=[{"type": "function", "function": {"name": "bad name"}}]), 400, "invalid_request", "tools[0].function.name"),
+        (CHAT, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"if": {}}}}]), 400, "unsupported_field", "tools[0].function.parameters"),
+        (CHAT, chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), 400, "invalid_request", "response_format"),
+        (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400, "invalid_request", "response_format.json_schema"),
+        (CHAT, chat(response_format={"type": "xml"}), 400, "invalid_request", "response_format.type"),
+        (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://x"}}}), 400, "unsupported_field", "response_format.json_schema.schema"),
+        (CHAT, chat(lora_adapter="mine"), 400, "unknown_lora", "lora_adapter"),
+        (CHAT, chat(best_of=1, n=2), 400, "invalid_request", "best_of"),
+        (CHAT, chat(stream_options={"include_usage": True}), 400, "invalid_request", "stream_options"),
+        (CHAT, {"model": MODEL, "messages": [{"role": "tool", "content": "42"}]}, 400, "invalid_request", "messages[0].tool_call_id"),
+        (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_call_id": "a"}]}, 400, "invalid_request", "messages[0].tool_call_id"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "grammar": {"regex": "a", "ebnf": "b"}}, 400, "invalid_request", "grammar"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "grammar": {"ebnf": "root ::= a", "strict": True}}, 400, "unsupported_field", "grammar"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "grammar": {"regex": "a" * 5000}}, 413, "INPUT_TOO_LONG", "grammar"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "stream": True, "top_logprobs": 2}, 400, "invalid_request", "top_logprobs"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "images": [{"data": "AA=="}]}, 400, "unsupported_field", "images"),
+        (GENERATE, {"prompt": "x", "max_new_tokens": 1, "lora_adapter": "mine"}, 400, "unknown_lora", "lora_adapter"),
         (CHAT, chat(n=2, stream=True), 400, "invalid_request", "n"),
         (CHAT, chat(top_logprobs=2), 400, "invalid_request", "top_logprobs"),
         (CHAT, chat(logit_bias={"x": 1}), 400, "invalid_request", "logit_bias"),

@@ -1,0 +1,138 @@
+"""Structured outputs and tools on the wire -> the engine's constrained decoding: the limits the
+contract puts on schemas and grammars, response_format, `grammar`, tools and tool_choice."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.engine.tool_calls import forced_call_schema
+from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedField
+from app.protocol.generation import StructuredOutput, ToolSpec
+from app.protocol.openai import ChatCompletionRequest
+from app.protocol.sie import Grammar
+
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_REGEX_BYTES = 4 * 1024
+MAX_EBNF_BYTES = 8 * 1024
+MAX_SCHEMA_DEPTH = 16
+MAX_SCHEMA_NODES = 16384
+UNSUPPORTED_KEYWORDS = frozenset(
+    {"$dynamicRef", "if", "then", "else", "unevaluatedProperties", "dependentSchemas"}
+)
+
+
+def check_schema(schema: Any, param: str) -> str:
+    """Validate a JSON Schema against the service's limits; returns it as compact JSON."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest("a JSON schema must be an object", param=param)
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(f"schema nesting deeper than {MAX_SCHEMA_DEPTH}", param=param)
+        if nodes > MAX_SCHEMA_NODES:
+            raise InvalidRequest(f"schema has more than {MAX_SCHEMA_NODES} nodes", param=param)
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if key in UNSUPPORTED_KEYWORDS:
+                    raise UnsupportedField(param, f"schema keyword '{key}' is not supported")
+                if key == "$ref" and (not isinstance(child, str) or not child.startswith("#")):
+                    raise UnsupportedField(param, "only internal '#/...' $ref is supported")
+                stack.append((child, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1) for child in value)
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text.encode()) > MAX_GRAMMAR_BYTES:
+        raise PayloadTooLarge("schema is larger than 64 KiB", param=param)
+    return text
+
+
+def grammar_output(grammar: Grammar) -> StructuredOutput:
+    """SIE `grammar`: exactly one of json_schema / regex / ebnf."""
+    given = [
+        name for name in ("json_schema", "regex", "ebnf") if getattr(grammar, name) is not None
+    ]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "grammar takes exactly one of json_schema, regex, ebnf", param="grammar"
+        )
+    if grammar.ebnf is not None:
+        if grammar.strict:
+            raise UnsupportedField("grammar", "strict is not supported with ebnf")
+        if len(grammar.ebnf.encode()) > MAX_EBNF_BYTES:
+            raise PayloadTooLarge("ebnf grammar is larger than 8 KiB", param="grammar")
+        return StructuredOutput("ebnf", grammar.ebnf)
+    if grammar.regex is not None:
+        if len(grammar.regex.encode()) > MAX_REGEX_BYTES:
+            raise PayloadTooLarge("regex is larger than 4 KiB", param="grammar")
+        return StructuredOutput("regex", grammar.regex)
+    return StructuredOutput("json_schema", check_schema(grammar.json_schema, "grammar"))
+
+
+def tools_of(body: ChatCompletionRequest) -> tuple[tuple[ToolSpec, ...], str]:
+    """The tools offered and the tool choice: auto | none | required | function:<name>."""
+    tools = tuple(
+        ToolSpec(
+            name=tool.function.name,
+            description=tool.function.description or "",
+            parameters=check_schema(
+                tool.function.parameters or {"type": "object", "properties": {}},
+                f"tools[{index}].function.parameters",
+            ),
+        )
+        for index, tool in enumerate(body.tools or ())
+    )
+    names = [tool.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tool names must be unique", param="tools")
+    choice = body.tool_choice
+    if choice is None:
+        return tools, "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice == "required" and not tools:
+            raise InvalidRequest(
+                "tool_choice 'required' needs at least one tool", param="tool_choice"
+            )
+        return tools, choice
+    if choice.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice names unknown tool '{choice.function.name}'", param="tool_choice"
+        )
+    return tools, f"function:{choice.function.name}"
+
+
+def chat_output(
+    body: ChatCompletionRequest, tools: tuple[ToolSpec, ...], tool_choice: str
+) -> StructuredOutput | None:
+    """Constrained decoding for a chat request: forced tool calls or response_format."""
+    forced = tool_choice == "required" or tool_choice.startswith("function:")
+    response_format = body.response_format
+    wants_json = response_format is not None and response_format.type != "text"
+    if forced and wants_json:
+        raise InvalidRequest(
+            "response_format cannot be combined with a forced tool_choice", param="response_format"
+        )
+    if forced:
+        offered = (
+            tools
+            if tool_choice == "required"
+            else tuple(t for t in tools if f"function:{t.name}" == tool_choice)
+        )
+        parallel = body.parallel_tool_calls is not False and tool_choice == "required"
+        return StructuredOutput("json_schema", forced_call_schema(offered, parallel=parallel))
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput("json_object")
+    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+        raise InvalidRequest(
+            "json_schema response_format needs json_schema.schema",
+            param="response_format.json_schema",
+        )
+    return StructuredOutput(
+        "json_schema",
+        check_schema(response_format.json_schema.schema_, "response_format.json_schema.schema"),
+    )
