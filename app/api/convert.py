@@ -20,7 +20,12 @@ from app.errors import (
     UnsupportedField,
 )
 from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions, ToolCall
-from app.protocol.openai import ChatCompletionRequest, ChatMessageIn
+from app.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    ResponsesRequest,
+)
 from app.protocol.sie import MAX_PROMPT_BYTES, GenerateRequest
 
 POOL_HEADER = "x-sie-pool"
@@ -241,4 +246,84 @@ def generate_request(
         machine_profile=profile,
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
+    )
+
+
+def completion_request(
+    config: AppConfig, body: CompletionRequest, headers: Mapping[str, str]
+) -> GenerationRequest:
+    if isinstance(body.prompt, list) and len(body.prompt) != 1:
+        raise UnsupportedField("prompt", "one prompt per request (send a string)")
+    if body.echo:
+        raise UnsupportedField("echo")
+    if body.suffix is not None:
+        raise UnsupportedField("suffix")
+    if (body.n or 1) > 1 and body.stream:
+        raise InvalidRequest("n > 1 cannot be streamed", param="n")
+    if body.best_of is not None and (body.best_of < (body.n or 1) or body.stream):
+        raise InvalidRequest("best_of must be >= n and is not streamed", param="best_of")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest("stream_options requires stream: true", param="stream_options")
+    check_lora(config, body.model, body.lora_adapter)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    pool, profile = routing_from_headers(config, headers)
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=resolve_model(config, body.model),
+        prompt=prompt,
+        sampling=SamplingOptions(
+            max_new_tokens=body.max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k,
+            stop=_stop(body.stop),
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            logit_bias=logit_bias(body.logit_bias),
+            n=body.n or 1,
+            best_of=body.best_of,
+            logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0,
+        ),
+        pool=pool,
+        machine_profile=profile,
+        routing_key=body.routing_key,
+        prompt_cache_key=body.prompt_cache_key,
+    )
+
+
+def responses_request(
+    config: AppConfig, body: ResponsesRequest, headers: Mapping[str, str]
+) -> GenerationRequest:
+    if body.stream:
+        raise UnsupportedField("stream", "/v1/responses is buffered only")
+    if body.store:
+        raise UnsupportedField("store", "responses are not stored")
+    turns: list[ChatTurn] = []
+    if body.instructions:
+        turns.append(ChatTurn("system", body.instructions))
+    if isinstance(body.input, str):
+        turns.append(ChatTurn("user", body.input))
+    else:
+        for message in body.input:
+            content = message.content
+            text = content if isinstance(content, str) else "".join(part.text for part in content)
+            turns.append(ChatTurn("system" if message.role == "developer" else message.role, text))
+    if not turns:
+        raise InvalidRequest("input is empty", param="input")
+    pool, profile = routing_from_headers(config, headers)
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=resolve_model(config, body.model),
+        messages=tuple(turns),
+        sampling=SamplingOptions(
+            max_new_tokens=body.max_output_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+        ),
+        pool=pool,
+        machine_profile=profile,
     )

@@ -67,8 +67,8 @@ class GenerateStreamFormatter:
         text = "".join(chunk.text_delta for chunk in batch)
         terminal = next((chunk for chunk in batch if chunk.done), None)
         logprobs = [entry for chunk in batch if chunk.logprobs for entry in chunk.logprobs]
-        extra = {"logprobs": logprobs} if logprobs else {}
-        events = [self._event(text, False, **extra)] if text else []
+        delta_extra: dict[str, Any] = {"logprobs": logprobs} if logprobs else {}
+        events = [self._event(text, False, **delta_extra)] if text else []
         if terminal is None:
             return events
         self.finished = True

@@ -172,3 +172,60 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class CompletionRequest(WireModel):
+    """Legacy `/v1/completions` (text in, text out)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    max_tokens: TokenCount | None = 16
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    suffix: str | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    lora_adapter: str | None = None
+    routing_key: str | None = None
+    prompt_cache_key: str | None = None
+
+
+class InputText(WireModel):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class ResponsesMessage(WireModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[InputText]
+    type: Literal["message"] | None = None
+
+
+class ResponsesRequest(WireModel):
+    """`/v1/responses`: stateless text generation (no stored conversations, no tools)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[ResponsesMessage]
+    instructions: str | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stream: bool = False
+    store: bool | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
