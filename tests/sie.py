@@ -270,7 +270,7 @@ def _pyenv_versions(pyenv: str) -> list[str]:
 # Running client code
 
 _PRELUDE = r"""
-import asyncio, json, sys, traceback
+import asyncio, json, os, sys, traceback
 import sie_sdk
 from sie_sdk import SIEAsyncClient, SIEClient
 
@@ -319,6 +319,18 @@ async def acatch(target, *args, **kwargs):
 async def alist(iterable):
     return [item async for item in iterable]
 
+async def checkpoint(name, timeout_s=600):
+    # tell the test we are at `name`, then wait until it releases us (see SIEProcess)
+    directory = os.path.dirname(os.path.abspath(sys.argv[1]))
+    open(os.path.join(directory, name + ".reached"), "w").close()
+    release = os.path.join(directory, name + ".release")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not os.path.exists(release):
+        if loop.time() > deadline:
+            raise TimeoutError("checkpoint " + repr(name) + " was never released")
+        await asyncio.sleep(0.02)
+
 BASE_URL = json.loads(sys.argv[2])
 CLIENT_KWARGS = json.loads(sys.argv[3])
 globals().update(json.loads(sys.argv[4]))
@@ -362,6 +374,114 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+class SIEProcess:
+    """A snippet running in the background (see `start_sie`); use as a context manager so the
+    child is killed and its scratch directory removed whatever happens."""
+
+    def __init__(
+        self,
+        code: str,
+        base_url: str,
+        timeout_s: float,
+        client_kwargs: dict[str, Any] | None,
+        inject: dict[str, Any] | None,
+    ) -> None:
+        python = sie_python()
+        kwargs = {"api_key": "", **(client_kwargs or {})}
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.scratch = Path(tempfile.mkdtemp(prefix="sie-run-"))
+        self._result_file = self.scratch / "result.json"
+        script = self.scratch / "snippet.py"
+        script.write_text(_program(code))
+        self._output = (self.scratch / "output.txt").open("w+")
+        self._process = subprocess.Popen(
+            [
+                str(python),
+                str(script),
+                str(self._result_file),
+                json.dumps(base_url),
+                json.dumps(kwargs),
+                json.dumps(inject or {}),
+            ],
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+            cwd=self.scratch,
+        )
+
+    def output(self) -> str:
+        """What the child printed so far (stdout and stderr, e.g. SDK log warnings)."""
+        try:
+            return (self.scratch / "output.txt").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_reached(self, name: str, timeout_s: float | None = None) -> None:
+        """Block until the snippet runs `await checkpoint(name)`. Raises what the snippet raised
+        if it ends first, TimeoutError if neither happens in time."""
+        marker = self.scratch / f"{name}.reached"
+        limit = self.deadline if timeout_s is None else time.monotonic() + timeout_s
+        while not marker.exists():
+            if self._process.poll() is not None:
+                self.result()
+                raise RuntimeError(f"sie snippet ended without reaching checkpoint {name!r}")
+            if time.monotonic() > limit:
+                raise TimeoutError(f"sie snippet did not reach checkpoint {name!r}")
+            time.sleep(0.02)
+
+    def release(self, name: str) -> None:
+        """Let the snippet continue past `await checkpoint(name)`."""
+        (self.scratch / f"{name}.release").touch()
+
+    def result(self) -> Any:
+        """Wait for the snippet to finish and return its result (or raise, as `run_sie`)."""
+        try:
+            self._process.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as error:
+            output = self.output()
+            self.close()
+            raise TimeoutError(
+                f"sie snippet still running after {self.timeout_s} s:\n{output[-4000:]}"
+            ) from error
+        if not self._result_file.exists():
+            raise RuntimeError(
+                f"sie snippet died (exit {self._process.returncode}) without a result:\n"
+                f"{self.output()[-8000:]}"
+            )
+        outcome = json.loads(self._result_file.read_text())
+        if not outcome["ok"]:
+            raise SIEFailure(outcome["error"], outcome.get("traceback", ""))
+        return outcome["result"]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._output.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def __enter__(self) -> SIEProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_sie(
+    code: str,
+    base_url: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    *,
+    client_kwargs: dict[str, Any] | None = None,
+    inject: dict[str, Any] | None = None,
+) -> SIEProcess:
+    """Start `code` in the background: the test can look at the server while the client is at
+    an `await checkpoint("name")` (`wait_reached("name")`, then `release("name")`)."""
+    return SIEProcess(code, base_url, timeout_s, client_kwargs, inject)
+
+
 def run_sie(
     code: str,
     base_url: str,
@@ -376,54 +496,14 @@ def run_sie(
     dies without a result. `client_kwargs` go to both client constructors (default
     `api_key=""`, so no environment credential is used); `inject` holds JSON values the
     snippet sees as module globals."""
-    python = sie_python()
-    kwargs = {"api_key": "", **(client_kwargs or {})}
-    with tempfile.TemporaryDirectory(prefix="sie-run-") as scratch:
-        script = Path(scratch) / "snippet.py"
-        result_file = Path(scratch) / "result.json"
-        script.write_text(_program(code))
-        command = [
-            str(python),
-            str(script),
-            str(result_file),
-            json.dumps(base_url),
-            json.dumps(kwargs),
-            json.dumps(inject or {}),
-        ]
-        try:
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=_child_env(),
-                cwd=scratch,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as error:
-            output = _text(error.stdout) + _text(error.stderr)
-            raise TimeoutError(
-                f"sie snippet still running after {timeout_s} s:\n{output[-4000:]}"
-            ) from error
-        if not result_file.exists():
-            raise RuntimeError(
-                f"sie snippet died (exit {done.returncode}) without a result:\n"
-                f"{done.stdout[-4000:]}{done.stderr[-4000:]}"
-            )
-        outcome = json.loads(result_file.read_text())
-    if not outcome["ok"]:
-        raise SIEFailure(outcome["error"], outcome.get("traceback", ""))
-    return outcome["result"]
-
-
-def _text(value: str | bytes | None) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    with start_sie(
+        code, base_url, timeout_s, client_kwargs=client_kwargs, inject=inject
+    ) as process:
+        return process.result()
 
 
 class SIERunner:
-    """`run_sie` bound to one base URL, for a fixture: `sie.run(code, **kwargs)`."""
+    """`run_sie`/`start_sie` bound to one base URL, for a fixture: `sie.run(code, ...)`."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
@@ -431,3 +511,6 @@ class SIERunner:
 
     def run(self, code: str, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> Any:
         return run_sie(code, self.base_url, timeout_s, **kwargs)
+
+    def start(self, code: str, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> SIEProcess:
+        return start_sie(code, self.base_url, timeout_s, **kwargs)
