@@ -7,12 +7,14 @@ from typing import Any, cast
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Deployment
 
 from app.config import AppConfig
 from app.deployments.autoscaler import PoolAutoscaler
 from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
+from app.deployments.router import ROUTER_PATH
 
 GRACEFUL_SHUTDOWN_SECONDS = 20.0
 
@@ -37,6 +39,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             max_ongoing_requests=profile.max_ongoing_requests,
             ray_actor_options=profile.ray_actor_options(),
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
+            request_router_config=RequestRouterConfig(
+                request_router_class=ROUTER_PATH  # type: ignore[arg-type]
+            ),
         )
         .bind(plain, profile.name, registry)
         for profile in config.profiles

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import chat, completions, generate, models
+from app.api import chat, completions, generate, models, pools
 from app.api.backend import GenerationBackend
 from app.api.context import ApiContext
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
@@ -29,7 +29,7 @@ def shape_for(path: str) -> ErrorShape:
 def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="poolserve", version=SIE_API_VERSION)
     app.state.context = ApiContext(config=config, backend=backend)
-    for module in (chat, completions, generate, models):
+    for module in (chat, completions, generate, models, pools):
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from app.pools.model import PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 
@@ -18,4 +19,24 @@ class GenerationBackend(Protocol):
 
     async def workers(self) -> list[WorkerStatus]:
         """The latest status of every known worker (live or stale)."""
+        ...
+
+    async def create_pool(self, spec: PoolSpec) -> PoolRecord:
+        """Create the pool, or update its spec and renew its lease (an expired pool revives)."""
+        ...
+
+    async def get_pool(self, name: str) -> PoolRecord | None:
+        """The pool (case-insensitive name), or None."""
+        ...
+
+    async def list_pools(self) -> list[PoolRecord]:
+        """Every pool, oldest first (expired ones included until deleted)."""
+        ...
+
+    async def renew_pool(self, name: str) -> PoolRecord:
+        """Renew the lease; raises PoolNotFound."""
+        ...
+
+    async def delete_pool(self, name: str) -> bool:
+        """Delete the pool and free its workers; False if there was none."""
         ...

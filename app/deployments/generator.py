@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
 from app.engine.worker import Worker
+from app.errors import WorkerUnavailable
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 
@@ -31,22 +32,34 @@ class Generator:
         self._registry = registry
         self._worker_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
+        self._pool = "default"  # pushed by the PoolAutoscaler in its heartbeat replies
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._worker.load_all())
         self._heartbeat = loop.create_task(self._report_forever())
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    async def generate(
+        self, request: GenerationRequest, workers: tuple[str, ...] | None = None
+    ) -> AsyncIterator[list[GenerationChunk]]:
+        """`workers`: the replicas the ingress chose (pool + profile + ready); the request
+        router honours it, and a replica outside it refuses (retryable) rather than serve
+        another pool's request."""
+        if workers is not None and self._worker_id not in workers:
+            raise WorkerUnavailable(
+                f"worker {self._worker_id} is not assigned to pool '{request.pool or 'default'}'"
+            )
         async for batch in self._worker.stream(request):
             yield batch
 
     def status(self) -> WorkerStatus:
-        return self._worker.status(self._worker_id, self._node_id)
+        return self._worker.status(self._worker_id, self._node_id, self._pool)
 
     async def _report_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds
         while True:
             try:
-                await self._registry.report.remote(self.status())
+                assigned = await self._registry.report.remote(self.status())
+                if isinstance(assigned, str):
+                    self._pool = assigned
             except Exception:
                 logger.warning("heartbeat to the registry failed", exc_info=True)
             await asyncio.sleep(interval)

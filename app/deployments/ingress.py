@@ -15,18 +15,20 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.api.app import create_app
 from app.config import AppConfig
-from app.errors import ServiceError, WorkerUnavailable
+from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
+from app.pools.model import PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
-from app.routing.targets import choose_target
+from app.routing.targets import Target, choose_target, request_pool
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 
 
 class ServeBackend:
-    """GenerationBackend over Serve: worker snapshots from the registry, streams from the
-    Generator deployment of the chosen profile."""
+    """GenerationBackend over Serve: worker and pool snapshots from the PoolAutoscaler (which
+    also owns pool changes), streams from the Generator deployment of the chosen profile,
+    restricted to the chosen workers by `app.deployments.router.PoolRequestRouter`."""
 
     def __init__(
         self,
@@ -40,11 +42,13 @@ class ServeBackend:
         }
         self._registry = registry
         self._snapshot: list[WorkerStatus] = []
+        self._pools: dict[str, PoolRecord] = {}
+        self._demand_calls: set[asyncio.Task[Any]] = set()
         self._snapshot_at = float("-inf")
         self._refresh: asyncio.Task[None] | None = None
 
-    async def workers(self) -> list[WorkerStatus]:
-        if time.monotonic() - self._snapshot_at > SNAPSHOT_MAX_AGE_SECONDS:
+    async def workers(self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS) -> list[WorkerStatus]:
+        if time.monotonic() - self._snapshot_at > max_age_s:
             if self._refresh is None or self._refresh.done():
                 self._refresh = asyncio.get_running_loop().create_task(self._load_snapshot())
             await asyncio.shield(self._refresh)
@@ -52,16 +56,16 @@ class ServeBackend:
 
     async def _load_snapshot(self) -> None:
         try:
-            self._snapshot = await self._registry.workers.remote()
+            self._snapshot, self._pools = await self._registry.routing_snapshot.remote()
             self._snapshot_at = time.monotonic()
         except Exception:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
-        target = choose_target(self._config, await self.workers(), request, time.time())
+        target = await self._target(request)
         response = cast(
             DeploymentResponseGenerator[list[GenerationChunk]],
-            self._generators[target.profile].generate.remote(request),
+            self._generators[target.profile].generate.remote(request, workers=target.ready_workers),
         )
         finished = False
         try:
@@ -80,6 +84,54 @@ class ServeBackend:
         finally:
             if not finished:
                 response.cancel()  # type: ignore[no-untyped-call]
+
+    async def _target(self, request: GenerationRequest) -> Target:
+        try:
+            return choose_target(
+                self._config, await self.workers(), request, time.time(), self._pools
+            )
+        except PoolNotFound:
+            # a pool created in the last snapshot interval: look again before saying 404
+            workers = await self.workers(max_age_s=0.0)
+            return choose_target(self._config, workers, request, time.time(), self._pools)
+        except Provisioning as error:
+            pool = str(error.extra.get("pool", request_pool(request)))
+            profile = str(error.extra.get("profile", ""))
+            call = asyncio.ensure_future(self._registry.note_demand.remote(pool, profile))
+            self._demand_calls.add(call)
+            call.add_done_callback(self._demand_calls.discard)
+            raise
+
+    async def _autoscaler(self, method: str, *args: Any) -> Any:
+        """Call the PoolAutoscaler; its ServiceErrors come back as themselves."""
+        try:
+            return await getattr(self._registry, method).remote(*args)
+        except RayTaskError as error:
+            if isinstance(error.cause, ServiceError):
+                raise error.cause from None
+            raise
+
+    async def create_pool(self, spec: PoolSpec) -> PoolRecord:
+        record: PoolRecord = await self._autoscaler("create_pool", spec)
+        self._snapshot_at = float("-inf")
+        return record
+
+    async def get_pool(self, name: str) -> PoolRecord | None:
+        record: PoolRecord | None = await self._autoscaler("get_pool", name)
+        return record
+
+    async def list_pools(self) -> list[PoolRecord]:
+        records: list[PoolRecord] = await self._autoscaler("list_pools")
+        return records
+
+    async def renew_pool(self, name: str) -> PoolRecord:
+        record: PoolRecord = await self._autoscaler("renew_pool", name)
+        return record
+
+    async def delete_pool(self, name: str) -> bool:
+        deleted: bool = await self._autoscaler("delete_pool", name)
+        self._snapshot_at = float("-inf")
+        return deleted
 
 
 def _worker_lost(error: Exception) -> WorkerUnavailable:

@@ -10,11 +10,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.config import AppConfig
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, ServiceError
 
 DEFAULT_POOL = "default"
 PoolState = Literal["pending", "active", "expired"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class PoolExpired(ServiceError):
+    """A request named a pool whose lease lapsed (renew or re-create it)."""
+
+    status = 410
+    code = "POOL_EXPIRED"
 
 
 class PoolRequest(BaseModel):

@@ -1,10 +1,11 @@
-"""Which worker group may serve a request, decided from the registry's snapshot: the profile
-(from `X-SIE-MACHINE-PROFILE` or the model's profiles), and whether any live worker there has
-the model loaded. Pure: the caller passes the workers and the time."""
+"""Which worker group may serve a request, decided from the registry's snapshot: the pool
+(`X-SIE-Pool`, default: the default pool), the profile (`X-SIE-MACHINE-PROFILE` or the model's
+profiles, restricted to the pool's), and the live workers of that pool and profile with the
+model loaded. Pure: the caller passes the workers, the pools and the time."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from app.config import AppConfig
@@ -16,14 +17,14 @@ from app.errors import (
     Provisioning,
     ServiceError,
 )
+from app.pools.model import DEFAULT_POOL, PoolExpired, PoolRecord, normalize_name
 from app.protocol.generation import GenerationRequest
 from app.protocol.workers import WorkerStatus
-
-DEFAULT_POOL = "default"
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    pool: str
     profile: str
     deployment: str
     ready_workers: tuple[str, ...]
@@ -35,48 +36,86 @@ def live_workers(
     return [worker for worker in workers if now - worker.reported_at <= stale_seconds]
 
 
+def request_pool(request: GenerationRequest) -> str:
+    return normalize_name(request.pool) if request.pool else DEFAULT_POOL
+
+
 def choose_target(
-    config: AppConfig, workers: Sequence[WorkerStatus], request: GenerationRequest, now: float
+    config: AppConfig,
+    workers: Sequence[WorkerStatus],
+    request: GenerationRequest,
+    now: float,
+    pools: Mapping[str, PoolRecord] | None = None,
 ) -> Target:
-    """The profile to send `request` to, or the retryable/terminal error that explains why not."""
-    if request.pool not in (None, DEFAULT_POOL):
-        raise PoolNotFound(request.pool)
+    """The pool + profile + ready workers for `request`, or the retryable/terminal error that
+    explains why not. `WorkerStatus.pool` is the worker's assignment."""
+    pool = request_pool(request)
+    record = None
+    if pool != DEFAULT_POOL:
+        record = (pools or {}).get(pool)
+        if record is None:
+            raise PoolNotFound(request.pool or pool)
+        if record.state == "expired":
+            raise PoolExpired(
+                f"pool '{pool}' expired (its lease was not renewed); create it again",
+                param="X-SIE-Pool",
+            )
     model = config.model(request.model)
     assert model is not None, "the ingress resolves the model first"
+    allowed = [p for p in model.profiles if record is None or record.spec.allows(p)]
     if request.machine_profile is not None:
-        if request.machine_profile not in model.profiles:
+        profile = request.machine_profile.strip().lower()
+        if profile not in model.profiles:
             raise InvalidRequest(
                 f"model '{model.id}' is not served on profile '{request.machine_profile}'",
                 param="X-SIE-MACHINE-PROFILE",
             )
-        candidates = [request.machine_profile]
+        if profile not in allowed:
+            raise InvalidRequest(
+                f"pool '{pool}' has no '{profile}' workers (its profiles: "
+                f"{', '.join(record.spec.profiles()) if record else ''})",
+                param="X-SIE-MACHINE-PROFILE",
+            )
+        candidates = [profile]
     else:
-        candidates = list(model.profiles)
+        candidates = allowed
+        if not candidates:
+            raise InvalidRequest(
+                f"model '{model.id}' is not served on any profile of pool '{pool}'",
+                param="X-SIE-Pool",
+            )
     live = live_workers(workers, now, config.worker_stale_seconds)
+    retry_after = config.pools.provisioning_retry_after_seconds
     refusals: list[ServiceError] = []
     for profile_name in candidates:
-        profile = config.profile(profile_name)
-        assert profile is not None
-        group = [worker for worker in live if worker.profile == profile_name]
+        profile_config = config.profile(profile_name)
+        assert profile_config is not None
+        group = [w for w in live if w.profile == profile_name and w.pool == pool]
         ready = tuple(
             worker.worker_id
             for worker in group
             if (status := worker.model_state(model.id)) is not None and status.state == "loaded"
         )
         if ready:
-            return Target(profile_name, profile.deployment_name, ready)
-        refusals.append(_why_not_ready(model.id, profile_name, group))
+            return Target(pool, profile_name, profile_config.deployment_name, ready)
+        refusals.append(_why_not_ready(model.id, pool, profile_name, group, retry_after))
     raise _most_hopeful(refusals)
 
 
-def _why_not_ready(model: str, profile: str, group: list[WorkerStatus]) -> ServiceError:
+def _why_not_ready(
+    model: str, pool: str, profile: str, group: list[WorkerStatus], retry_after: float
+) -> ServiceError:
     states = [status for worker in group if (status := worker.model_state(model)) is not None]
     if any(status.state == "loading" for status in states):
         return ModelLoading(f"model '{model}' is loading on profile '{profile}'")
     if states and all(status.state == "failed" for status in states):
         return ModelLoadFailed(states[0].error or "model failed to load", error_class="ENGINE")
+    where = f"pool '{pool}'" if pool != DEFAULT_POOL else "the default pool"
     return Provisioning(
-        f"no worker of profile '{profile}' is ready yet", param="X-SIE-MACHINE-PROFILE"
+        f"no worker of profile '{profile}' in {where} is ready yet; provisioning",
+        param="X-SIE-MACHINE-PROFILE",
+        retry_after_s=retry_after,
+        extra={"pool": pool, "profile": profile},
     )
 
 
