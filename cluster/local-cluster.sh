@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine, for development and tests: a head plus one worker
+# node per machine profile of a serve config, each node advertising that profile's resources
+# (logical CPUs, logical GPUs via --num-gpus, `accelerator_type:<T>`, custom resources). Every
+# listener is on 127.0.0.1; `stop` ends only this cluster's processes.
+#
+#   cluster/local-cluster.sh start [--config serve_config.yaml] [--nodes-per-profile N]
+#   cluster/local-cluster.sh status
+#   cluster/local-cluster.sh stop
+#   cluster/local-cluster.sh profiles [--config FILE]   # the worker nodes `start` would add
+#
+# Then: RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=token serve deploy -a http://127.0.0.1:$DASHBOARD_PORT ...
+# Ports: POOLSERVE_LOCAL_RAY_PORT (default 6390), POOLSERVE_LOCAL_DASHBOARD_PORT (default 8275).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${POOLSERVE_PYTHON:-$ROOT/.venv/bin/python}"
+RAY="$(dirname "$PY")/ray"
+STATE_DIR="${POOLSERVE_LOCAL_STATE_DIR:-$ROOT/.cache/local-cluster}"
+STATE_FILE="$STATE_DIR/state"
+PORT="${POOLSERVE_LOCAL_RAY_PORT:-6390}"
+DASHBOARD_PORT="${POOLSERVE_LOCAL_DASHBOARD_PORT:-8275}"
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset RAY_ADDRESS
+
+log() { echo "[local-cluster] $*" >&2; }
+
+free_port() {
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# One line per profile: name, logical CPUs, logical GPUs, resources JSON (for `ray start`).
+profile_nodes() {
+  "$PY" - "$1" <<'EOF'
+import json, math, sys
+import yaml
+from app.config import AppConfig
+
+config = yaml.safe_load(open(sys.argv[1]))
+apps = [a for a in config["applications"] if a["import_path"] == "app.builder:build_app"]
+for profile in AppConfig.model_validate(apps[0].get("args") or {}).profiles:
+    replicas = max(profile.num_replicas, 1)
+    resources = {name: amount * replicas for name, amount in profile.resources.items()}
+    if profile.accelerator_type:
+        resources[f"accelerator_type:{profile.accelerator_type}"] = 1
+    resources[f"profile:{profile.name}"] = replicas
+    cpus = max(math.ceil(profile.num_cpus * replicas), 1)
+    gpus = math.ceil(profile.num_gpus * replicas)
+    print(profile.name, cpus, gpus, json.dumps(resources, separators=(",", ":")))
+EOF
+}
+
+# PIDs of this cluster: processes naming its GCS address or temp dir, and their descendants.
+cluster_pids() {
+  "$PY" - "$1" "$2" <<'EOF'
+import os, re, sys
+from pathlib import Path
+
+address = re.compile(rf"127\.0\.0\.1:{sys.argv[1]}(?!\d)")
+temp_dir, me = sys.argv[2], {os.getpid(), os.getppid()}
+children, roots = {}, []
+for proc in Path("/proc").iterdir():
+    if not proc.name.isdigit() or int(proc.name) in me:
+        continue
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        continue
+    children.setdefault(parent, []).append(int(proc.name))
+    if (address.search(cmdline) or temp_dir in cmdline) and "local-cluster.sh" not in cmdline:
+        roots.append(int(proc.name))
+found, todo = set(), roots
+while todo:
+    pid = todo.pop()
+    if pid not in found:
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+print(" ".join(map(str, sorted(found))))
+EOF
+}
+
+node_ports() {
+  echo "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
+    "--metrics-export-port=$(free_port) --runtime-env-agent-port=$(free_port)"
+}
+
+start() {
+  local config="$ROOT/serve_config.yaml" per_profile=1
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --config) config="$2"; shift 2 ;;
+      --nodes-per-profile) per_profile="$2"; shift 2 ;;
+      *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+  if [[ -f "$STATE_FILE" ]]; then
+    echo "a local cluster is already recorded in $STATE_FILE; run '$0 stop' first" >&2
+    exit 1
+  fi
+  local nodes
+  nodes="$(profile_nodes "$config")"
+  mkdir -p "$STATE_DIR"
+  local temp_dir
+  temp_dir="$(mktemp -d /tmp/pslc-XXXXXX)"  # short: Ray's socket paths are length-limited
+  printf 'PORT=%s\nDASHBOARD_PORT=%s\nTEMP_DIR=%s\n' "$PORT" "$DASHBOARD_PORT" "$temp_dir" \
+    >"$STATE_FILE"
+  "$RAY" get-auth-token --generate >/dev/null
+  log "head on 127.0.0.1:$PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
+  # shellcheck disable=SC2046
+  "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+    --ray-client-server-port="$(free_port)" $(node_ports) \
+    --num-cpus=1 --num-gpus=0 --resources='{"profile:head":1}' \
+    --temp-dir="$temp_dir" --disable-usage-stats >/dev/null
+  local name cpus gpus resources index
+  while read -r name cpus gpus resources; do
+    for ((index = 0; index < per_profile; index++)); do
+      log "worker node: profile $name, CPU $cpus, GPU $gpus, resources $resources"
+      # shellcheck disable=SC2046
+      "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
+        --num-cpus="$cpus" --num-gpus="$gpus" --resources="$resources" $(node_ports) \
+        --disable-usage-stats >/dev/null
+    done
+  done <<<"$nodes"
+  status
+  echo "RAY_ADDRESS=127.0.0.1:$PORT"
+  echo "DASHBOARD=http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+status() {
+  [[ -f "$STATE_FILE" ]] || { log "no local cluster recorded"; return 1; }
+  # shellcheck disable=SC1090
+  source "$STATE_FILE"
+  "$RAY" status --address="127.0.0.1:$PORT"
+}
+
+stop() {
+  [[ -f "$STATE_FILE" ]] || { log "no local cluster recorded"; return 0; }
+  # shellcheck disable=SC1090
+  source "$STATE_FILE"
+  local pids signal
+  for signal in TERM KILL; do
+    pids="$(cluster_pids "$PORT" "$TEMP_DIR")"
+    [[ -n "$pids" ]] || break
+    log "SIG$signal to $(wc -w <<<"$pids") processes of the cluster on port $PORT"
+    # shellcheck disable=SC2086
+    kill -s "$signal" $pids 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      [[ -n "$(cluster_pids "$PORT" "$TEMP_DIR")" ]] || break
+      sleep 0.3
+    done
+  done
+  pids="$(cluster_pids "$PORT" "$TEMP_DIR")"
+  if [[ -n "$pids" ]]; then
+    log "still running: $pids"
+    exit 1
+  fi
+  rm -rf "$TEMP_DIR" "$STATE_FILE"
+  log "stopped"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  profiles) profile_nodes "${3:-$ROOT/serve_config.yaml}" ;;
+  status) status ;;
+  stop) stop ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+esac
