@@ -1,4 +1,5 @@
-"""`GET /health` (SIE gateway shape), `GET /v1/models` (OpenAI `data` + SIE `models`) and
+"""`GET /health` (SIE gateway shape, plus each worker's pool, node, state and memory and the
+pools with their state and workers), `GET /v1/models` (OpenAI `data` + SIE `models`) and
 `GET /v1/models/{id}` (ids keep their slashes)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Request
 from app.api.context import ApiContext
 from app.config import AppConfig, ModelConfig
 from app.errors import ModelNotFound
+from app.pools.model import pool_list_item
 from app.protocol.sie import HealthCluster, HealthModel, HealthResponse, HealthWorker
 from app.protocol.workers import WorkerStatus
 
@@ -124,8 +126,17 @@ async def _health(request: Request) -> tuple[ApiContext, HealthResponse]:
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    _, report = await _health(request)
-    return report.model_dump()
+    context = ApiContext.of(request)
+    workers = await context.backend.workers()
+    body = health_of(context.config, workers, time.time()).model_dump()
+    memory = {worker.worker_id: worker.memory_used_bytes for worker in workers}
+    for entry in body["workers"]:
+        entry["memory_used_bytes"] = memory.get(entry["name"], 0)
+    body["pools"] = [
+        {**pool_list_item(record), "assigned_workers": list(record.assigned_workers)}
+        for record in await context.backend.list_pools()
+    ]
+    return body
 
 
 @router.get("/v1/models")

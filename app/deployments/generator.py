@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,7 +53,8 @@ class Generator:
             yield batch
 
     def status(self) -> WorkerStatus:
-        return self._worker.status(self._worker_id, self._node_id, self._pool)
+        status = self._worker.status(self._worker_id, self._node_id, self._pool)
+        return dataclasses.replace(status, memory_used_bytes=_resident_bytes())
 
     async def _report_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds
@@ -73,3 +76,12 @@ class Generator:
         with contextlib.suppress(Exception):
             await self._registry.forget.remote(self._worker_id)
         await self._worker.shutdown()
+
+
+def _resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -39,6 +39,8 @@ class WorkerStatus:
     models: tuple[ModelStatus, ...]
     active_requests: int
     reported_at: float = field(default_factory=time.time)
+    memory_used_bytes: int = 0
+    """Resident memory of the worker's process (engine subprocesses not included)."""
 
     @property
     def loaded_models(self) -> list[str]:

@@ -155,3 +155,21 @@ def test_expired_pool(client: TestClient, backend: LocalBackend) -> None:
     assert expired.json()["detail"]["code"] == "POOL_EXPIRED"
     revived = create(client, name="short", gpus={"cpu": 1}).json()
     assert revived["status"]["state"] == "active"
+
+
+def test_health_shows_pools_and_worker_pools(client: TestClient) -> None:
+    create(client, name="team", gpus={"cpu": 1})
+    body = client.get("/health", headers=MSGPACK).json()
+    assert body["type"] == "gateway"
+    pools = {w["name"]: w["pool"] for w in body["workers"]}
+    assert pools == {"local-cpu": "team", "local-l4": "default"}
+    assert all("memory_used_bytes" in w for w in body["workers"])
+    assert body["pools"] == [
+        {
+            "name": "team",
+            "state": "active",
+            "gpus": {"cpu": 1},
+            "worker_count": 1,
+            "assigned_workers": ["local-cpu"],
+        }
+    ]
