@@ -2,7 +2,8 @@
 
 sie-sdk needs Python >= 3.12 and the project runs on 3.11, so the client lives in its own venv,
 `.venv-sie`, built once per checkout from `tests/sie-requirements.lock` (pinned, `--no-deps`)
-and reused while the lock file and the interpreter are unchanged (a stamp file records both).
+and reused while the lock file is unchanged and its interpreter still runs (a stamp file holds
+the lock's digest). A first build takes ~25 s (pip download of ~20 wheels).
 Client code runs in a subprocess of that venv; its result comes back as JSON.
 
     from tests.sie import SIEFailure, run_sie
@@ -26,6 +27,19 @@ message. To look at several errors in one subprocess, use the helpers inside the
 
 `error_info` is `{"type", "types", "message", "code", "status_code", "param", ...}` for a raised
 exception and `{"type": None, "result": <value>}` when nothing was raised.
+
+To look at the server while the client is mid-way (a stream held open, a pool lease alive),
+start the snippet in the background and meet it at checkpoints:
+
+    with start_sie('''
+        for chunk in client.stream_generate(MODEL, "Hi", max_new_tokens=500):
+            await checkpoint("streaming")
+            break
+    ''', base_url, inject={"MODEL": model}) as process:
+        process.wait_reached("streaming")
+        ...  # inspect the server
+        process.release("streaming")
+        process.result()
 """
 
 from __future__ import annotations

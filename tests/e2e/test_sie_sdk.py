@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REAL_MODEL, Stack
-from tests.sie import SIERunner
+from tests.sie import SIEFailure, SIERunner
 
 pytestmark = pytest.mark.e2e
 
@@ -307,6 +307,13 @@ def test_typed_error(errors: dict[str, dict[str, Any]], flavour: str, case: str)
     if param is not None:
         assert error["param"] == param, error
     assert error["message"], error
+
+
+def test_an_escaping_sdk_error_is_raised_typed_in_pytest(sie: SIERunner) -> None:
+    with pytest.raises(SIEFailure) as caught:
+        sie.run("return await aclient.get_model(UNKNOWN)", inject=INJECT)
+    assert caught.value.type == "RequestError" and caught.value.is_a("SIEError")
+    assert (caught.value.status_code, caught.value.code) == (404, "MODEL_NOT_FOUND")
 
 
 # ---------------------------------------------------------------------------------------------
