@@ -91,6 +91,7 @@ def stack() -> Iterator[Stack]:
         address="local",
         num_cpus=4,
         include_dashboard=False,
+        log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
     )
     port = free_port()
