@@ -10,7 +10,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Deployment
 
-from app.config import AppConfig
+from app.config import AppConfig, MachineProfile
 from app.deployments.autoscaler import PoolAutoscaler
 from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
@@ -32,18 +32,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(plain)
     )
     generators = {
-        profile.name: _deployment(Generator)
-        .options(
-            name=profile.deployment_name,
-            num_replicas=profile.num_replicas,
-            max_ongoing_requests=profile.max_ongoing_requests,
-            ray_actor_options=profile.ray_actor_options(),
-            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
-            request_router_config=RequestRouterConfig(
-                request_router_class=ROUTER_PATH  # type: ignore[arg-type]
-            ),
-        )
-        .bind(plain, profile.name, registry)
+        profile.name: _generator(profile).bind(plain, profile.name, registry)
         for profile in config.profiles
     }
     return (
@@ -56,3 +45,22 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
         .bind(plain, registry, generators)
     )
+
+
+def _generator(profile: MachineProfile) -> Deployment:
+    deployment = _deployment(Generator).options(
+        name=profile.deployment_name,
+        num_replicas=max(1, profile.num_replicas),
+        max_ongoing_requests=profile.max_ongoing_requests,
+        ray_actor_options=profile.ray_actor_options(),
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_PATH  # type: ignore[arg-type]
+        ),
+    )
+    if profile.num_replicas == 0:
+        # Serve's API refuses 0 replicas at deploy time (only its external scaler may set 0),
+        # but the deployment config allows it: start the profile empty, scaled from zero by
+        # the PoolAutoscaler.
+        deployment._deployment_config.num_replicas = 0
+    return deployment
