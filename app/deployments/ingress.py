@@ -23,6 +23,7 @@ from app.routing.targets import Target, choose_target, request_pool
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
+SNAPSHOT_TIMEOUT_SECONDS = 2.0  # e.g. while the PoolAutoscaler replica restarts
 
 
 class ServeBackend:
@@ -56,7 +57,9 @@ class ServeBackend:
 
     async def _load_snapshot(self) -> None:
         try:
-            self._snapshot, self._pools = await self._registry.routing_snapshot.remote()
+            self._snapshot, self._pools = await asyncio.wait_for(
+                self._registry.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
+            )
             self._snapshot_at = time.monotonic()
         except Exception:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
