@@ -44,6 +44,14 @@ class ModelConfig(ClosedModel):
         default_factory=lambda: ["cpu"], description="Machine profiles whose workers serve it."
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters requests may select with `lora_adapter`: name -> PEFT "
+        "directory, or 'embedded:smollm2-demo-lora' (a tiny adapter the project builds).",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        8, description="Largest rank among the LoRA adapters."
+    )
 
 
 class MachineProfile(ClosedModel):

@@ -153,7 +153,7 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
 def chat_request(
     config: AppConfig, body: ChatCompletionRequest, headers: Mapping[str, str]
 ) -> GenerationRequest:
-    _check_chat_combinations(config, body)
+    _check_chat_combinations(body)
     max_tokens, _ = body.effective_max_tokens
     pool, profile = routing_from_headers(config, headers)
     tools, tool_choice = tools_of(body)
@@ -185,10 +185,11 @@ def chat_request(
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
+        lora_adapter=check_lora(config, body.model, body.lora_adapter),
     )
 
 
-def _check_chat_combinations(config: AppConfig, body: ChatCompletionRequest) -> None:
+def _check_chat_combinations(body: ChatCompletionRequest) -> None:
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
     if (body.n or 1) > 1 and body.stream:
@@ -199,15 +200,19 @@ def _check_chat_combinations(config: AppConfig, body: ChatCompletionRequest) -> 
         raise InvalidRequest("best_of cannot be streamed", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options requires stream: true", param="stream_options")
-    check_lora(config, body.model, body.lora_adapter)
 
 
-def check_lora(config: AppConfig, model: str, adapter: str | None) -> None:
+def check_lora(config: AppConfig, model: str, adapter: str | None) -> str | None:
     if adapter is None:
-        return
+        return None
     if not adapter:
         raise InvalidRequest("lora_adapter must be a non-empty string", param="lora_adapter")
-    raise UnknownLora(adapter, model)
+    served = config.model(model)
+    if served is None:
+        raise ModelNotFound(model)
+    if adapter not in served.lora_adapters:
+        raise UnknownLora(adapter, model)
+    return adapter
 
 
 def generate_request(
@@ -221,7 +226,6 @@ def generate_request(
         raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
     if body.images:
         raise UnsupportedField("images", "no vision model is configured")
-    check_lora(config, model, body.lora_adapter)
     pool, profile = routing_from_headers(config, headers)
     return GenerationRequest(
         request_id=new_request_id(),
@@ -246,6 +250,7 @@ def generate_request(
         machine_profile=profile,
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
+        lora_adapter=check_lora(config, model, body.lora_adapter),
     )
 
 
@@ -264,7 +269,6 @@ def completion_request(
         raise InvalidRequest("best_of must be >= n and is not streamed", param="best_of")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options requires stream: true", param="stream_options")
-    check_lora(config, body.model, body.lora_adapter)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     pool, profile = routing_from_headers(config, headers)
     return GenerationRequest(
@@ -291,6 +295,7 @@ def completion_request(
         machine_profile=profile,
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
+        lora_adapter=check_lora(config, body.model, body.lora_adapter),
     )
 
 

@@ -15,7 +15,8 @@ from app.config import ModelConfig
 from app.engine.base import GenerationAdapter, StreamTimer, best_of
 from app.engine.chat_render import chat_messages, tool_schema
 from app.engine.default_model import resolve_model_source
-from app.errors import InputTooLong, InvalidRequest, ModelLoading
+from app.engine.demo_lora import resolve_lora_source
+from app.errors import InputTooLong, InvalidRequest, ModelLoading, UnknownLora
 from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
 from app.protocol.workers import EngineStats
 
@@ -48,6 +49,7 @@ class VLLMAdapter(GenerationAdapter):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = model.engine.max_model_len
+        self._loras: dict[str, str] = {}
 
     @property
     def loaded(self) -> bool:
@@ -70,9 +72,16 @@ class VLLMAdapter(GenerationAdapter):
             enable_prefix_caching=settings.enable_prefix_caching,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             disable_log_stats=False,
+            enable_lora=bool(self._config.lora_adapters),
+            max_lora_rank=self._config.max_lora_rank,
+            max_loras=max(1, len(self._config.lora_adapters)),
             **settings.extra_args,
         )
         logger.info("starting vLLM for %s from %s", self._config.id, source)
+        self._loras = {
+            name: await asyncio.to_thread(resolve_lora_source, path)
+            for name, path in self._config.lora_adapters.items()
+        }
         engine = await asyncio.to_thread(AsyncLLM.from_engine_args, arguments)
         self._tokenizer = engine.get_tokenizer()
         self._max_model_len = engine.model_config.max_model_len
@@ -96,6 +105,15 @@ class VLLMAdapter(GenerationAdapter):
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
         )
+
+    def _lora_request(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        if name not in self._loras:
+            raise UnknownLora(name, self.model_id)
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(name, sorted(self._loras).index(name) + 1, self._loras[name])
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -187,7 +205,12 @@ class VLLMAdapter(GenerationAdapter):
         is_first = False
         completion_tokens = 0
         finished = False
-        outputs = engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id)
+        outputs = engine.generate(
+            {"prompt_token_ids": prompt_ids},
+            params,
+            request.request_id,
+            lora_request=self._lora_request(request.lora_adapter),
+        )
         try:
             try:
                 output = await anext(outputs)

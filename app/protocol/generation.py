@@ -94,6 +94,7 @@ class GenerationRequest:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # auto | none | required | function:<name>
     parallel_tool_calls: bool = True
+    lora_adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,3 +343,35 @@ def test_buffered_request_abandoned_by_the_client_is_aborted(stack: Stack) -> No
             return
         time.sleep(0.25)
     pytest.fail("the engine kept generating for a client that left")
+
+
+def test_lora_adapter_changes_the_output_reproducibly(client: openai.OpenAI, stack: Stack) -> None:
+    """The demo LoRA (seeded random weights the project builds) must be applied per request:
+    the token distribution moves (logprobs differ), reproducibly; base requests are unaffected."""
+
+    def ask(**extra: object) -> tuple[str, list[float]]:
+        completion = client.chat.completions.create(
+            model=REAL_MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=8,
+            temperature=0,
+            logprobs=True,
+            extra_body=extra or None,
+        )
+        choice = completion.choices[0]
+        return choice.message.content or "", [e.logprob for e in choice.logprobs.content]  # type: ignore[union-attr]
+
+    base, tuned, tuned_again, base_again = (
+        ask(),
+        ask(lora_adapter="demo"),
+        ask(lora_adapter="demo"),
+        ask(),
+    )
+    assert tuned == tuned_again and base == base_again
+    assert tuned[1][0] != pytest.approx(base[1][0], abs=1e-3)
+    native = httpx.post(
+        stack.base_url + GENERATE_PATH,
+        json={"prompt": "Hello", "max_new_tokens": 5, "temperature": 0, "lora_adapter": "demo"},
+        timeout=60,
+    )
+    assert native.status_code == 200, native.text
