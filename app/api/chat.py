@@ -59,7 +59,11 @@ def choice_message(choice: ChoiceResult) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text or None}
     if choice.tool_calls:
         message["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
             for call in choice.tool_calls
         ]
     elif message["content"] is None:
@@ -138,7 +142,14 @@ class ChatStreamFormatter:
             self._started.add(index)
             delta = {"role": "assistant", **delta}
         return self._chunk(
-            [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": chat_logprobs(logprobs)}]
+            [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(logprobs),
+                }
+            ]
         )
 
     def feed(self, batch: list[GenerationChunk]) -> list[dict[str, Any]]:
@@ -149,14 +160,22 @@ class ChatStreamFormatter:
         def flush() -> None:
             nonlocal pending, pending_logprobs
             if pending is not None:
-                payloads.append(self._choice(pending.choice_index, {"content": pending.text_delta}, logprobs=pending_logprobs))
+                payloads.append(
+                    self._choice(
+                        pending.choice_index,
+                        {"content": pending.text_delta},
+                        logprobs=pending_logprobs,
+                    )
+                )
             pending, pending_logprobs = None, None
 
         for chunk in batch:
             index = chunk.choice_index
             if chunk.text_delta and not chunk.done:
                 if pending is not None and pending.choice_index == index:
-                    pending = GenerationChunk(pending.text_delta + chunk.text_delta, choice_index=index)
+                    pending = GenerationChunk(
+                        pending.text_delta + chunk.text_delta, choice_index=index
+                    )
                 else:
                     flush()
                     pending = chunk
@@ -168,9 +187,17 @@ class ChatStreamFormatter:
             if chunk.tool_call is not None:
                 self._tool_calls.add(index)
                 call = chunk.tool_call
-                delta: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments_delta}}
+                delta: dict[str, Any] = {
+                    "index": call.index,
+                    "function": {"arguments": call.arguments_delta},
+                }
                 if call.id is not None:
-                    delta = {"index": call.index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                    delta = {
+                        "index": call.index,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
                 payloads.append(self._choice(index, {"tool_calls": [delta]}))
             if chunk.done:
                 payloads.extend(self._terminal(chunk))
@@ -190,10 +217,16 @@ class ChatStreamFormatter:
         payloads = []
         if terminal.text_delta:
             payloads.append(
-                self._choice(terminal.choice_index, {"content": terminal.text_delta}, logprobs=list(terminal.logprobs) if terminal.logprobs else None)
+                self._choice(
+                    terminal.choice_index,
+                    {"content": terminal.text_delta},
+                    logprobs=list(terminal.logprobs) if terminal.logprobs else None,
+                )
             )
         if len(self._started) <= 1:
-            payloads.append(self._choice(terminal.choice_index, {}, finish_reason=result.finish_reason))
+            payloads.append(
+                self._choice(terminal.choice_index, {}, finish_reason=result.finish_reason)
+            )
         if self._include_usage:
             payloads.append(self._chunk([], usage=result_usage(result)))
         return payloads

@@ -21,7 +21,9 @@ from app.protocol.generation import GenerationChunk, GenerationResult, ToolSpec
 async def stream(pieces: list[str], finish: str = "stop") -> AsyncIterator[GenerationChunk]:
     for piece in pieces:
         yield GenerationChunk(piece)
-    yield GenerationChunk("", done=True, finish_reason=finish, prompt_tokens=3, completion_tokens=len(pieces))  # type: ignore[arg-type]
+    yield GenerationChunk(
+        "", done=True, finish_reason=finish, prompt_tokens=3, completion_tokens=len(pieces)
+    )  # type: ignore[arg-type]
 
 
 async def run(pieces: list[str], parallel: bool = True) -> list[GenerationChunk]:
@@ -91,7 +93,10 @@ async def test_forced_calls_become_tool_calls() -> None:
 
 
 def test_forced_schema_constrains_names_and_arguments() -> None:
-    tools = (ToolSpec("f", "", '{"type":"object","properties":{"x":{"type":"integer"}}}'), ToolSpec("g"))
+    tools = (
+        ToolSpec("f", "", '{"type":"object","properties":{"x":{"type":"integer"}}}'),
+        ToolSpec("g"),
+    )
     schema = json.loads(forced_call_schema(tools, parallel=False))
     assert schema["maxItems"] == 1 and schema["minItems"] == 1
     names = [variant["properties"]["name"]["const"] for variant in schema["items"]["anyOf"]]
