@@ -82,6 +82,35 @@ print(" ".join(map(str, sorted(found))))
 EOF
 }
 
+# What `ray start --address=...` does, minus its refusal of extra nodes when
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which we need: with it on, `ray start` replaces
+# 127.0.0.1 by the machine's address). Like `ray start`, the node outlives this command.
+start_worker_node() {
+  "$PY" - "127.0.0.1:$PORT" "$1" "$2" "$3" "$(free_port)" "$(free_port)" "$(free_port)" <<'EOF'
+import json, sys
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+
+gcs, cpus, gpus, resources, agent_port, metrics_port, env_agent_port = sys.argv[1:]
+params = RayParams(
+    node_ip_address="127.0.0.1",
+    gcs_address=gcs,
+    num_cpus=int(cpus),
+    num_gpus=int(gpus),
+    resources=json.loads(resources),
+    object_store_memory=200 * 1024 * 1024,
+    min_worker_port=0,
+    max_worker_port=0,
+    node_manager_port=0,
+    dashboard_agent_listen_port=int(agent_port),
+    metrics_export_port=int(metrics_port),
+    runtime_env_agent_port=int(env_agent_port),
+    include_log_monitor=False,
+)
+Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+EOF
+}
+
 node_ports() {
   echo "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
     "--metrics-export-port=$(free_port) --runtime-env-agent-port=$(free_port)"
@@ -113,16 +142,13 @@ start() {
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --ray-client-server-port="$(free_port)" $(node_ports) \
-    --num-cpus=1 --num-gpus=0 --resources='{"profile:head":1}' \
+    --num-cpus=1 --num-gpus=0 --resources='{"profile:head":1}' --object-store-memory=300000000 \
     --temp-dir="$temp_dir" --disable-usage-stats >/dev/null
   local name cpus gpus resources index
   while read -r name cpus gpus resources; do
     for ((index = 0; index < per_profile; index++)); do
       log "worker node: profile $name, CPU $cpus, GPU $gpus, resources $resources"
-      # shellcheck disable=SC2046
-      "$RAY" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
-        --num-cpus="$cpus" --num-gpus="$gpus" --resources="$resources" $(node_ports) \
-        --disable-usage-stats >/dev/null
+      start_worker_node "$cpus" "$gpus" "$resources"
     done
   done <<<"$nodes"
   status
