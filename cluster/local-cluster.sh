@@ -41,7 +41,7 @@ from app.config import AppConfig
 config = yaml.safe_load(open(sys.argv[1]))
 apps = [a for a in config["applications"] if a["import_path"] == "app.builder:build_app"]
 for profile in AppConfig.model_validate(apps[0].get("args") or {}).profiles:
-    replicas = max(profile.num_replicas, 1)
+    replicas = max(profile.num_replicas, profile.max_replicas or 0, 1)  # room to scale up
     resources = {name: amount * replicas for name, amount in profile.resources.items()}
     if profile.accelerator_type:
         resources[f"accelerator_type:{profile.accelerator_type}"] = 1

@@ -57,6 +57,17 @@ def shortfalls(profile: MachineProfile, node: dict[str, float]) -> list[str]:
     ]
 
 
+def most_replicas(profile: MachineProfile) -> int:
+    """Replicas the pools may run of this profile (the cluster must have room for them)."""
+    return max(profile.num_replicas, profile.max_replicas or 0)
+
+
+def replicas_per_node(profile: MachineProfile, node: dict[str, float]) -> float:
+    needs = {"CPU": profile.num_cpus, "GPU": profile.num_gpus, **profile.resources}
+    fits = [node.get(name, 0) // amount for name, amount in needs.items() if amount > 0]
+    return min(fits) if fits else float("inf")
+
+
 def kube_quantity(value: str | int | float) -> float:
     """Kubernetes CPU / GPU quantities: '4', '500m', 2."""
     text = str(value)
@@ -101,6 +112,13 @@ def test_shortfalls_checks_every_kind_of_resource(
     assert [line.split(":")[0] for line in shortfalls(GPU_PROFILE, node)] == [
         m.split(":")[0] for m in missing
     ]
+
+
+def test_replicas_per_node_is_bounded_by_the_scarcest_resource() -> None:
+    node = {"CPU": 16, "GPU": 2, "accelerator_type:L4": 1, "nvme": 3}
+    assert replicas_per_node(GPU_PROFILE, node) == 2
+    assert replicas_per_node(GPU_PROFILE, {**node, "GPU": 8}) == 3
+    assert replicas_per_node(GPU_PROFILE, {**node, "CPU": 3}) == 0
 
 
 def test_kubernetes_quantities() -> None:
@@ -167,7 +185,8 @@ def test_rayservice_has_a_fitting_worker_group_per_profile() -> None:
         group = groups[profile.name]
         assert shortfalls(profile, worker_group_resources(group)) == [], profile.name
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        assert group["maxReplicas"] >= min(profile.num_replicas, 1)
+        per_pod = replicas_per_node(profile, worker_group_resources(group))
+        assert group["maxReplicas"] * per_pod >= most_replicas(profile), profile.name
     head = cluster["headGroupSpec"]["rayStartParams"]
     assert str(head["num-cpus"]) == "0", "generation must not land on the head"
 
@@ -194,6 +213,8 @@ def test_cluster_launcher_has_a_fitting_node_type_per_profile() -> None:
         spec = workers[profile.name]
         assert shortfalls(profile, spec["resources"]) == [], profile.name
         assert spec["max_workers"] >= max(spec["min_workers"], 1)
+        per_node = replicas_per_node(profile, spec["resources"])
+        assert spec["max_workers"] * per_node >= most_replicas(profile), profile.name
 
 
 def test_cluster_launcher_installs_the_project_like_make_install() -> None:
@@ -230,7 +251,10 @@ def test_local_cluster_nodes_fit_the_serve_config_profiles() -> None:
     for profile in config.profiles:
         cpus, gpus, resources = nodes[profile.name]
         assert shortfalls(profile, {"CPU": cpus, "GPU": gpus, **resources}) == []
-        assert resources[f"profile:{profile.name}"] == max(profile.num_replicas, 1)
+        assert resources[f"profile:{profile.name}"] == max(most_replicas(profile), 1)
+        assert replicas_per_node(profile, {"CPU": cpus, "GPU": gpus, **resources}) >= (
+            most_replicas(profile)
+        )
 
 
 def test_local_cluster_gives_gpu_profiles_logical_gpus_and_accelerator_types(
