@@ -11,11 +11,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import chat, completions, generate, models, pools
+from app.api import chat, completions, generate, models, observe, pools
 from app.api.backend import GenerationBackend
 from app.api.context import ApiContext
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
 from app.config import AppConfig
+from app.dashboard import routes as dashboard
 from app.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, ServiceError
 
 SIE_API_VERSION = "0.10.1"
@@ -29,7 +30,7 @@ def shape_for(path: str) -> ErrorShape:
 def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="poolserve", version=SIE_API_VERSION)
     app.state.context = ApiContext(config=config, backend=backend)
-    for module in (chat, completions, generate, models, pools):
+    for module in (chat, completions, generate, models, pools, observe, dashboard):
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from app.api.backend import GenerationBackend
 from app.api.errors import as_service_error
 from app.errors import ServiceError
+from app.metrics import StreamWatch
 from app.protocol.generation import GenerationChunk, GenerationRequest
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -47,6 +48,7 @@ class ChunkStream:
     def __init__(self, first: list[GenerationChunk], rest: AsyncIterator[list[GenerationChunk]]):
         self.first = first
         self.rest = rest
+        self.watch = StreamWatch()  # metrics hook (issue 6): TTFT/TPOT, in-flight, cancellations
 
     @classmethod
     async def open(cls, backend: GenerationBackend, request: GenerationRequest) -> ChunkStream:
@@ -62,10 +64,16 @@ class ChunkStream:
 
     async def batches(self) -> AsyncIterator[list[GenerationChunk]]:
         try:
+            self.watch.batch(self.first)  # metrics hook
             yield self.first
             async for batch in self.rest:
+                self.watch.batch(batch)  # metrics hook
                 yield batch
+        except Exception as error:
+            self.watch.error(error)  # metrics hook
+            raise
         finally:
+            self.watch.close()  # metrics hook
             await _close(self.rest)
 
     async def collect(self) -> list[GenerationChunk]:

@@ -14,6 +14,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.api.app import create_app
+from app.api.observe import instrument
 from app.config import AppConfig
 from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
 from app.pools.model import PoolRecord, PoolSpec
@@ -136,6 +137,14 @@ class ServeBackend:
         self._snapshot_at = float("-inf")
         return deleted
 
+    async def autoscaler_status(self) -> dict[str, Any]:
+        """Read-only: the PoolAutoscaler's recent decisions with reasons, replica targets and
+        scale events (the dashboard and `/metrics` read it)."""
+        status: dict[str, Any] = await asyncio.wait_for(
+            self._registry.status.remote(), SNAPSHOT_TIMEOUT_SECONDS
+        )
+        return status
+
 
 def _worker_lost(error: Exception) -> WorkerUnavailable:
     logger.warning("worker lost mid-request: %s", error)
@@ -162,4 +171,4 @@ class Ingress:
         return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self._config, self._backend)
+        return instrument(create_app(self._config, self._backend))  # request metrics (issue 6)

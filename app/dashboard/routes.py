@@ -1,0 +1,36 @@
+"""`GET /dashboard` (the page), `/dashboard/static/{file}` (its script and style) and
+`/dashboard/api/state` (the JSON feed the page polls). Read-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from app.api.context import ApiContext
+from app.dashboard.state import dashboard_state
+from app.errors import RouteNotFound
+
+router = APIRouter()
+STATIC = Path(__file__).resolve().parent / "static"
+FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+@router.get("/dashboard")
+async def page() -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=NO_STORE)
+
+
+@router.get("/dashboard/static/{name}")
+async def static_file(name: str) -> Response:
+    if name not in FILES:
+        raise RouteNotFound(f"no dashboard file '{name}'")
+    return FileResponse(STATIC / name, media_type=FILES[name], headers=NO_STORE)
+
+
+@router.get("/dashboard/api/state")
+async def state(request: Request) -> dict[str, Any]:
+    return await dashboard_state(ApiContext.of(request))

@@ -1,0 +1,204 @@
+"""The dashboard's JSON feed: pools, workers, cluster totals, recent latency and throughput,
+autoscaler decisions and errors by code, from the same snapshot `/health` and `/metrics` read."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from app import metrics
+from app.api.context import ApiContext
+from app.api.models import health_of
+from app.api.observe import refresh_snapshot
+from app.pools.model import DEFAULT_POOL, PoolRecord
+from app.protocol.workers import WorkerStatus
+
+RECENT_DECISIONS = 30
+
+
+async def dashboard_state(context: ApiContext) -> dict[str, Any]:
+    now = time.time()
+    snapshot = await refresh_snapshot(context)
+    workers: list[WorkerStatus] = snapshot["workers"]
+    pools: list[PoolRecord] | None = snapshot["pools"]
+    autoscaler: dict[str, Any] | None = snapshot["autoscaler"]
+    health = health_of(context.config, workers, now)
+    entries = {entry.name: entry for entry in health.workers}
+    worker_rows = [
+        _worker_row(worker, entries[worker.worker_id].model_dump()) for worker in workers
+    ]
+    readiness = (autoscaler or {}).get("readiness", {})
+    pool_rows = None
+    if pools is not None:
+        pool_rows = [_default_pool(context, workers)] + [
+            _pool_row(record, workers, now, readiness.get(record.name)) for record in pools
+        ]
+    return {
+        "now": now,
+        "status": health.status,
+        "profiles": [p.name for p in context.config.profiles],
+        "models": [model.model_dump() for model in health.models],
+        "cluster": _totals(worker_rows, pools),
+        "pools": pool_rows,
+        "workers": worker_rows,
+        "latency": metrics.RECENT.summary(now),
+        "series": metrics.RECENT.series(now),
+        "autoscaler": _autoscaler(autoscaler),
+        "requests": _request_totals(now),
+        "problems": snapshot["errors"],
+    }
+
+
+def _worker_row(worker: WorkerStatus, health: dict[str, Any]) -> dict[str, Any]:
+    kv = metrics.kv_view(worker)
+    return {
+        "name": worker.worker_id,
+        "profile": worker.profile,
+        "node_id": worker.node_id,
+        "pool": worker.pool,
+        "state": health["state"],
+        "healthy": health["healthy"],
+        "loaded_models": worker.loaded_models,
+        "models": [
+            {"model": status.model, "state": status.state, "error": status.error}
+            for status in worker.models
+        ],
+        "queue_depth": worker.active_requests,
+        "memory_used_bytes": worker.memory_used_bytes,
+        "reported_at": worker.reported_at,
+        "kv": {
+            "blocks_total": kv.blocks_total,
+            "blocks_used": kv.blocks_used,
+            "handles_open": kv.handles_open,
+            "engine_usage": kv.engine_usage,
+        },
+    }
+
+
+def _assigned_by_profile(names: list[str], workers: list[WorkerStatus]) -> dict[str, int]:
+    profiles = {worker.worker_id: worker.profile for worker in workers}
+    counts: dict[str, int] = {}
+    for name in names:
+        profile = profiles.get(name, "unknown")
+        counts[profile] = counts.get(profile, 0) + 1
+    return counts
+
+
+def _pool_row(
+    record: PoolRecord, workers: list[WorkerStatus], now: float, readiness: str | None
+) -> dict[str, Any]:
+    spec = record.spec
+    return {
+        "name": record.name,
+        "state": record.state,
+        "default": False,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at(),
+        "expires_in_s": record.expires_at() - now,
+        "lease_seconds": record.lease_seconds,
+        "gpus": dict(spec.gpus),
+        "gpu_caps": dict(spec.gpu_caps),
+        "minimum_worker_count": spec.minimum_worker_count,
+        "pinned_models": list(spec.pinned_models),
+        "bundle": spec.bundle,
+        "assigned": _assigned_by_profile(record.assigned_workers, workers),
+        "assigned_workers": list(record.assigned_workers),
+        "readiness": readiness,
+    }
+
+
+def _default_pool(context: ApiContext, workers: list[WorkerStatus]) -> dict[str, Any]:
+    """The base capacity, shown like a pool (no lease): workers no other pool holds."""
+    names = [worker.worker_id for worker in workers if worker.pool == DEFAULT_POOL]
+    profiles = context.config.profiles
+    return {
+        "name": DEFAULT_POOL,
+        "state": "active",
+        "default": True,
+        "created_at": None,
+        "expires_at": None,
+        "expires_in_s": None,
+        "lease_seconds": None,
+        "gpus": {p.name: p.num_replicas for p in profiles},
+        "gpu_caps": {p.name: p.max_replicas for p in profiles if p.max_replicas is not None},
+        "minimum_worker_count": sum(p.num_replicas for p in profiles),
+        "pinned_models": [],
+        "bundle": None,
+        "assigned": _assigned_by_profile(names, workers),
+        "assigned_workers": names,
+        "readiness": None,
+    }
+
+
+def _totals(rows: list[dict[str, Any]], pools: list[PoolRecord] | None) -> dict[str, Any]:
+    used = [row["kv"]["blocks_used"] for row in rows if row["kv"]["blocks_used"] is not None]
+    handles = [row["kv"]["handles_open"] for row in rows if row["kv"]["handles_open"] is not None]
+    return {
+        "workers": len(rows),
+        "workers_ready": sum(1 for row in rows if row["state"] == "ready"),
+        "workers_by_state": _count(row["state"] for row in rows),
+        "active_requests": sum(row["queue_depth"] for row in rows),
+        "kv_blocks_total": sum(row["kv"]["blocks_total"] for row in rows),
+        "kv_blocks_used": sum(used) if used else None,
+        "kv_handles_open": sum(handles) if handles else None,
+        "pools_by_state": None if pools is None else _count(p.state for p in pools),
+    }
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _autoscaler(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    reasons = list(status.get("reasons", []))[-RECENT_DECISIONS:]
+    return {
+        "decisions": [
+            {**entry, "kind": metrics.decision_kind(str(entry.get("reason", "")))}
+            for entry in reversed(reasons)
+        ],
+        "scale_events": list(status.get("scale_events", []))[-10:][::-1],
+        "replicas": status.get("replicas", {}),
+        "capacity": status.get("capacity", {}),
+        "scaler_error": status.get("scaler_error"),
+    }
+
+
+def _request_totals(now: float, span_s: float = 300.0) -> dict[str, Any]:
+    """Requests and errors by code since this ingress started, and errors in the last span."""
+    total = 0.0
+    errors: dict[str, float] = {}
+    for family in metrics.REQUESTS.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            total += sample.value
+            code = sample.labels["code"]
+            if code != metrics.NO_CODE:
+                errors[code] = errors.get(code, 0.0) + sample.value
+    recent: dict[str, int] = {}
+    for at, code in metrics.RECENT.errors:
+        if at >= now - span_s:
+            recent[code] = recent.get(code, 0) + 1
+    return {
+        "total": int(total),
+        "errors_by_code": {code: int(count) for code, count in sorted(errors.items())},
+        "recent_errors_by_code": recent,
+        "recent_span_s": span_s,
+        "client_disconnects": int(_sum(metrics.CLIENT_DISCONNECTS)),
+        "cancellations": int(_sum(metrics.CANCELLATIONS)),
+        "streams_in_flight": int(_sum(metrics.STREAMS_IN_FLIGHT)),
+    }
+
+
+def _sum(metric: Any) -> float:
+    return sum(  # type: ignore[no-any-return]
+        sample.value
+        for family in metric.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    )
