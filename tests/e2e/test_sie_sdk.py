@@ -2,11 +2,12 @@
 `SIEClient` and async `SIEAsyncClient`, against the running app with the real model.
 
 Client code runs in the sie-sdk venv through `tests/sie.py`; each snippet groups many calls so
-the file costs a handful of subprocesses: one per client flavour for the happy paths, one for
-all typed errors, one per early-break case."""
+the file costs a handful of subprocesses: one per client flavour for the happy paths and one
+for all typed errors (the three run at once), one per early-break case."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -95,19 +96,34 @@ SURFACE_ASYNC = """
 """
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
-def surface(request: pytest.FixtureRequest, sie: SIERunner) -> dict[str, Any]:
-    code = SURFACE_SYNC if request.param == "sync" else SURFACE_ASYNC
-    # generous: the default run shares 2 cores with Ray and the engine
-    with sie.start(code, timeout_s=600, inject=INJECT) as client:
-        result: dict[str, Any] = client.result()
-        result["sdk_output"] = client.output()
+@pytest.fixture(scope="module")
+def snippets(sie: SIERunner) -> dict[str, Any]:
+    """The sync and async happy paths and all typed errors, run concurrently (the engine
+    batches them); each result also records what the SDK printed (its log warnings)."""
+    codes = {"sync": SURFACE_SYNC, "async": SURFACE_ASYNC, "errors": ERRORS}
+    results: dict[str, Any] = {}
+    # generous timeouts: the default run shares 2 cores with Ray and the engine
+    with contextlib.ExitStack() as running:
+        clients = {
+            name: running.enter_context(sie.start(code, timeout_s=600, inject=INJECT))
+            for name, code in codes.items()
+        }
+        for name, client in clients.items():
+            results[name] = client.result()
+            results[name]["sdk_output"] = client.output()
+    return results
+
+
+@pytest.fixture(params=FLAVOURS)
+def surface(request: pytest.FixtureRequest, snippets: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = snippets[request.param]
     return result
 
 
-def test_the_sdk_has_nothing_to_complain_about(surface: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", ["sync", "async", "errors"])
+def test_the_sdk_has_nothing_to_complain_about(snippets: dict[str, Any], name: str) -> None:
     # The SDK logs e.g. a server-version skew (X-SIE-Server-Version) or unclosed sessions.
-    assert surface["sdk_output"] == ""
+    assert snippets[name]["sdk_output"] == ""
 
 
 def test_generate(surface: dict[str, Any]) -> None:
@@ -289,9 +305,9 @@ EXPECTED_ERRORS: dict[str, tuple[str, int, str, str | None]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def errors(sie: SIERunner) -> dict[str, dict[str, Any]]:
-    result: dict[str, dict[str, Any]] = sie.run(ERRORS, timeout_s=300, inject=INJECT)
+@pytest.fixture
+def errors(snippets: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = snippets["errors"]
     return result
 
 
