@@ -139,6 +139,17 @@ class PoolsConfig(ClosedModel):
     )
 
 
+class KVConfig(ClosedModel):
+    max_waiting_requests: int = Field(
+        64,
+        ge=0,
+        description="Requests one engine queues for KV space before answering 503 QUEUE_FULL.",
+    )
+    max_wait_seconds: float = Field(
+        30.0, gt=0, description="Longest a request waits for KV space before 503 QUEUE_FULL."
+    )
+
+
 class AppConfig(ClosedModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(id=DEFAULT_MODEL_ID)], min_length=1
@@ -148,6 +159,7 @@ class AppConfig(ClosedModel):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    kv: KVConfig = Field(default_factory=KVConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_stale_seconds: float = Field(

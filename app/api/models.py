@@ -20,6 +20,18 @@ router = APIRouter()
 CREATED_AT = int(time.time())
 
 
+def kv_fields(worker: WorkerStatus) -> dict[str, Any]:
+    """The KV ledger's numbers for a worker, summed over its loaded engines."""
+    stats = [status.stats for status in worker.models if status.stats is not None]
+    return {
+        "kv_blocks_total": sum(s.kv_blocks_total for s in stats),
+        "kv_blocks_used": sum(s.kv_blocks_used for s in stats),
+        "kv_handles_open": sum(s.kv_handles_open for s in stats),
+        "kv_waiting": sum(s.kv_waiting for s in stats),
+        "kv_engine_usage": max((s.kv_usage_fraction for s in stats), default=0.0),
+    }
+
+
 def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> HealthResponse:
     entries = []
     for worker in workers:
@@ -39,6 +51,7 @@ def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> Hea
                 loaded_models=worker.loaded_models,
                 pool=worker.pool,
                 node_id=worker.node_id,
+                **kv_fields(worker),
                 state="stale"
                 if not live
                 else "failed"

@@ -10,19 +10,31 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 
+from app.errors import InputTooLong
 from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
 from app.protocol.workers import EngineStats
 
 
 class GenerationAdapter(ABC):
     model_id: str
+    kv_dtype: str = "float32"
 
     @abstractmethod
     async def start(self) -> None:
         """Load the model; may take tens of seconds."""
 
     @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt as the engine will see it (chat template applied)."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @abstractmethod
+    def generate(
+        self, request: GenerationRequest, prompt_token_ids: list[int]
+    ) -> AsyncIterator[GenerationChunk]:
         """Stream the generation; raises ServiceError for refusals before the first chunk."""
 
     @abstractmethod
@@ -30,6 +42,27 @@ class GenerationAdapter(ABC):
 
     @abstractmethod
     async def shutdown(self) -> None: ...
+
+
+def generation_budget(
+    prompt_tokens: int, max_new_tokens: int | None, context_length: int, param: str
+) -> int:
+    """Tokens the request may generate: its max (or the rest of the context); refusals name the
+    input when the prompt alone or prompt + max exceeds the context."""
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise InputTooLong(
+            f"prompt has {prompt_tokens} tokens; the model's context is {context_length}",
+            param=param,
+        )
+    budget = room if max_new_tokens is None else max_new_tokens
+    if budget > room:
+        raise InputTooLong(
+            f"prompt ({prompt_tokens} tokens) + max tokens ({budget}) exceeds the "
+            f"model's context of {context_length} tokens",
+            param=param,
+        )
+    return budget
 
 
 class StreamTimer:

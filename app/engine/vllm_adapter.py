@@ -12,11 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, StreamTimer, best_of
+from app.engine.base import GenerationAdapter, StreamTimer, best_of, generation_budget
 from app.engine.chat_render import chat_messages, tool_schema
 from app.engine.default_model import resolve_model_source
 from app.engine.demo_lora import resolve_lora_source
-from app.errors import InputTooLong, InvalidRequest, ModelLoading, UnknownLora
+from app.errors import InvalidRequest, ModelLoading, UnknownLora
 from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
 from app.protocol.workers import EngineStats
 
@@ -50,6 +50,10 @@ class VLLMAdapter(GenerationAdapter):
         self._tokenizer: Any = None
         self._max_model_len = model.engine.max_model_len
         self._loras: dict[str, str] = {}
+        self._kv_usage = 0.0
+        self.kv_dtype = (
+            "float32" if model.engine.dtype in ("float", "float32") else model.engine.dtype
+        )
 
     @property
     def loaded(self) -> bool:
@@ -82,10 +86,33 @@ class VLLMAdapter(GenerationAdapter):
             name: await asyncio.to_thread(resolve_lora_source, path)
             for name, path in self._config.lora_adapters.items()
         }
-        engine = await asyncio.to_thread(AsyncLLM.from_engine_args, arguments)
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, arguments, stat_loggers=[self._stat_logger_factory()]
+        )
         self._tokenizer = engine.get_tokenizer()
         self._max_model_len = engine.model_config.max_model_len
         self._engine = engine
+
+    def _stat_logger_factory(self) -> Any:
+        """vLLM reports live KV usage only to stat loggers: keep the latest value."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        adapter = self
+
+        class KVUsageLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any
+            ) -> None:
+                if scheduler_stats is not None:
+                    adapter._kv_usage = float(scheduler_stats.kv_cache_usage)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return KVUsageLogger
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None
@@ -101,7 +128,7 @@ class VLLMAdapter(GenerationAdapter):
             model=self.model_id,
             kv_blocks_total=int(cache.num_gpu_blocks or 0),
             kv_block_size_tokens=int(cache.block_size),
-            kv_usage_fraction=0.0,
+            kv_usage_fraction=self._kv_usage,
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
         )
@@ -137,20 +164,10 @@ class VLLMAdapter(GenerationAdapter):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sampling = request.sampling
-        room = self._max_model_len - prompt_tokens
         param = "messages" if request.messages is not None else "prompt"
-        if room <= 0:
-            raise InputTooLong(
-                f"prompt has {prompt_tokens} tokens; the model's context is {self._max_model_len}",
-                param=param,
-            )
-        max_tokens = sampling.max_new_tokens if sampling.max_new_tokens is not None else room
-        if max_tokens > room:
-            raise InputTooLong(
-                f"prompt ({prompt_tokens} tokens) + max tokens ({max_tokens}) exceeds the "
-                f"model's context of {self._max_model_len} tokens",
-                param=param,
-            )
+        max_tokens = generation_budget(
+            prompt_tokens, sampling.max_new_tokens, self._max_model_len, param
+        )
         structured = None
         if sampling.structured is not None:
             spec = sampling.structured
@@ -180,11 +197,16 @@ class VLLMAdapter(GenerationAdapter):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    @property
+    def context_length(self) -> int:
+        return self._max_model_len
+
+    async def generate(
+        self, request: GenerationRequest, prompt_ids: list[int]
+    ) -> AsyncIterator[GenerationChunk]:
         engine = self._engine
         if engine is None:
             raise ModelLoading(f"model '{self.model_id}' is loading")
-        prompt_ids = self.prompt_token_ids(request)
         params = self._sampling_params(request, len(prompt_ids))
         sampling = request.sampling
         chunks = self._stream(engine, request, prompt_ids, params)

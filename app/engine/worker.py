@@ -8,14 +8,17 @@ import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from app.config import AppConfig, ModelConfig
-from app.engine.base import GenerationAdapter
+from app.engine.base import GenerationAdapter, generation_budget
 from app.engine.coalesce import coalesce
 from app.engine.tool_calls import forced_tool_calls, parse_tool_calls
 from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
+from app.kv.admission import KVAdmission
+from app.kv.ledger import KVLedger
 from app.protocol.generation import GenerationChunk, GenerationRequest
-from app.protocol.workers import ModelStatus, WorkerStatus
+from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class Worker:
             model_id: ModelStatus(model_id, "loading") for model_id in self._adapters
         }
         self.active_requests = 0
+        self._admission: dict[str, KVAdmission] = {}
 
     async def load_all(self) -> None:
         await asyncio.gather(*(self._load(model_id) for model_id in self._adapters))
@@ -66,6 +70,14 @@ class Worker:
                 model_id, "failed", error=f"{type(error).__name__}: {error}"
             )
             return
+        adapter = self._adapters[model_id]
+        stats = adapter.stats()
+        self._admission[model_id] = KVAdmission(
+            KVLedger(stats.kv_blocks_total, stats.kv_block_size_tokens),
+            max_waiting=self.config.kv.max_waiting_requests,
+            max_wait_s=self.config.kv.max_wait_seconds,
+            kv_dtype=adapter.kv_dtype,
+        )
         self._states[model_id] = ModelStatus(model_id, "loaded")
         logger.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
 
@@ -81,21 +93,30 @@ class Worker:
         return adapter
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
-        """Coalesced batches: the first chunk alone and at once, then windows of chunks."""
+        """Admit against the KV ledger (holding a handle for the whole stream), then coalesced
+        batches: the first at once, then one per window."""
         adapter = self.adapter(request.model)
+        prompt_ids = adapter.prompt_token_ids(request)
+        param = "messages" if request.messages is not None else "prompt"
+        budget = generation_budget(
+            len(prompt_ids), request.sampling.max_new_tokens, adapter.context_length, param
+        )
+        candidates = max(request.sampling.n, request.sampling.best_of or 0)
         streaming = self.config.streaming
         self.active_requests += 1
         try:
-            batches = coalesce(
-                with_tool_calls(adapter.generate(request), request),
-                window_s=streaming.coalesce_window_ms / 1000,
-                max_items=streaming.coalesce_max_chunks,
-            )
-            try:
-                async for batch in batches:
-                    yield batch
-            finally:
-                await batches.aclose()
+            admission = self._admission[request.model]
+            async with admission.reserve(request.request_id, prompt_ids, budget, candidates):
+                batches = coalesce(
+                    with_tool_calls(adapter.generate(request, prompt_ids), request),
+                    window_s=streaming.coalesce_window_ms / 1000,
+                    max_items=streaming.coalesce_max_chunks,
+                )
+                try:
+                    async for batch in batches:
+                        yield batch
+                finally:
+                    await batches.aclose()
         finally:
             self.active_requests -= 1
 
@@ -105,7 +126,7 @@ class Worker:
                 model_id,
                 status.state,
                 status.error,
-                self._adapters[model_id].stats() if status.state == "loaded" else None,
+                self._engine_stats(model_id) if status.state == "loaded" else None,
             )
             for model_id, status in self._states.items()
         )
@@ -117,6 +138,18 @@ class Worker:
             pool=pool,
             models=models,
             active_requests=self.active_requests,
+        )
+
+    def _engine_stats(self, model_id: str) -> EngineStats:
+        stats = self._adapters[model_id].stats()
+        admission = self._admission.get(model_id)
+        if admission is None:
+            return stats
+        return replace(
+            stats,
+            kv_blocks_used=admission.ledger.used_blocks,
+            kv_handles_open=admission.ledger.open_handles,
+            kv_waiting=admission.waiting,
         )
 
     async def shutdown(self) -> None:

@@ -71,6 +71,13 @@ class HealthWorker(BaseModel):
     pool: str = "default"
     node_id: str = ""
     state: str = "ready"
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    """Blocks held by live requests' KV handles (the ledger's books)."""
+    kv_handles_open: int = 0
+    kv_waiting: int = 0
+    kv_engine_usage: float = 0.0
+    """The engine's own KV usage fraction (vLLM scheduler stats)."""
 
 
 class HealthCluster(BaseModel):

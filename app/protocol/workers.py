@@ -19,6 +19,11 @@ class EngineStats:
     kv_usage_fraction: float
     running_requests: int
     max_model_len: int
+    kv_blocks_used: int = 0
+    """Blocks the worker's KV ledger has handed out (whole budgets of live requests)."""
+    kv_handles_open: int = 0
+    kv_waiting: int = 0
+    """Requests queued for KV space on this engine."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, StreamTimer
-from app.errors import InputTooLong, ModelLoading
+from app.engine.base import GenerationAdapter, StreamTimer, generation_budget
+from app.errors import ModelLoading
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import EngineStats
 
@@ -25,6 +25,7 @@ class FakeAdapter(GenerationAdapter):
         self.model_id = model.id
         self.token_delay_s = float(model.engine.extra_args.get("token_delay_s", 0.0))
         self.load_delay_s = float(model.engine.extra_args.get("load_delay_s", 0.0))
+        self.kv_blocks = int(model.engine.extra_args.get("kv_blocks", 256))
         self.loaded = False
         self.active: set[str] = set()
         self.aborted: list[str] = []
@@ -37,21 +38,35 @@ class FakeAdapter(GenerationAdapter):
         self.loaded = False
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.model_id, 64, BLOCK_SIZE, 0.0, len(self.active), MAX_MODEL_LEN)
+        return EngineStats(
+            self.model_id, self.kv_blocks, BLOCK_SIZE, 0.0, len(self.active), MAX_MODEL_LEN
+        )
 
-    @staticmethod
-    def prompt_tokens(request: GenerationRequest) -> int:
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """One token per word (plus two per chat turn and one for the generation prompt)."""
         if request.messages is not None:
-            return sum(len(turn.content.split()) + 2 for turn in request.messages) + 1
-        return len((request.prompt or "").split())
+            words = [
+                w for turn in request.messages for w in ["<turn>", turn.role, *turn.content.split()]
+            ]
+            words.append("<assistant>")
+        else:
+            words = (request.prompt or "").split()
+        return [sum(map(ord, word)) % 50_000 for word in words]
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    @property
+    def context_length(self) -> int:
+        return MAX_MODEL_LEN
+
+    async def generate(
+        self, request: GenerationRequest, prompt_token_ids: list[int]
+    ) -> AsyncIterator[GenerationChunk]:
         if not self.loaded:
             raise ModelLoading(f"model '{self.model_id}' is loading")
-        prompt_tokens = self.prompt_tokens(request)
-        budget = request.sampling.max_new_tokens or MAX_MODEL_LEN - prompt_tokens
-        if prompt_tokens + budget > MAX_MODEL_LEN:
-            raise InputTooLong("prompt + max tokens exceed the context", param="prompt")
+        prompt_tokens = len(prompt_token_ids)
+        param = "messages" if request.messages is not None else "prompt"
+        budget = generation_budget(
+            prompt_tokens, request.sampling.max_new_tokens, MAX_MODEL_LEN, param
+        )
         timer = StreamTimer()
         self.active.add(request.request_id)
         finished = False

@@ -288,7 +288,7 @@ def test_streamed_generate_framing(client: TestClient) -> None:
             "unsupported_field",
             "messages[0].content[0].type",
         ),
-        (CHAT, chat(max_tokens=100000), 400, "INPUT_TOO_LONG", "prompt"),
+        (CHAT, chat(max_tokens=100000), 400, "INPUT_TOO_LONG", "messages"),
         (GENERATE, {"prompt": "x"}, 400, "invalid_request", "max_new_tokens"),
         (
             GENERATE,
