@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.context import ApiContext
+from app.errors import InternalError
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class RequestMetrics:
             await self.app(scope, watch_receive, watch_send)
         except (asyncio.CancelledError, OSError, ClientDisconnect):
             disconnected = True
+            raise
+        except Exception:
+            code = code or InternalError.code  # rendered by Starlette's outermost handler
             raise
         finally:
             metrics.CURRENT_REQUEST.reset(token)

@@ -251,3 +251,20 @@ def test_percentile_nearest_rank() -> None:
     assert metrics.percentile([], 50) is None
     assert metrics.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert metrics.percentile(list(map(float, range(1, 101))), 99) == 99.0
+
+
+def test_unhandled_error_counts_as_internal_error() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        return None
+
+    labels = {"route": "unmatched", "method": "GET", "status": "500", "code": "internal_error"}
+    before = value("poolserve_requests_total", **labels)
+    with pytest.raises(RuntimeError):
+        asyncio.run(RequestMetrics(app)({"type": "http", "method": "GET"}, receive, send))
+    assert value("poolserve_requests_total", **labels) - before == 1
