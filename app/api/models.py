@@ -127,7 +127,12 @@ def model_info(model: ModelConfig, summary: HealthModel) -> dict[str, Any]:
         "outputs": ["tokens"],
         "max_sequence_length": model.engine.max_model_len,
         "profiles": {name: {"is_default": index == 0} for index, name in enumerate(model.profiles)},
-        "capabilities": {"streaming": True, "grammar": [], "tools": False, "lora_adapters": []},
+        "capabilities": {
+            "streaming": True,
+            "grammar": ["json_schema", "regex", "ebnf"],
+            "tools": True,
+            "lora_adapters": sorted(model.lora_adapters),
+        },
         "worker_count": summary.worker_count,
     }
 

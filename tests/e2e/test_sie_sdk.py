@@ -209,12 +209,6 @@ def test_list_and_get_model(surface: dict[str, Any]) -> None:
     assert model["capabilities"]["streaming"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: GET /v1/models/{id} (app/api/models.py model_info) still reports "
-    "capabilities grammar=[] and tools=false, although the API now accepts `grammar` "
-    "(json_schema/regex/ebnf) and `tools`; SDK users read ModelInfo.capabilities to decide",
-)
 def test_model_capabilities_match_what_the_api_accepts(surface: dict[str, Any]) -> None:
     capabilities = surface["get_model"]["capabilities"]
     assert sorted(capabilities["grammar"]) == ["ebnf", "json_schema", "regex"]
