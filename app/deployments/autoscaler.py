@@ -99,8 +99,14 @@ class PoolAutoscaler:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         grace = self._config.pools.startup_grace_seconds
-        self._decide_after = time.time() + (
+        started = time.time()
+        self._decide_after = started + (
             grace if grace is not None else 3 * self._config.worker_heartbeat_seconds
+        )
+        # after a restart, wait for the assigned workers' heartbeats (at most until a silent
+        # worker would count as stale anyway) so their pools keep them
+        self._decide_after_latest = started + max(
+            self._decide_after - started, self._config.worker_stale_seconds
         )
         if self._restored:
             logger.info("pool autoscaler restored %d pools from the GCS", len(self._book.pools))
@@ -141,7 +147,7 @@ class PoolAutoscaler:
         async with self._lock:
             self._book.upsert(spec, time.time(), self._config.pools.lease_seconds)
             self._store.save(self._book)
-            if time.time() >= self._decide_after:
+            if self._may_decide(time.time()):
                 await self._control_once()
         record = self._book.get(spec.name)
         assert record is not None
@@ -186,6 +192,8 @@ class PoolAutoscaler:
     async def _control_forever(self) -> None:
         interval = self._config.pools.control_interval_seconds
         await asyncio.sleep(max(0.0, self._decide_after - time.time()))
+        while not self._may_decide(time.time()):
+            await asyncio.sleep(self._config.worker_heartbeat_seconds / 2)
         while True:
             try:
                 async with self._lock:
@@ -195,6 +203,12 @@ class PoolAutoscaler:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
+
+    def _may_decide(self, now: float) -> bool:
+        if now < self._decide_after:
+            return False
+        waiting = [w for w in self._book.assignments if w not in self._workers]
+        return not waiting or now >= self._decide_after_latest
 
     async def _control_once(self) -> None:
         now = time.time()

@@ -72,6 +72,8 @@ class PoolCluster:
     base_url: str
     nodes: dict[str, str]  # profile -> node id
     sie: SIERunner
+    raylets: dict[str, Any] = field(default_factory=dict)
+    """profile -> the ray Node object of the added node (to kill it)."""
     kept: set[str] = field(default_factory=set)
     """Pools a background thread renews (the short test lease would expire them otherwise)."""
 
@@ -193,7 +195,7 @@ def cluster() -> Iterator[PoolCluster]:
         external_scaler_enabled=True,
     )
     base_url = f"http://127.0.0.1:{port}/{APP}"
-    state = PoolCluster(base_url, nodes, SIERunner(base_url))
+    state = PoolCluster(base_url, nodes, SIERunner(base_url), raylets=added)
     wait_for(
         "the default cpu worker", lambda: state.health()["models"][0]["state"] == "loaded", 180
     )
@@ -359,10 +361,13 @@ def test_autoscaler_restart_keeps_pools_and_in_flight_requests(cluster: PoolClus
     assert restored
     print(f"\n[timing] autoscaler back after kill: {time.monotonic() - killed_at:.1f} s")
     for name, old in before.items():
-        new = wait_for(f"pool {name}", lambda n=name: cluster.pool(n))  # type: ignore[misc]
+        new = wait_for(
+            f"pool {name} active again",
+            lambda n=name: (p := cluster.pool(n))["status"]["state"] == "active" and p,  # type: ignore[misc]
+            30,
+        )
         assert new["spec"] == old["spec"]
         assert new["status"]["created_at"] == old["status"]["created_at"]
-        assert new["status"]["state"] == "active"
         assert new["status"]["assigned_workers"] == old["status"]["assigned_workers"]
 
 
@@ -412,3 +417,29 @@ def test_sdk_get_and_delete(cluster: PoolCluster) -> None:
     assert (result["first"], result["second"], result["after"]) == (True, False, None)
     assert result["error"]["type"] == "PoolError"
     assert "unknown machine profile 'h100'" in result["error"]["message"]
+
+
+def test_node_loss_lowers_capacity_and_the_pool_waits(cluster: PoolCluster) -> None:
+    created = httpx.post(f"{cluster.base_url}/v1/pools", json={"name": "lossy", "gpus": {"l4": 1}})
+    assert created.status_code == 200
+    cluster.keep("lossy")
+    wait_for("'lossy' active", lambda: cluster.pool("lossy")["status"]["state"] == "active")
+    assert cluster.autoscaler()["capacity"]["l4"] == 2
+    node = cluster.raylets["l4"]
+    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+    lost_at = time.monotonic()
+    wait_for("l4 capacity 0", lambda: cluster.autoscaler()["capacity"]["l4"] == 0, 120)
+    wait_for("'lossy' pending", lambda: cluster.pool("lossy")["status"]["state"] == "pending", 60)
+    assert cluster.autoscaler()["replicas"]["l4"] == 0, "no target above what the cluster fits"
+    reasons = [r["reason"] for r in cluster.autoscaler()["reasons"]]
+    assert any("capacity exhausted" in r and "'lossy' gets 0 of 1" in r for r in reasons)
+    refused = httpx.post(
+        f"{cluster.base_url}/v1/generate/fake__model",
+        json={"prompt": "x", "max_new_tokens": 1},
+        headers={"X-SIE-Pool": "lossy", "X-SIE-MACHINE-PROFILE": "l4"},
+        timeout=30,
+    )
+    assert refused.status_code == 503
+    assert refused.json()["detail"]["code"] == "PROVISIONING"
+    assert refused.headers["Retry-After"] == "1"
+    print(f"\n[timing] l4 node lost -> pool pending: {time.monotonic() - lost_at:.1f} s")
