@@ -174,8 +174,8 @@ def test_errors_are_typed(clients: dict[str, Client]) -> None:
     with pytest.raises(PoolNotFound):
         client.generate("x", max_new_tokens=2, pool="team-a")
     with pytest.raises(UnsupportedField) as unknown_field:
-        client.chat([{"role": "user", "content": "x"}], tools=[{"type": "function"}])
-    assert unknown_field.value.param == "tools"
+        client.chat([{"role": "user", "content": "x"}], max_tokenz=3)
+    assert unknown_field.value.param == "max_tokenz"
     with pytest.raises(InvalidRequest) as bad_value:
         client.generate("x", max_new_tokens=0)
     assert bad_value.value.param == "max_new_tokens"
