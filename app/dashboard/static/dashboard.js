@@ -92,9 +92,10 @@ function perProfile(pool, profiles) {
   for (const p of names) {
     const want = pool.gpus[p], cap = pool.gpu_caps[p], got = pool.assigned[p] || 0;
     if (want === undefined && cap === undefined && !got) continue;
+    const need = pool.default ? `base ${want === undefined ? 0 : want}`
+      : `${want === undefined ? 0 : want} required`;
     parts.push(el("div", { class: "mono", "data-profile": p },
-      [`${p}: ${got} assigned / ${want === undefined ? 0 : want} required` +
-        (cap === undefined ? "" : ` (cap ${cap})`)]));
+      [`${p}: ${got} assigned / ${need}` + (cap === undefined ? "" : ` (cap ${cap})`)]));
   }
   return parts.length ? parts : [el("span", { class: "muted", text: "any profile" })];
 }
@@ -176,6 +177,12 @@ function sparkline(points, series, unit) {
       const x = (i / Math.max(1, points.length - 1)) * width;
       const y = height - 4 - (v / max) * (height - 8);
       d += `${d ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`;
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("cx", x.toFixed(1));
+      dot.setAttribute("cy", y.toFixed(1));
+      dot.setAttribute("r", "2.5");
+      dot.setAttribute("fill", s.color);
+      svg.append(dot);
     });
     const path = document.createElementNS(ns, "path");
     path.setAttribute("d", d);
@@ -221,7 +228,7 @@ function renderLatency(state) {
       { key: "tpot_p50_ms", label: "p50", color: "#2b6cb0" },
       { key: "tpot_p99_ms", label: "p99", color: "#c53030" }], "ms",
       (s) => fmt(L[s.key], 1) + " ms"),
-    chart("tokens/s", points, [{ key: "tokens_per_s", label: "now", color: "#1f9d55" }], "tok/s",
+    chart("tokens/s", points, [{ key: "tokens_per_s", label: "last 15 s", color: "#1f9d55" }], "tok/s",
       () => fmt(points.length ? points[points.length - 1].tokens_per_s : null, 1)),
     el("div", { class: "chart" }, [
       el("div", { class: "title", text: "engine-reported (same requests)" }),
