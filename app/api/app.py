@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -75,7 +76,8 @@ def _request_validation(error: RequestValidationError) -> ServiceError:
 
 
 class ServerHeaders:
-    """Adds `X-SIE-Server-Version` to every response (pure ASGI: streaming stays untouched)."""
+    """Adds `X-SIE-Server-Version` to every response, and `X-SIE-Request-ID` to those that have
+    none yet (errors raised before a generation got its id). Pure ASGI: streams stay untouched."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -89,6 +91,8 @@ class ServerHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-sie-server-version", SIE_API_VERSION.encode()))
+                if not any(name.lower() == b"x-sie-request-id" for name, _ in headers):
+                    headers.append((b"x-sie-request-id", uuid.uuid4().hex.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -336,6 +336,7 @@ def test_bad_requests_get_the_contract_error(
     error = body["error"] if path == CHAT else body["detail"]
     assert (error["code"], error.get("param")) == (code, param)
     assert response.headers["x-sie-error-code"] == code
+    assert len(response.headers["x-sie-request-id"]) == 32
 
 
 def test_malformed_json_wrong_content_type_and_oversized_bodies(client: TestClient) -> None:
