@@ -361,14 +361,19 @@ def test_autoscaler_restart_keeps_pools_and_in_flight_requests(cluster: PoolClus
     assert restored
     print(f"\n[timing] autoscaler back after kill: {time.monotonic() - killed_at:.1f} s")
     for name, old in before.items():
+        # active again with the very same workers (names, urls, profiles: the urls come back
+        # with the workers' first heartbeats to the new replica)
         new = wait_for(
-            f"pool {name} active again",
-            lambda n=name: (p := cluster.pool(n))["status"]["state"] == "active" and p,  # type: ignore[misc]
+            f"pool {name} back with its workers",
+            lambda n=name, o=old: (  # type: ignore[misc]
+                (p := cluster.pool(n))["status"]["state"] == "active"
+                and p["status"]["assigned_workers"] == o["status"]["assigned_workers"]
+                and p
+            ),
             30,
         )
         assert new["spec"] == old["spec"]
         assert new["status"]["created_at"] == old["status"]["created_at"]
-        assert new["status"]["assigned_workers"] == old["status"]["assigned_workers"]
 
 
 def test_short_lease_expires_and_releases_workers(cluster: PoolCluster) -> None:
