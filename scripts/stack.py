@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -129,7 +130,7 @@ def serve(config: str) -> None:
 def our_ray_pids(port: int) -> list[int]:
     """Processes of the head we started (they name its GCS port on their command line) and all
     their descendants (Ray workers, vLLM engine processes)."""
-    markers = (f"127.0.0.1:{port}", f"--gcs_server_port={port}", f"--gcs-address=127.0.0.1:{port}")
+    marker = re.compile(rf"(127\.0\.0\.1:|--gcs_server_port=){port}(?!\d)")
     children: dict[int, list[int]] = {}
     roots = []
     for proc in Path("/proc").iterdir():
@@ -141,7 +142,7 @@ def our_ray_pids(port: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(parent, []).append(int(proc.name))
-        if any(marker in cmdline for marker in markers) and "stack.py" not in cmdline:
+        if marker.search(cmdline) and "stack.py" not in cmdline:
             roots.append(int(proc.name))
     found, todo = set(), list(roots)
     while todo:
