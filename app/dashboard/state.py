@@ -155,17 +155,37 @@ def _count(values: Any) -> dict[str, int]:
 def _autoscaler(status: dict[str, Any] | None) -> dict[str, Any] | None:
     if status is None:
         return None
-    reasons = list(status.get("reasons", []))[-RECENT_DECISIONS:]
     return {
-        "decisions": [
-            {**entry, "kind": metrics.decision_kind(str(entry.get("reason", "")))}
-            for entry in reversed(reasons)
-        ],
+        "decisions": collapse_repeats(list(status.get("reasons", [])))[:RECENT_DECISIONS],
         "scale_events": list(status.get("scale_events", []))[-10:][::-1],
         "replicas": status.get("replicas", {}),
         "capacity": status.get("capacity", {}),
         "scaler_error": status.get("scaler_error"),
     }
+
+
+def collapse_repeats(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Newest first; a reason repeated step after step (e.g. a target Serve keeps refusing)
+    becomes one entry with `repeats` and `first_at`."""
+    collapsed: list[dict[str, Any]] = []
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in reversed(reasons):
+        reason = str(entry.get("reason", ""))
+        seen = latest.get(reason)
+        if seen is not None and seen is collapsed[-1]:
+            seen["repeats"] += 1
+            seen["first_at"] = entry.get("at")
+            continue
+        row = {
+            "at": entry.get("at"),
+            "first_at": entry.get("at"),
+            "reason": reason,
+            "kind": metrics.decision_kind(reason),
+            "repeats": 1,
+        }
+        collapsed.append(row)
+        latest[reason] = row
+    return collapsed
 
 
 def _request_totals(now: float, span_s: float = 300.0) -> dict[str, Any]:

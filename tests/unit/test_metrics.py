@@ -268,3 +268,19 @@ def test_unhandled_error_counts_as_internal_error() -> None:
     with pytest.raises(RuntimeError):
         asyncio.run(RequestMetrics(app)({"type": "http", "method": "GET"}, receive, send))
     assert value("poolserve_requests_total", **labels) - before == 1
+
+
+def test_dashboard_collapses_repeated_decisions() -> None:
+    from app.dashboard.state import collapse_repeats
+
+    reasons = [
+        {"at": 1.0, "reason": "worker w (cpu) -> pool 'bench'"},
+        {"at": 1.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
+        {"at": 2.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
+        {"at": 3.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
+    ]
+    rows = collapse_repeats(reasons)
+    assert [(r["kind"], r["repeats"], r["first_at"], r["at"]) for r in rows] == [
+        ("scale_up", 3, 1.0, 3.0),
+        ("worker_assigned", 1, 1.0, 1.0),
+    ]

@@ -248,10 +248,13 @@ function renderDecisions(state) {
       (state.problems.autoscaler || "unknown error")));
     return;
   }
+  const time = (at) => new Date(at * 1000).toLocaleTimeString();
   const items = a.decisions.map((d) => el("li", { "data-kind": d.kind }, [
-    el("span", { class: "muted", text: new Date(d.at * 1000).toLocaleTimeString() + " " }),
+    el("span", { class: "muted", text: time(d.at) + " " }),
     el("span", { class: "kind", text: d.kind }),
     d.reason,
+    d.repeats > 1
+      ? el("span", { class: "muted", text: ` ×${d.repeats} since ${time(d.first_at)}` }) : null,
   ]));
   const targets = Object.entries(a.replicas).map(([p, n]) => `${p}: ${n}`).join(", ");
   replace("decisions", el("div", {}, [
