@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping
+from typing import Any, Protocol
 
 from app.api.structured import chat_output, grammar_output, tools_of
 from app.config import AppConfig
@@ -89,6 +90,38 @@ def logit_bias(raw: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]
     return tuple(result)
 
 
+class SamplingFields(Protocol):
+    """The sampling fields chat, completions and native generate share on the wire."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    repetition_penalty: float | None
+    seed: int | None
+    logit_bias: dict[str, float] | None
+
+
+def shared_sampling(
+    body: SamplingFields, max_new_tokens: int | None, stop: tuple[str, ...], **extra: Any
+) -> SamplingOptions:
+    """SamplingOptions from the shared wire fields, with the service's defaults."""
+    return SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k,
+        stop=stop,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=body.seed,
+        logit_bias=logit_bias(body.logit_bias),
+        **extra,
+    )
+
+
 def chat_turns(messages: list[ChatMessageIn]) -> tuple[ChatTurn, ...]:
     turns = []
     for index, message in enumerate(messages):
@@ -161,17 +194,10 @@ def chat_request(
         request_id=new_request_id(),
         model=resolve_model(config, body.model),
         messages=chat_turns(body.messages),
-        sampling=SamplingOptions(
-            max_new_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k,
-            stop=_stop(body.stop),
-            frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            seed=body.seed,
-            logit_bias=logit_bias(body.logit_bias),
+        sampling=shared_sampling(
+            body,
+            max_tokens,
+            _stop(body.stop),
             n=body.n or 1,
             best_of=body.best_of,
             logprobs=bool(body.logprobs),
@@ -231,17 +257,10 @@ def generate_request(
         request_id=new_request_id(),
         model=resolve_model(config, model),
         prompt=body.prompt,
-        sampling=SamplingOptions(
-            max_new_tokens=body.max_new_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k,
-            stop=tuple(body.stop or ()),
-            frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            seed=body.seed,
-            logit_bias=logit_bias(body.logit_bias),
+        sampling=shared_sampling(
+            body,
+            body.max_new_tokens,
+            tuple(body.stop or ()),
             logprobs=bool(body.logprobs),
             top_logprobs=body.top_logprobs or 0,
             structured=grammar_output(body.grammar) if body.grammar is not None else None,
@@ -275,17 +294,10 @@ def completion_request(
         request_id=new_request_id(),
         model=resolve_model(config, body.model),
         prompt=prompt,
-        sampling=SamplingOptions(
-            max_new_tokens=body.max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k,
-            stop=_stop(body.stop),
-            frequency_penalty=body.frequency_penalty or 0.0,
-            presence_penalty=body.presence_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            seed=body.seed,
-            logit_bias=logit_bias(body.logit_bias),
+        sampling=shared_sampling(
+            body,
+            body.max_tokens,
+            _stop(body.stop),
             n=body.n or 1,
             best_of=body.best_of,
             logprobs=body.logprobs is not None,

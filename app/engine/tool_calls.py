@@ -174,9 +174,7 @@ async def parse_tool_calls(
                 if chunk.done:
                     return
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _close(chunks)
 
 
 def forced_call_schema(tools: tuple[ToolSpec, ...], *, parallel: bool) -> str:
@@ -241,6 +239,10 @@ async def forced_tool_calls(
             if chunk.done:
                 return
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _close(chunks)
+
+
+async def _close(chunks: AsyncIterator[GenerationChunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
