@@ -26,6 +26,7 @@ class FakeAdapter(GenerationAdapter):
         self.token_delay_s = float(model.engine.extra_args.get("token_delay_s", 0.0))
         self.load_delay_s = float(model.engine.extra_args.get("load_delay_s", 0.0))
         self.kv_blocks = int(model.engine.extra_args.get("kv_blocks", 256))
+        self.max_model_len = int(model.engine.extra_args.get("max_model_len", MAX_MODEL_LEN))
         self.loaded = False
         self.active: set[str] = set()
         self.aborted: list[str] = []
@@ -39,7 +40,7 @@ class FakeAdapter(GenerationAdapter):
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            self.model_id, self.kv_blocks, BLOCK_SIZE, 0.0, len(self.active), MAX_MODEL_LEN
+            self.model_id, self.kv_blocks, BLOCK_SIZE, 0.0, len(self.active), self.max_model_len
         )
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
@@ -55,7 +56,7 @@ class FakeAdapter(GenerationAdapter):
 
     @property
     def context_length(self) -> int:
-        return MAX_MODEL_LEN
+        return self.max_model_len
 
     async def generate(
         self, request: GenerationRequest, prompt_token_ids: list[int]
@@ -65,7 +66,7 @@ class FakeAdapter(GenerationAdapter):
         prompt_tokens = len(prompt_token_ids)
         param = "messages" if request.messages is not None else "prompt"
         budget = generation_budget(
-            prompt_tokens, request.sampling.max_new_tokens, MAX_MODEL_LEN, param
+            prompt_tokens, request.sampling.max_new_tokens, self.max_model_len, param
         )
         timer = StreamTimer()
         self.active.add(request.request_id)
