@@ -67,6 +67,21 @@ class Stack:
     def worker_status(self, app: str = "poolserve") -> Any:
         return self.handle("Generator-cpu", app).status.remote().result()
 
+    def wait_idle(
+        self, app: str = "poolserve", model: str = REAL_MODEL, timeout_s: float = 15
+    ) -> bool:
+        """True once the worker has no active request and its engine no unfinished one."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.worker_status(app)
+            if (
+                status.active_requests == 0
+                and status.model_state(model).stats.running_requests == 0
+            ):
+                return True
+            time.sleep(0.2)
+        return False
+
 
 def _wait_ready(base_url: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S

@@ -4,7 +4,6 @@ streaming), plain httpx for /v1/generate (buffered and SSE), bad requests, and d
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -130,16 +129,7 @@ def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
     ) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        status = stack.worker_status()
-        if (
-            status.active_requests == 0
-            and status.model_state(REAL_MODEL).stats.running_requests == 0
-        ):
-            return
-        time.sleep(0.25)
-    pytest.fail(f"engine still busy after disconnect: {status}")
+    assert stack.wait_idle(), f"engine still busy after disconnect: {stack.worker_status()}"
 
 
 def test_health_reports_the_worker(stack: Stack) -> None:

@@ -4,7 +4,6 @@ contract for the fake engine and the real vLLM engine (so the fake cannot drift)
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -32,19 +31,6 @@ def request(model: str, max_new_tokens: int | None, **sampling: object) -> Gener
 def stream(stack: Stack, app: str, generation: GenerationRequest) -> list[list[GenerationChunk]]:
     handle = stack.handle("Generator-cpu", app).options(stream=True)
     return list(handle.generate.remote(generation))
-
-
-def wait_idle(stack: Stack, app: str, model: str, timeout_s: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    running = -1
-    while time.monotonic() < deadline:
-        status = stack.worker_status(app)
-        stats = status.model_state(model).stats
-        running = stats.running_requests
-        if running == 0 and status.active_requests == 0:
-            return 0
-        time.sleep(0.2)
-    return running
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -105,7 +91,7 @@ def test_cancelling_the_stream_aborts_the_engine_request(stack: Stack) -> None:
     first = next(iter(response))
     assert first
     response.cancel()
-    assert wait_idle(stack, app, model) == 0
+    assert stack.wait_idle(app, model, timeout_s=10)
 
 
 def test_fast_tokens_are_coalesced_into_few_ray_objects(stack: Stack) -> None:
