@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +128,9 @@ def serve(config: str) -> None:
     print("  Stop       make stop")
 
 
-def our_ray_pids(port: int) -> list[int]:
-    """Processes of the head we started (they name its GCS port on their command line) and all
-    their descendants (Ray workers, vLLM engine processes)."""
-    marker = re.compile(rf"(127\.0\.0\.1:|--gcs_server_port=){port}(?!\d)")
+def process_tree(is_root: Callable[[str], bool]) -> list[int]:
+    """Processes whose command line `is_root` accepts, and all their descendants (Ray workers,
+    vLLM engine processes); never this process."""
     children: dict[int, list[int]] = {}
     roots = []
     for proc in Path("/proc").iterdir():
@@ -142,15 +142,39 @@ def our_ray_pids(port: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(parent, []).append(int(proc.name))
-        if marker.search(cmdline) and "stack.py" not in cmdline:
+        if is_root(cmdline):
             roots.append(int(proc.name))
-    found, todo = set(), list(roots)
+    found: set[int] = set()
+    todo = list(roots)
     while todo:
         pid = todo.pop()
         if pid not in found:
             found.add(pid)
             todo.extend(children.get(pid, []))
     return sorted(found)
+
+
+def stop_processes(pids: list[int], grace_s: float = 15) -> list[int]:
+    """SIGTERM, then SIGKILL what is left; returns the processes that survived both."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.3)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not pids:
+            break
+    return pids
+
+
+def our_ray_pids(port: int) -> list[int]:
+    """The head we started: its processes name its GCS port on their command line."""
+    marker = re.compile(rf"(127\.0\.0\.1:|--gcs_server_port=){port}(?!\d)")
+    return process_tree(lambda cmdline: bool(marker.search(cmdline)) and "stack.py" not in cmdline)
 
 
 def stop() -> None:
@@ -167,18 +191,9 @@ def stop() -> None:
         run(str(BIN / "serve"), "shutdown", "-y", check=False)
     pids = our_ray_pids(port)
     log(f"stopping {len(pids)} Ray processes of the head on port {port}")
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-            time.sleep(0.3)
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-        if not pids:
-            break
+    left = stop_processes(pids)
+    if left:
+        log(f"{len(left)} processes survived SIGKILL: {left}")
     STATE_FILE.unlink()
     log("stopped")
 

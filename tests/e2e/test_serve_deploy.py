@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from scripts.stack import process_tree, stop_processes
 from tests.conftest import REAL_MODEL, ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -64,44 +64,12 @@ class Head:
 def head_pids(gcs_port: int, temp_dir: Path) -> list[int]:
     """Processes that name this head's GCS address or temp dir, and all their descendants."""
     address = re.compile(rf"127\.0\.0\.1:{gcs_port}(?!\d)")
-    children: dict[int, list[int]] = {}
-    roots = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(proc.name))
-        ours = address.search(cmdline) is not None or str(temp_dir) in cmdline
-        if ours and "pytest" not in cmdline:
-            roots.append(int(proc.name))
-    found: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return sorted(found)
-
-
-def stop_processes(pids: list[int]) -> list[int]:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.3)
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-        if not pids:
-            break
-    return pids
+    return process_tree(
+        lambda cmdline: (
+            (address.search(cmdline) is not None or str(temp_dir) in cmdline)
+            and "pytest" not in cmdline
+        )
+    )
 
 
 @pytest.fixture
