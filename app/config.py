@@ -3,7 +3,10 @@ to every deployment as a plain dict (so it pickles and can be re-validated anywh
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -150,6 +153,84 @@ class KVConfig(ClosedModel):
     )
 
 
+class SecurityConfig(ClosedModel):
+    """API keys and CORS. Keys never live in this config (it travels in clear through Serve):
+    only the names of the environment variables or files that hold them. With no key found for
+    any tier, every route stays open."""
+
+    api_keys_env: str = Field(
+        "POOLSERVE_API_KEYS",
+        description="Environment variable with comma-separated API keys; a key is needed "
+        "(`Authorization: Bearer <key>`) on every route once any is set.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File with more API keys, one per line or comma-separated (e.g. a mounted "
+        "Kubernetes secret); `#` starts a comment. A missing file fails the start.",
+    )
+    admin_keys_env: str = Field(
+        "POOLSERVE_ADMIN_KEYS",
+        description="Comma-separated admin keys: needed for pool changes (POST /v1/pools, "
+        "DELETE /v1/pools/{name}, renew) once any is set; valid on every other route too.",
+    )
+    admin_keys_file: str | None = Field(None, description="File with more admin keys.")
+    metrics_keys_env: str = Field(
+        "POOLSERVE_METRICS_KEYS",
+        description="Comma-separated keys for /metrics only (e.g. the Prometheus scraper's); "
+        "once any is set, /metrics takes these or an admin key, not the API keys.",
+    )
+    metrics_keys_file: str | None = Field(None, description="File with more metrics keys.")
+    metrics_public: bool = Field(False, description="Serve /metrics without a key.")
+    health_public: bool = Field(
+        False,
+        description="Serve /health without a key (the sie-sdk sends its key anyway; Serve's "
+        "own /-/healthz probe never needs one). /health lists workers, models and pools.",
+    )
+    require_keys: bool = Field(
+        False,
+        description="Refuse to start when no API or admin key is found, so a secret that "
+        "failed to mount cannot leave the service open.",
+    )
+    dashboard_session_seconds: int = Field(
+        12 * 3600, gt=0, description="Lifetime of a dashboard sign-in cookie."
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins browsers may call the API from (CORS); empty: CORS off.",
+    )
+
+    def load_keys(self, environ: Mapping[str, str] | None = None) -> ApiKeys:
+        """Read the keys of each tier from its environment variable and its file."""
+        environ = os.environ if environ is None else environ
+
+        def read(variable: str, file: str | None) -> frozenset[str]:
+            text = environ.get(variable, "")
+            if file is not None:
+                lines = Path(file).read_text(encoding="utf-8").splitlines()
+                text += "," + ",".join(line.split("#", 1)[0] for line in lines)
+            return frozenset(key.strip() for key in text.split(",") if key.strip())
+
+        keys = ApiKeys(
+            api=read(self.api_keys_env, self.api_keys_file),
+            admin=read(self.admin_keys_env, self.admin_keys_file),
+            metrics=read(self.metrics_keys_env, self.metrics_keys_file),
+        )
+        if self.require_keys and not (keys.api or keys.admin):
+            raise ValueError(
+                f"security.require_keys is set but neither {self.api_keys_env} nor "
+                f"{self.admin_keys_env} (nor a keys file) holds a key"
+            )
+        return keys
+
+
+class ApiKeys(NamedTuple):
+    """The keys of each tier (empty: that tier is not enforced)."""
+
+    api: frozenset[str]
+    admin: frozenset[str]
+    metrics: frozenset[str]
+
+
 class AppConfig(ClosedModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(id=DEFAULT_MODEL_ID)], min_length=1
@@ -161,6 +242,7 @@ class AppConfig(ClosedModel):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     kv: KVConfig = Field(default_factory=KVConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     worker_stale_seconds: float = Field(
         10.0, gt=0, description="No heartbeat this long: unhealthy."

@@ -7,16 +7,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import chat, completions, generate, models, observe, pools
+from app.api.auth import ApiKeyMiddleware, Authenticator
 from app.api.backend import GenerationBackend
 from app.api.context import ApiContext
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
 from app.config import AppConfig
+from app.dashboard import login
 from app.dashboard import routes as dashboard
 from app.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, ServiceError
 
@@ -31,7 +34,8 @@ def shape_for(path: str) -> ErrorShape:
 def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="poolserve", version=SIE_API_VERSION)
     app.state.context = ApiContext(config=config, backend=backend)
-    for module in (chat, completions, generate, models, pools, observe, dashboard):
+    app.state.authenticator = authenticator = Authenticator.from_config(config.security)
+    for module in (chat, completions, generate, models, pools, observe, dashboard, login):
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)
@@ -62,6 +66,21 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return error_response(error, shape_for(request.url.path))
 
+    app.add_middleware(
+        ApiKeyMiddleware,
+        authenticator=authenticator,
+        shape_for=shape_for,
+        sign_in_page=login.sign_in_page,
+    )
+    if config.security.cors_allow_origins:  # outside the key check: preflights carry no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.security.cors_allow_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["X-SIE-Error-Code", "X-SIE-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(ServerHeaders)
     return app
 

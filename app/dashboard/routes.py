@@ -1,5 +1,6 @@
 """`GET /dashboard` (the page), `/dashboard/static/{file}` (its script and style) and
-`/dashboard/api/state` (the JSON feed the page polls). Read-only."""
+`/dashboard/api/state` (the JSON feed the page polls). Read-only. With API keys configured, these
+need a key or the sign-in cookie of `app.dashboard.login`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from app.api.auth import SESSION_COOKIE
 from app.api.context import ApiContext
 from app.dashboard.state import dashboard_state
 from app.errors import RouteNotFound
@@ -20,8 +22,12 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 
 @router.get("/dashboard")
-async def page() -> Response:
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers=NO_STORE)
+async def page(request: Request) -> Response:
+    if SESSION_COOKIE not in request.cookies:
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=NO_STORE)
+    html = (STATIC / "index.html").read_text(encoding="utf-8")  # signed in: show "Sign out"
+    html = html.replace('action="dashboard/logout" hidden', 'action="dashboard/logout"')
+    return HTMLResponse(html, headers=NO_STORE)
 
 
 @router.get("/dashboard/static/{name}")

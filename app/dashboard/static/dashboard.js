@@ -307,6 +307,10 @@ function tickLeases() {
 async function poll() {
   try {
     const response = await fetch("dashboard/api/state", { cache: "no-store" });
+    if (response.status === 401) {  // the sign-in expired or its key was revoked
+      window.location.reload();  // the page answers with its sign-in form
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     last = await response.json();
     clockOffset = last.now - Date.now() / 1000;
