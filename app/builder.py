@@ -32,7 +32,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(plain)
     )
     generators = {
-        profile.name: _generator(profile).bind(plain, profile.name, registry)
+        profile.name: _generator(profile, config).bind(plain, profile.name, registry)
         for profile in config.profiles
     }
     return (
@@ -47,7 +47,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
 
 
-def _generator(profile: MachineProfile) -> Deployment:
+def _generator(profile: MachineProfile, config: AppConfig) -> Deployment:
     deployment = _deployment(Generator).options(
         name=profile.deployment_name,
         num_replicas=max(1, profile.num_replicas),
@@ -55,7 +55,9 @@ def _generator(profile: MachineProfile) -> Deployment:
         ray_actor_options=profile.ray_actor_options(),
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_PATH  # type: ignore[arg-type]
+            request_router_class=ROUTER_PATH,  # type: ignore[arg-type]
+            request_router_kwargs=config.routing.model_dump(exclude={"stats_period_seconds"}),
+            request_routing_stats_period_s=config.routing.stats_period_seconds,  # type: ignore[arg-type]
         ),
     )
     if profile.num_replicas == 0:

@@ -231,6 +231,28 @@ class ApiKeys(NamedTuple):
     metrics: frozenset[str]
 
 
+class RoutingConfig(ClosedModel):
+    """How the ingress picks a worker among the eligible ones (`app.routing.affinity`)."""
+
+    policy: Literal["affinity", "power_of_two"] = Field(
+        "affinity",
+        description="affinity: prefix/key affinity guarded by KV headroom and load balance; "
+        "power_of_two: Serve's default (the less loaded of two random workers).",
+    )
+    max_imbalance: int = Field(
+        4,
+        ge=0,
+        description="Leave the affine worker for the least loaded one when its in-flight "
+        "requests exceed the least loaded one's by more than this.",
+    )
+    prefix_index_capacity: int = Field(
+        4096, gt=0, description="Prefix keys remembered per worker (LRU)."
+    )
+    stats_period_seconds: float = Field(
+        1.0, gt=0, description="How often workers publish KV headroom to the routers."
+    )
+
+
 class AppConfig(ClosedModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(id=DEFAULT_MODEL_ID)], min_length=1
@@ -241,6 +263,7 @@ class AppConfig(ClosedModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     kv: KVConfig = Field(default_factory=KVConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)

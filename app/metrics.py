@@ -135,6 +135,18 @@ POOL_WORKERS = Gauge(
     registry=REGISTRY,
 )
 POOLS = Gauge(f"{PREFIX}_pools", "Pools by state.", ["state"], registry=REGISTRY)
+ROUTING_DECISIONS = Counter(
+    f"{PREFIX}_routing_decisions",
+    "Worker choices of the request router (app.routing.affinity), by reason: prefix, home, "
+    "least_loaded, imbalance, headroom, no_headroom.",
+    ["reason"],
+    registry=REGISTRY,
+)
+ROUTING_PREFIX_BLOCKS = Counter(
+    f"{PREFIX}_routing_prefix_blocks_matched",
+    "Leading prompt blocks (or explicit cache keys) the chosen worker was believed to hold.",
+    registry=REGISTRY,
+)
 AUTOSCALER_DECISIONS = Counter(
     f"{PREFIX}_autoscaler_decisions",
     "Pool autoscaler decisions seen by this ingress, by kind.",
@@ -193,6 +205,12 @@ def record_request(route: str, method: str, status: int, code: str | None) -> No
     REQUESTS.labels(route, method, str(status), code or NO_CODE).inc()
     if code:
         RECENT.errors.append((time.time(), code))
+
+
+def record_routing(reason: str, prefix_match: int) -> None:
+    ROUTING_DECISIONS.labels(reason).inc()
+    if prefix_match:
+        ROUTING_PREFIX_BLOCKS.inc(prefix_match)
 
 
 def record_disconnect(route: str) -> None:

@@ -19,6 +19,7 @@ from app.engine.worker import Worker
 from app.errors import WorkerUnavailable
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
+from app.routing.affinity import routing_stats
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +56,10 @@ class Generator:
     def status(self) -> WorkerStatus:
         status = self._worker.status(self._worker_id, self._node_id, self._pool)
         return dataclasses.replace(status, memory_used_bytes=_resident_bytes())
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve polls this for the request routers (KV headroom per model, load)."""
+        return routing_stats(self._worker.status(self._worker_id, self._node_id, self._pool))
 
     async def _report_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds
