@@ -229,6 +229,7 @@ class ApiKeyMiddleware:
         response: Response
         if tier == "dashboard" and method in READ_METHODS and path.rstrip("/") == "/dashboard":
             response = self.sign_in_page(scope, "", 401)
+            response.headers["X-SIE-Error-Code"] = error.code
         else:
             response = error_response(error, self.shape_for(path))
         if isinstance(error, Forbidden):

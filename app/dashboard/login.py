@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import Scope
 
-from app.api.auth import REALM, SESSION_COOKIE, Authenticator
+from app.api.auth import REALM, SESSION_COOKIE, Authenticator, Unauthorized
 from app.api.context import read_body
 
 router = APIRouter()
@@ -60,6 +60,7 @@ async def login(request: Request) -> Response:
     if not authenticator.key_accepted_for_dashboard(key):
         page = sign_in_page(request.scope, "That key is not valid here.", 401)
         page.headers["WWW-Authenticate"] = f'{REALM}, error="invalid_token"'
+        page.headers["X-SIE-Error-Code"] = Unauthorized.code
         return page
     path, secure = _cookie_scope(request)
     response = _to_dashboard(request)
