@@ -122,6 +122,13 @@ KV_HANDLES_OPEN = Gauge(
     ["worker", "profile"],
     registry=REGISTRY,
 )
+ENGINE_PREEMPTIONS = Gauge(
+    f"{PREFIX}_engine_preemptions",
+    "Requests a worker's engines preempted since they started (KV overcommit; admission keeps "
+    "it at 0).",
+    ["worker", "profile"],
+    registry=REGISTRY,
+)
 WORKER_ACTIVE_REQUESTS = Gauge(
     f"{PREFIX}_worker_active_requests",
     "Requests a worker is serving (its queue depth as reported in its last heartbeat).",
@@ -421,7 +428,13 @@ def update_snapshot(
     stale_s: float,
 ) -> None:
     """Set the worker, KV and pool gauges from one snapshot (dropping workers that left)."""
-    for gauge in (KV_BLOCKS, KV_HANDLES_OPEN, WORKER_ACTIVE_REQUESTS, POOL_WORKERS):
+    for gauge in (
+        KV_BLOCKS,
+        KV_HANDLES_OPEN,
+        ENGINE_PREEMPTIONS,
+        WORKER_ACTIVE_REQUESTS,
+        POOL_WORKERS,
+    ):
         gauge.clear()
     counts: dict[tuple[str, str, str], int] = {}
     for worker in workers:
@@ -438,6 +451,9 @@ def update_snapshot(
         )
         if kv.handles_open is not None:
             KV_HANDLES_OPEN.labels(worker.worker_id, worker.profile).set(kv.handles_open)
+        ENGINE_PREEMPTIONS.labels(worker.worker_id, worker.profile).set(
+            sum(s.stats.preemptions for s in worker.models if s.stats is not None)
+        )
     for (pool, profile, state), count in counts.items():
         POOL_WORKERS.labels(pool, profile, state).set(count)
     if pool_states is not None:

@@ -29,6 +29,7 @@ def kv_fields(worker: WorkerStatus) -> dict[str, Any]:
         "kv_handles_open": sum(s.kv_handles_open for s in stats),
         "kv_waiting": sum(s.kv_waiting for s in stats),
         "kv_engine_usage": max((s.kv_usage_fraction for s in stats), default=0.0),
+        "engine_preemptions": sum(s.preemptions for s in stats),
     }
 
 

@@ -51,6 +51,7 @@ class VLLMAdapter(GenerationAdapter):
         self._max_model_len = model.engine.max_model_len
         self._loras: dict[str, str] = {}
         self._kv_usage = 0.0
+        self._preemptions = 0
         self.kv_dtype = (
             "float32" if model.engine.dtype in ("float", "float32") else model.engine.dtype
         )
@@ -108,6 +109,8 @@ class VLLMAdapter(GenerationAdapter):
             ) -> None:
                 if scheduler_stats is not None:
                     adapter._kv_usage = float(scheduler_stats.kv_cache_usage)
+                if iteration_stats is not None:
+                    adapter._preemptions += int(iteration_stats.num_preempted_reqs)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -131,6 +134,7 @@ class VLLMAdapter(GenerationAdapter):
             kv_usage_fraction=self._kv_usage,
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
+            preemptions=self._preemptions,
         )
 
     def _lora_request(self, name: str | None) -> Any:

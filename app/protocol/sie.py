@@ -78,6 +78,8 @@ class HealthWorker(BaseModel):
     kv_waiting: int = 0
     kv_engine_usage: float = 0.0
     """The engine's own KV usage fraction (vLLM scheduler stats)."""
+    engine_preemptions: int = 0
+    """Requests the engine preempted since it started (vLLM iteration stats)."""
 
 
 class HealthCluster(BaseModel):

@@ -24,6 +24,8 @@ class EngineStats:
     kv_handles_open: int = 0
     kv_waiting: int = 0
     """Requests queued for KV space on this engine."""
+    preemptions: int = 0
+    """Requests the engine preempted since it started (0 while admission never overcommits)."""
 
 
 @dataclass(frozen=True, slots=True)
