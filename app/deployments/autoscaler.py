@@ -28,7 +28,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.experimental import internal_kv
-from ray.serve._private.common import DeploymentID
+from ray.serve._private.common import DeploymentID, ReplicaState
 from ray.serve.context import _get_global_client
 
 from app.config import AppConfig, MachineProfile
@@ -40,6 +40,9 @@ from app.protocol.workers import WorkerStatus
 logger = logging.getLogger("ray.serve")
 
 FORGET_AFTER_SECONDS = 120.0
+SILENT_HEARTBEATS = 3
+"""A worker silent this many heartbeat intervals is looked up among Serve's replicas."""
+GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
 KV_NAMESPACE = "poolserve"
 CAPACITY_REFRESH_SECONDS = 5.0
 HISTORY_LENGTH = 200
@@ -210,8 +213,32 @@ class PoolAutoscaler:
         waiting = [w for w in self._book.assignments if w not in self._workers]
         return not waiting or now >= self._decide_after_latest
 
+    async def _forget_gone_workers(self, now: float) -> None:
+        """Drop silent workers whose replica Serve no longer runs (SIGKILLed, lost with their
+        node): they never said goodbye, and their KV ledgers died with them."""
+        silent_after = SILENT_HEARTBEATS * self._config.worker_heartbeat_seconds
+        silent = [s for s in self._workers.values() if now - s.reported_at > silent_after]
+        client = _get_global_client()
+        if not silent or client is None:
+            return
+        for deployment in {s.deployment for s in silent}:
+            try:
+                details = await client._controller.get_deployment_details.remote(
+                    self._app_name, deployment
+                )
+            except RayError:
+                continue
+            present = {r.replica_id for r in details.replicas if r.state not in GONE_STATES}
+            for status in silent:
+                if status.deployment == deployment and status.worker_id not in present:
+                    self._workers.pop(status.worker_id, None)
+                    reason = f"worker {status.worker_id} forgotten: Serve no longer runs it"
+                    logger.info("pool autoscaler: %s", reason)
+                    self._history.append((now, reason))
+
     async def _control_once(self) -> None:
         now = time.time()
+        await self._forget_gone_workers(now)
         stale = self._config.worker_stale_seconds
         live = [WorkerView.of(s) for s in self._workers.values() if now - s.reported_at <= stale]
         replicas = {
