@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
@@ -455,3 +456,19 @@ def test_logs_hold_no_prompt_text_and_no_keys(
     )
     for secret in (SECRET_PROMPT, API_KEY, ADMIN_KEY, WRONG_KEY):
         assert secret not in logged, secret
+
+
+def test_serve_config_security_example_is_valid() -> None:
+    """The commented `security:` example in serve_config.yaml validates once uncommented."""
+    lines = (Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("# security:"))
+    block = []
+    for line in lines[start:]:
+        if not line.strip().startswith("#"):
+            break
+        indent, _, rest = line.partition("# ")
+        block.append(indent + rest)
+    example = yaml.safe_load("\n".join(block))["security"]
+    security = SecurityConfig.model_validate(example)
+    assert security.require_keys and security.cors_allow_origins == ["https://app.example.com"]
+    assert not any("sk-" in str(value) for value in example.values())
