@@ -34,10 +34,10 @@ ADMIN_KEY = "sk-e2e-admin-5be83f1d64"
 METRICS_KEY = "sk-e2e-metrics-90aa21cc3e"
 WRONG_KEY = "sk-e2e-wrong-000111222"
 SECRET_PROMPT = "marmalade-obelisk-quokka-3141"
-ENV = {
-    "POOLSERVE_API_KEYS": f"{API_KEY},sk-e2e-other-key",
-    "POOLSERVE_ADMIN_KEYS": ADMIN_KEY,
-    "POOLSERVE_METRICS_KEYS": METRICS_KEY,
+KEY_FILES = {  # as a mounted Kubernetes secret would hold them; no environment variables
+    "api": f"{API_KEY}\nsk-e2e-other-key\n",
+    "admin": f"# rotated 2026-11\n{ADMIN_KEY}\n",
+    "metrics": f"{METRICS_KEY}\n",
 }
 
 
@@ -57,45 +57,55 @@ class _Collect(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """create_app under uvicorn in a thread; every log record at INFO and up is collected."""
-    patch = pytest.MonkeyPatch()
-    for name, value in ENV.items():
-        patch.setenv(name, value)
+    security: dict[str, str] = {}
+    for tier, keys in KEY_FILES.items():
+        path = tmp_path_factory.mktemp("keys") / tier
+        path.write_text(keys)
+        security[f"{tier}_keys_file"] = str(path)
+        security[f"{tier}_keys_env"] = "POOLSERVE_E2E_NO_SUCH_VARIABLE"
+    config = AppConfig.model_validate(
+        {
+            "engine_adapter": "tests.fakes.fake_engine:FakeAdapter",
+            "models": [{"id": MODEL}],
+            "security": security,
+        }
+    )
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)  # production's level: nothing below INFO is written
-    config = AppConfig.model_validate(
-        {"engine_adapter": "tests.fakes.fake_engine:FakeAdapter", "models": [{"id": MODEL}]}
-    )
-    backend = LocalBackend(config)
-    port = free_port()
-    # log_config=None: uvicorn's loggers (access log included) propagate to the root handler
-    uvicorn_server = uvicorn.Server(
-        uvicorn.Config(create_app(config, backend), host="127.0.0.1", port=port, log_config=None)
-    )
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(uvicorn_server.serve(),), daemon=True
-    )
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not uvicorn_server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        asyncio.run_coroutine_threadsafe(backend.start(), loop).result(timeout=30)
-        yield Server(f"http://127.0.0.1:{port}", records)
+        backend = LocalBackend(config)
+        port = free_port()
+        # log_config=None: uvicorn's loggers (access log included) propagate to the root handler
+        uvicorn_server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, backend), host="127.0.0.1", port=port, log_config=None
+            )
+        )
+        thread = threading.Thread(
+            target=loop.run_until_complete, args=(uvicorn_server.serve(),), daemon=True
+        )
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not uvicorn_server.started:
+                assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.05)
+            asyncio.run_coroutine_threadsafe(backend.start(), loop).result(timeout=30)
+            yield Server(f"http://127.0.0.1:{port}", records)
+        finally:
+            uvicorn_server.should_exit = True
+            thread.join(timeout=30)
     finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=30)
         loop.close()
         root.removeHandler(handler)
         root.setLevel(level)
-        patch.undo()
 
 
 def openai_client(server: Server, key: str) -> openai.OpenAI:
