@@ -43,14 +43,14 @@ def _cookie_scope(request: Request) -> tuple[str, bool]:
     return f"{request.scope.get('root_path', '')}/dashboard", https
 
 
-@router.get("/dashboard/login")
+@router.get("/dashboard/login", include_in_schema=False)
 async def login_form(request: Request) -> Response:
     if not Authenticator.of(request).dashboard_keyed:
         return _to_dashboard(request)
     return sign_in_page(request.scope, "", 200)
 
 
-@router.post("/dashboard/login")
+@router.post("/dashboard/login", include_in_schema=False)
 async def login(request: Request) -> Response:
     authenticator = Authenticator.of(request)
     if not authenticator.dashboard_keyed:
@@ -76,7 +76,7 @@ async def login(request: Request) -> Response:
     return response
 
 
-@router.post("/dashboard/logout")
+@router.post("/dashboard/logout", include_in_schema=False)
 async def logout(request: Request) -> Response:
     path, secure = _cookie_scope(request)
     response = _to_dashboard(request)
