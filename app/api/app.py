@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import chat, completions, generate, models, observe, pools
@@ -31,6 +32,14 @@ def shape_for(path: str) -> ErrorShape:
     return "openai" if path.startswith(OPENAI_PREFIXES) else "sie"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: without the `root_path` a Serve route prefix adds (error
+    shapes depend on it; the full path would give SIE shapes on OpenAI routes under a prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="poolserve", version=SIE_API_VERSION)
     app.state.context = ApiContext(config=config, backend=backend)
@@ -40,15 +49,15 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-        return error_response(error, shape_for(request.url.path))
+        return error_response(error, shape_for(route_path(request.scope)))
 
     @app.exception_handler(ValidationError)
     async def invalid_body(request: Request, error: ValidationError) -> JSONResponse:
-        return error_response(validation_error(error), shape_for(request.url.path))
+        return error_response(validation_error(error), shape_for(route_path(request.scope)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(_request_validation(error), shape_for(request.url.path))
+        return error_response(_request_validation(error), shape_for(route_path(request.scope)))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -60,11 +69,15 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
         else:
             mapped = ServiceError(str(error.detail))
             mapped.status = error.status_code
-        return error_response(mapped, shape_for(request.url.path))
+        response = error_response(mapped, shape_for(route_path(request.scope)))
+        response.headers.update(error.headers or {})
+        if error.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)  # RFC 9110
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        return error_response(error, shape_for(request.url.path))
+        return error_response(error, shape_for(route_path(request.scope)))
 
     app.add_middleware(
         ApiKeyMiddleware,
@@ -83,6 +96,16 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
         )
     app.add_middleware(ServerHeaders)
     return app
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's own 405 names one route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def _request_validation(error: RequestValidationError) -> ServiceError:

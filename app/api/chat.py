@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from app.api.context import ApiContext, read_json
 from app.api.convert import chat_request
 from app.api.errors import error_object
+from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses, json_body
 from app.api.streaming import ChunkStream, sse_response
 from app.errors import GenerationCancelled, GenerationFailed, ServiceError
 from app.protocol.generation import ChoiceResult, GenerationChunk, GenerationResult
@@ -71,7 +72,11 @@ def choice_message(choice: ChoiceResult) -> dict[str, Any]:
     return message
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=json_body(ChatCompletionRequest),
+    responses={**STREAMED_OK, **error_responses("openai", *GENERATION_ERRORS)},
+)
 async def chat_completions(request: Request) -> Response:
     context = ApiContext.of(request)
     body = ChatCompletionRequest.model_validate(await read_json(request, context))

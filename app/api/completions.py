@@ -14,6 +14,7 @@ from app.api.chat import raise_if_failed, result_usage, terminal_error
 from app.api.context import ApiContext, read_json
 from app.api.convert import completion_request, responses_request
 from app.api.errors import error_object
+from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses, json_body
 from app.api.streaming import ChunkStream, sse_response
 from app.errors import ServiceError
 from app.protocol.generation import GenerationChunk, GenerationResult
@@ -37,7 +38,11 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, top_n: int) -> dic
     }
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    openapi_extra=json_body(CompletionRequest),
+    responses={**STREAMED_OK, **error_responses("openai", *GENERATION_ERRORS)},
+)
 async def completions(request: Request) -> Response:
     context = ApiContext.of(request)
     body = CompletionRequest.model_validate(await read_json(request, context))
@@ -118,7 +123,11 @@ class CompletionStreamFormatter:
         return {**self._base, "choices": [], "error": error_object(error, "openai")}
 
 
-@router.post("/v1/responses")
+@router.post(
+    "/v1/responses",
+    openapi_extra=json_body(ResponsesRequest),
+    responses={**STREAMED_OK, **error_responses("openai", *GENERATION_ERRORS)},
+)
 async def responses(request: Request) -> Response:
     context = ApiContext.of(request)
     body = ResponsesRequest.model_validate(await read_json(request, context))

@@ -11,6 +11,7 @@ from app.api.chat import raise_if_failed, terminal_error, usage_of
 from app.api.context import ApiContext, read_json
 from app.api.convert import generate_request, model_from_path
 from app.api.errors import error_object
+from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses, json_body
 from app.api.streaming import ChunkStream, sse_response
 from app.errors import ServiceError
 from app.protocol.generation import GenerationChunk, GenerationResult
@@ -19,7 +20,11 @@ from app.protocol.sie import GenerateRequest
 router = APIRouter()
 
 
-@router.post("/v1/generate/{model:path}")
+@router.post(
+    "/v1/generate/{model:path}",
+    openapi_extra=json_body(GenerateRequest),
+    responses={**STREAMED_OK, **error_responses("sie", *GENERATION_ERRORS)},
+)
 async def generate(model: str, request: Request) -> Response:
     context = ApiContext.of(request)
     model_id = model_from_path(model)

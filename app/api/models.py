@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.api.context import ApiContext
+from app.api.openapi import error_responses
 from app.config import AppConfig, ModelConfig
 from app.errors import ModelNotFound
 from app.pools.model import pool_list_item
@@ -166,7 +167,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": infos, "models": infos}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses("openai", 404))
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     context, report = await _health(request)
     model = context.config.model(model_id)

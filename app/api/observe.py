@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,7 +54,7 @@ async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
     return {"workers": workers, "pools": pools, "autoscaler": status, "errors": errors}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus_metrics(request: Request) -> Response:
     await refresh_snapshot(ApiContext.of(request))
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

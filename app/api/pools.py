@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.api.context import ApiContext, read_json
+from app.api.openapi import error_responses, json_body
 from app.errors import InvalidRequest, PoolNotFound
 from app.pools.model import (
     DEFAULT_POOL,
@@ -64,7 +65,11 @@ async def _default_pool(context: ApiContext) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/pools")
+@router.post(
+    "/v1/pools",
+    openapi_extra=json_body(PoolRequest),
+    responses=error_responses("sie", 400, 413, 415),
+)
 async def create_pool(request: Request) -> dict[str, Any]:
     context = ApiContext.of(request)
     spec = spec_from_request(
@@ -80,7 +85,7 @@ async def list_pools(request: Request) -> dict[str, Any]:
     return {"pools": [pool_list_item(record) for record in records]}
 
 
-@router.get("/v1/pools/{name}")
+@router.get("/v1/pools/{name}", responses=error_responses("sie", 404))
 async def get_pool(name: str, request: Request) -> dict[str, Any]:
     context = ApiContext.of(request)
     if normalize_name(name) == DEFAULT_POOL:
@@ -91,7 +96,7 @@ async def get_pool(name: str, request: Request) -> dict[str, Any]:
     return await _body(context, record)
 
 
-@router.delete("/v1/pools/{name}")
+@router.delete("/v1/pools/{name}", responses=error_responses("sie", 400, 404))
 async def delete_pool(name: str, request: Request) -> dict[str, Any]:
     context = ApiContext.of(request)
     if normalize_name(name) == DEFAULT_POOL:
@@ -101,7 +106,7 @@ async def delete_pool(name: str, request: Request) -> dict[str, Any]:
     return {"name": normalize_name(name), "deleted": True}
 
 
-@router.post("/v1/pools/{name}/renew")
+@router.post("/v1/pools/{name}/renew", responses=error_responses("sie", 404, 410))
 async def renew_pool(name: str, request: Request) -> dict[str, Any]:
     context = ApiContext.of(request)
     if normalize_name(name) == DEFAULT_POOL:
