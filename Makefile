@@ -13,7 +13,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model serve stop test test-all lint typecheck check clean
+.PHONY: install model serve stop test test-all soak lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: model
 
 test-all: model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
+# load above capacity for SOAK_ARGS (default 10 min, never over 30); result in docs/reliability.md
+SOAK_ARGS ?=
+soak: model
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks

@@ -87,6 +87,7 @@ def report_cases() -> Iterator[None]:
     deadline=None,
     derandomize=True,
     suppress_health_check=list(hypothesis.HealthCheck),
+    database=None,
 )
 def test_api_contract(case: Any, fake_url: str) -> None:
     CASES[f"{case.method} {case.path}"] += 1
