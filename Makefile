@@ -13,7 +13,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model serve stop test test-all soak lint typecheck check clean
+.PHONY: install model serve stop test test-all soak bench lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-all: model
 SOAK_ARGS ?=
 soak: model
 	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
+# Side-by-side benchmark (issue 9; ~25-35 min, not part of `make test`): bare vLLM, Ray Serve LLM
+# (from .venv-rayllm, made on demand) and poolserve, one at a time, with `vllm bench serve`.
+BENCH_ARGS ?= --markdown .cache/bench/results.md
+bench: model
+	$(PY) benchmarks/compare.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks

@@ -198,6 +198,7 @@ def start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
         stderr=log_path.open("w"),
         text=True,
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # a private cluster
         start_new_session=True,
     )
     host = Host(system, tag, process, f"http://127.0.0.1:{port}", 0.0)
