@@ -1,0 +1,87 @@
+"""Smoke version of the side-by-side benchmark (benchmarks/compare.py, `make bench`): its
+null-engine variant, tiny, end to end. compare.py starts poolserve with the fake engine on a
+private local Ray cluster (a subprocess: no conflict with the session cluster of conftest.py),
+then the minimal single-process HTTP baseline, drives both with `vllm bench serve`, kills each
+process tree, and prints its table. No real engine, no network, no .venv-rayllm."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+from scripts.stack import process_tree
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 240
+
+
+def test_compare_null_engine_smoke(tmp_path: Path) -> None:
+    report = tmp_path / "bench.md"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare.py"),
+            "--rounds=0",
+            "--null-streams=1,4",
+            "--null-prompts=4",
+            "--null-tokens=32",
+            f"--log-dir={tmp_path}",
+            f"--markdown={report}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "## Null engine" in result.stdout
+    table = report.read_text()
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ x 32 \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1 x 32", "4 x 32"], table
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0, row  # tokens/s through both
+        assert cells[-1] == "0/8", row  # no failed request (4 prompts x 2 servers)
+    # every process compare.py started is gone (its hosts name their tag on the command line)
+    assert not process_tree(lambda cmdline: "--tag=bench-" in cmdline and str(tmp_path) in cmdline)
+
+
+def test_main_table_ratios() -> None:
+    """The ratio rows: ours / bare vLLM and ours / Ray Serve LLM from the mean over rounds."""
+
+    def metrics(tok_s: float, ttft: float) -> dict[str, float]:
+        return {
+            "output_tok_s": tok_s,
+            "ttft_p50_ms": ttft,
+            "ttft_p99_ms": 2 * ttft,
+            "tpot_p50_ms": 50.0,
+            "completed": 4,
+            "errors": 0,
+        }
+
+    records = []
+    for round_index, (ours, vllm, rayllm) in enumerate([(95, 100, 80), (105, 100, 80)], 1):
+        for system, tok_s, ttft in (
+            ("ours", ours, 102.0),
+            ("vllm", vllm, 100.0),
+            ("rayllm", rayllm, 204.0),
+        ):
+            record = compare.RunRecord(system, round_index)
+            record.results["random c=1"] = metrics(tok_s, ttft)
+            records.append(record)
+    table = compare.main_table(records, ["random c=1"], ["vllm", "rayllm", "ours"])
+    assert "| random c=1 | poolserve | 100.0 (95.0-105.0) | 102 (102-102) |" in table
+    assert "| random c=1 | **ours / bare vLLM** | **1.00x** | **1.02x (+2 ms)** |" in table
+    assert "| random c=1 | **ours / Ray Serve LLM** | **1.25x** | **0.50x (-102 ms)** |" in table
