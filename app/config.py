@@ -29,7 +29,7 @@ class EngineSettings(ClosedModel):
     max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine runs at once.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
     cpu_kv_cache_gib: float = Field(
-        2.0, gt=0, description="KV cache size on CPU workers (VLLM_CPU_KVCACHE_SPACE)."
+        2.0, gt=0, description="KV cache size on CPU workers, in GiB (fractions allowed)."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU workers only.")
     extra_args: dict[str, Any] = Field(

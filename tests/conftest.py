@@ -90,6 +90,9 @@ def _wait_ready(base_url: str) -> None:
             report = httpx.get(f"{base_url}/health", timeout=5).json()
             if report["models"] and all(m["state"] == "loaded" for m in report["models"]):
                 return
+            failed = [m for m in report["models"] if m["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"a model failed to load at {base_url}: {failed}")
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(1)

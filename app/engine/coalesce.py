@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-_END = object()
 
 
 async def coalesce(
@@ -19,62 +18,46 @@ async def coalesce(
 ) -> AsyncGenerator[list[T], None]:
     """Yield lists of items from `source`.
 
-    A pump task reads `source` into a queue so that waiting for the window never cancels a
-    pending read. Closing this generator (client gone) cancels the pump, which closes `source`,
-    which lets the engine adapter abort its request. Exceptions of `source` are re-raised here
-    after the items that came before them have been delivered.
+    A pump task reads `source` into a mailbox so that waiting for the window never cancels a
+    pending read. The consumer wakes once per batch, not once per item: for the first batch
+    when anything arrives, later when the window ends, the batch is full or the source ended.
+    Closing this generator (client gone) cancels the pump, which closes `source`, which lets
+    the engine adapter abort its request. Exceptions of `source` are re-raised here after the
+    items that came before them have been delivered.
     """
-    queue: asyncio.Queue[object] = asyncio.Queue()
+    box: _Mailbox[T] = _Mailbox()
 
     async def pump() -> None:
         try:
             async for item in source:
-                queue.put_nowait(item)
-            queue.put_nowait(_END)
+                box.put(item)
+            box.end(None)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait(error)
+            box.end(error)
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 await aclose()
 
-    task = asyncio.get_running_loop().create_task(pump())
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(pump())
     first = True
     try:
         while True:
-            item = await queue.get()
-            batch: list[T] = []
-            if _is_terminal(item):
-                _finish(item)
-                return
-            batch.append(item)  # type: ignore[arg-type]
-            if not first and window_s > 0:
-                deadline = asyncio.get_running_loop().time() + window_s
-                while len(batch) < max_items:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                    if _is_terminal(item):
-                        yield batch
-                        _finish(item)
-                        return
-                    batch.append(item)  # type: ignore[arg-type]
+            if first or window_s <= 0:
+                await box.wait(1)
             else:
-                while len(batch) < max_items and not queue.empty():
-                    item = queue.get_nowait()
-                    if _is_terminal(item):
-                        yield batch
-                        _finish(item)
-                        return
-                    batch.append(item)  # type: ignore[arg-type]
+                await box.wait(max_items, loop.time() + window_s)
             first = False
-            yield batch
+            batch = box.take(max_items)
+            if batch:
+                yield batch
+            if box.ended and not box.items:
+                if box.error is not None:
+                    raise box.error
+                return
     finally:
         if not task.done():
             task.cancel()
@@ -82,10 +65,43 @@ async def coalesce(
             await task
 
 
-def _is_terminal(item: object) -> bool:
-    return item is _END or isinstance(item, BaseException)
+class _Mailbox(Generic[T]):
+    """Items from the pump, and one future the consumer sleeps on until there are `want`
+    items, the source ended, or its deadline passed."""
 
+    def __init__(self) -> None:
+        self.items: deque[T] = deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self._want = 1
+        self._waiter: asyncio.Future[None] | None = None
 
-def _finish(item: object) -> None:
-    if isinstance(item, BaseException):
-        raise item
+    def put(self, item: T) -> None:
+        self.items.append(item)
+        if len(self.items) >= self._want:
+            self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        self.ended, self.error = True, error
+        self._wake()
+
+    def take(self, most: int) -> list[T]:
+        count = min(most, len(self.items))
+        return [self.items.popleft() for _ in range(count)]
+
+    async def wait(self, want: int, deadline: float | None = None) -> None:
+        if self.ended or len(self.items) >= want:
+            return
+        loop = asyncio.get_running_loop()
+        self._want, self._waiter = want, loop.create_future()
+        timer = loop.call_at(deadline, self._wake) if deadline is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

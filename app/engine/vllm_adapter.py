@@ -33,13 +33,29 @@ _FINISH_REASONS: dict[str | None, FinishReason] = {
 def engine_environment(model: ModelConfig) -> dict[str, str]:
     """Environment vLLM reads at import/start; set before the first vllm import."""
     return {
-        "VLLM_CPU_KVCACHE_SPACE": f"{model.engine.cpu_kv_cache_gib:g}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def request_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses (4xx, not an engine failure)."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+def cpu_kv_cache(gib: float, extra_args: dict[str, Any]) -> dict[str, Any]:
+    """On CPU the KV cache size is explicit (any fraction of a GiB); GPUs size it from
+    gpu_memory_utilization; an explicit `kv_cache_memory_bytes` in extra_args wins."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or "kv_cache_memory_bytes" in extra_args:
+        return {}
+    return {"kv_cache_memory_bytes": int(gib * 2**30)}
 
 
 class VLLMAdapter(GenerationAdapter):
@@ -62,6 +78,8 @@ class VLLMAdapter(GenerationAdapter):
 
     async def start(self) -> None:
         os.environ.update(engine_environment(self._config))
+        # the legacy whole-GiB variable would override kv_cache_memory_bytes (cpu_kv_cache)
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         source = await asyncio.to_thread(resolve_model_source, self._config.source)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -76,6 +94,7 @@ class VLLMAdapter(GenerationAdapter):
             max_num_seqs=settings.max_num_seqs,
             enable_prefix_caching=settings.enable_prefix_caching,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            **cpu_kv_cache(settings.cpu_kv_cache_gib, settings.extra_args),
             disable_log_stats=False,
             enable_lora=bool(self._config.lora_adapters),
             max_lora_rank=self._config.max_lora_rank,
@@ -211,7 +230,10 @@ class VLLMAdapter(GenerationAdapter):
         engine = self._engine
         if engine is None:
             raise ModelLoading(f"model '{self.model_id}' is loading")
-        params = self._sampling_params(request, len(prompt_ids))
+        try:
+            params = self._sampling_params(request, len(prompt_ids))
+        except request_errors() as error:  # vLLM's checks, e.g. n > 1 with greedy sampling
+            raise InvalidRequest(str(error)) from error
         sampling = request.sampling
         chunks = self._stream(engine, request, prompt_ids, params)
         if (sampling.best_of or 0) > sampling.n:
@@ -240,7 +262,7 @@ class VLLMAdapter(GenerationAdapter):
         try:
             try:
                 output = await anext(outputs)
-            except ValueError as error:  # vLLM's request validation (bad schema, token ids)
+            except request_errors() as error:  # vLLM's validation (bad schema, token ids)
                 raise InvalidRequest(str(error)) from error
             while True:
                 is_first = False

@@ -74,6 +74,8 @@ JSON_CASES: list[tuple[str, str, Any, int, str]] = [
     ),
     ("chat-temperature-string", CHAT, chat(temperature="hot"), 400, "invalid_request"),
     ("chat-temperature-negative", CHAT, chat(temperature=-1), 400, "invalid_request"),
+    # the engine's own check (vLLM: greedy sampling allows one candidate), not a 500
+    ("chat-n-with-greedy", CHAT, chat(n=2, temperature=0, max_tokens=2), 400, "invalid_request"),
     ("chat-top-p-zero", CHAT, chat(top_p=0), 400, "invalid_request"),
     ("chat-top-p-over-one", CHAT, chat(top_p=1.5), 400, "invalid_request"),
     ("chat-top-k-zero", CHAT, chat(top_k=0), 400, "invalid_request"),

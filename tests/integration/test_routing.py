@@ -1,0 +1,259 @@
+"""KV- and prefix-aware routing across two real vLLM workers (a third Serve app, `affinity`, in
+the session cluster): follow-up turns find their prefix cached, a worker without KV headroom
+is passed over, and 200 random cancellations and disconnects leave no handle and no block."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app import metrics
+from app.protocol.generation import ChatTurn, GenerationChunk, GenerationRequest, SamplingOptions
+from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
+from tests.conftest import REAL_MODEL, Stack
+
+pytestmark = pytest.mark.integration
+APP = "affinity"
+WORDS = (
+    "river mountain lantern orchard copper meadow harbor violet thunder quartz willow ember "
+    "falcon glacier saffron canyon marble juniper tundra cobalt prairie beacon sierra"
+).split()
+
+
+def app_args() -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "id": REAL_MODEL,
+                "source": "embedded:smollm2",
+                "engine": {"max_model_len": 2048, "cpu_kv_cache_gib": 0.25, "max_num_seqs": 16},
+            }
+        ],
+        "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
+        "routing": {"stats_period_seconds": 0.5},
+        "worker_heartbeat_seconds": 0.5,
+    }
+
+
+@pytest.fixture(scope="module")
+def two_workers(stack: Stack) -> Iterator[str]:
+    from ray import serve
+
+    from app.builder import build_app
+
+    serve.run(build_app(app_args()), name=APP, route_prefix=f"/{APP}", blocking=False)
+    base = f"{stack.base_url}/{APP}"
+    try:
+        deadline = time.monotonic() + 600
+        while len(ready_workers(base)) < 2:
+            failed = [w for w in health(base)["workers"] if w["state"] == "failed"]
+            assert not failed, f"a worker failed to load: {failed}"
+            assert time.monotonic() < deadline, "two workers never became ready"
+            time.sleep(1)
+        yield base
+    finally:
+        serve.delete(APP)
+
+
+def health(base: str) -> dict[str, Any]:
+    try:
+        body: dict[str, Any] = httpx.get(f"{base}/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError):  # the app is still deploying
+        return {"workers": []}
+    return body
+
+
+def ready_workers(base: str) -> dict[str, dict[str, Any]]:
+    return {w["name"]: w for w in health(base)["workers"] if w["state"] == "ready"}
+
+
+def wait_until(base: str, predicate: Any, timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = ready_workers(base)
+        if predicate(workers):
+            return workers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers never satisfied the condition: {workers}")
+        time.sleep(0.25)
+
+
+def idle(workers: dict[str, dict[str, Any]]) -> bool:
+    return len(workers) == 2 and all(
+        w["kv_handles_open"] == 0
+        and w["kv_blocks_used"] == 0
+        and w["kv_waiting"] == 0
+        and w["queue_depth"] == 0
+        and w["kv_engine_usage"] == 0
+        for w in workers.values()
+    )
+
+
+def decisions(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "poolserve_routing_decisions_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def document(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def generation(
+    messages: tuple[ChatTurn, ...], max_new_tokens: int = 4, n: int = 1, **fields: Any
+) -> GenerationRequest:
+    greedy = n == 1  # vLLM refuses n > 1 with greedy sampling
+    sampling = SamplingOptions(
+        max_new_tokens=max_new_tokens, n=n, temperature=0.0 if greedy else 1.0, ignore_eos=True
+    )
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        model=REAL_MODEL,
+        messages=messages,
+        sampling=sampling,
+        **fields,
+    )
+
+
+def run(stack: Stack, request: GenerationRequest) -> GenerationChunk:
+    handle = stack.handle("Generator-cpu", APP).options(stream=True)
+    chunks = [chunk for batch in handle.generate.remote(request) for chunk in batch]
+    assert chunks[-1].done and chunks[-1].error_code is None, chunks[-1]
+    return chunks[-1]
+
+
+def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_workers: str) -> None:
+    rng = random.Random(7)
+    sessions = [document(rng, 260) for _ in range(6)]  # ~2,000 chars, > 3 KV blocks each
+    prefix_before, home_before = decisions("prefix"), decisions("home")
+    misses = []
+    for turn in range(3):
+        for number, doc in enumerate(sessions):
+            messages = (
+                ChatTurn("system", f"Session {number}. Answer from this document:\n{doc}"),
+                ChatTurn("user", f"Question {turn}: which word comes first?"),
+            )
+            terminal = run(stack, generation(messages))
+            if turn and (terminal.cached_tokens or 0) < 256:
+                misses.append((number, turn, terminal.cached_tokens, terminal.prompt_tokens))
+    assert not misses, f"follow-ups that missed their cached prefix: {misses}"
+    assert decisions("home") - home_before == len(sessions)
+    assert decisions("prefix") - prefix_before == 2 * len(sessions)
+
+
+def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: str) -> None:
+    workers = wait_until(two_workers, idle)
+    ids = sorted(workers)
+    busy, spare = ids[0], ids[1]
+    total = workers[busy]["kv_blocks_total"]
+
+    def keyed_home_on(worker: str, tag: str) -> str:
+        for attempt in range(1000):
+            key = f"{tag}-{attempt}"
+            probe = generation((ChatTurn("user", "hi"),), prompt_cache_key=key)
+            if rendezvous_home(affinity_keys(probe)[0], ids) == worker:
+                return key
+        raise AssertionError("no key found")
+
+    # hold most of `busy`'s blocks with one long request (budgets are reserved up front)
+    per_candidate = 1900 // 128 + 1
+    hog = generation(
+        (ChatTurn("user", "Count slowly."),),
+        max_new_tokens=1900,
+        n=max(1, (total - 8) // per_candidate),
+        prompt_cache_key=keyed_home_on(busy, "hog"),
+    )
+    handle = stack.handle("Generator-cpu", APP).options(stream=True)
+    hogging = handle.generate.remote(hog)
+    try:
+        assert next(iter(hogging))
+        workers = wait_until(two_workers, lambda w: w[busy]["kv_handles_open"] == 1)
+        free = total - workers[busy]["kv_blocks_used"]
+        time.sleep(1.5)  # routing stats reach the router (period 0.5 s)
+        # a request the router estimates at more blocks than `busy` has free (but that fits
+        # on the idle `spare`), whose affinity home is `busy`
+        key = keyed_home_on(busy, "probe")
+        for n in range(1, 8):
+            probe = generation((ChatTurn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
+            if estimated_blocks(probe, 128) > free:
+                break
+        assert free < estimated_blocks(probe, 128) <= total
+        headroom_before = decisions("headroom")
+        probing = handle.generate.remote(probe)
+        try:
+            assert next(iter(probing))
+            workers = wait_until(two_workers, lambda w: w[spare]["kv_handles_open"] == 1)
+            assert workers[busy]["kv_handles_open"] == 1 and workers[busy]["kv_waiting"] == 0
+            assert decisions("headroom") - headroom_before == 1
+        finally:
+            probing.cancel()
+    finally:
+        hogging.cancel()
+    wait_until(two_workers, idle)
+
+
+def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_workers: str) -> None:
+    rng = random.Random(11)
+    shared = [document(rng, 150) for _ in range(4)]
+    outcomes: dict[str, int] = {}
+
+    async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, number: int) -> None:
+        local = random.Random(number)
+        system = local.choice(shared) if local.random() < 0.7 else document(local, 40)
+        body = {
+            "model": REAL_MODEL,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Request {number}: continue the list."},
+            ],
+            "max_tokens": local.randint(8, 64),
+            "stream": local.random() < 0.8,
+        }
+        mode = local.choice(["before_first_byte", "mid_stream", "mid_stream", "complete"])
+        async with gate:
+            try:
+                if mode == "before_first_byte":
+                    await client.post(
+                        "/v1/chat/completions", json=body, timeout=local.uniform(0.01, 0.3)
+                    )
+                elif not body["stream"]:
+                    await client.post(
+                        "/v1/chat/completions",
+                        json=body,
+                        timeout=60 if mode == "complete" else local.uniform(0.05, 1.0),
+                    )
+                else:
+                    stop_after = local.randint(1, 6) if mode == "mid_stream" else 10**6
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", json=body, timeout=60
+                    ) as response:
+                        seen = 0
+                        async for line in response.aiter_lines():
+                            seen += line.startswith("data:")
+                            if seen >= stop_after:
+                                break
+                outcomes[mode] = outcomes.get(mode, 0) + 1
+            except httpx.TimeoutException:
+                outcomes["timed_out"] = outcomes.get("timed_out", 0) + 1
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(24)
+        async with httpx.AsyncClient(base_url=two_workers) as client:
+            await asyncio.gather(*(one(client, gate, number) for number in range(200)))
+
+    asyncio.run(main())
+    assert sum(outcomes.values()) == 200
+    assert outcomes.get("timed_out", 0) > 10 and outcomes.get("mid_stream", 0) > 40
+    workers = wait_until(two_workers, idle, timeout_s=60)
+    assert all(w["kv_blocks_total"] > 0 for w in workers.values())
+    # and both workers still serve
+    for prompt_cache_key in ("after-1", "after-2", "after-3"):
+        run(stack, generation((ChatTurn("user", "hi"),), prompt_cache_key=prompt_cache_key))
