@@ -2,7 +2,7 @@
 the first chunk through Ray Serve streaming handles, for 1 and 64 concurrent streams. The
 baseline, in the same run, is one Ray object per token (coalescing off).
 
-    .venv/bin/python benchmarks/stream_overhead.py [--tokens 4000]
+    .venv/bin/python benchmarks/stream_overhead.py [--tokens-per-stream 1000]
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ async def measure(handle: object, streams: int, tokens_per_stream: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--tokens", type=int, default=4000, help="tokens per run (split over streams)"
-    )
+    parser.add_argument("--tokens-per-stream", type=int, default=1000)
     args = parser.parse_args()
     ray.init(
         address="local",
@@ -106,7 +104,7 @@ def main() -> None:
             time.sleep(3)  # first heartbeat; the fake loads instantly
             asyncio.run(measure(handle, 1, 200))  # warm-up
             for streams in (1, 64):
-                result = asyncio.run(measure(handle, streams, max(1, args.tokens // streams)))
+                result = asyncio.run(measure(handle, streams, args.tokens_per_stream))
                 rows.append((name, streams, result))
             serve.delete(app_name)
     finally:
