@@ -104,8 +104,10 @@ async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncItera
     batches = stream.batches()
     try:
         async for batch in batches:
-            for payload in formatter.feed(batch):
-                yield sse_event(payload)
+            # one write per batch, not per token: a coalesced batch carries many events
+            payloads = formatter.feed(batch)
+            if payloads:
+                yield b"".join(sse_event(payload) for payload in payloads)
             if formatter.finished:
                 break
         else:
