@@ -38,7 +38,6 @@ import io
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -48,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +91,7 @@ class Workload:
 @dataclass
 class RunRecord:
     system: str
-    round: int
+    round: str
     startup_s: float = 0.0
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -366,6 +365,7 @@ def profile_run(
                     str(seconds),
                     "--rate",
                     "50",
+                    "--gil",
                     "--format",
                     "raw",
                     "--nonblocking",
@@ -390,10 +390,28 @@ def profile_run(
     return summaries
 
 
-def summarize_profile(path: Path, top: int = 8) -> list[tuple[str, float, float]]:
-    """(function, self %, inclusive %) of the busiest functions in py-spy's raw output,
-    idle threads (waiting in select/epoll/sleep/lock waits) left out."""
-    idle = re.compile(r"\b(select|poll|epoll_wait|_worker|wait|sleep|acquire|get)\b \(")
+GENERIC_FRAMES = (
+    "Thread.run",
+    "Thread._bootstrap",
+    "_run_user_code_event_loop",
+    "_WorkItem.run",
+    "main_loop",
+    "<module>",
+    "_run_once",
+    "run_forever",
+    "Handle._run",
+    "Runner.run",
+    "_run_router_event_loop",
+    "run_until_complete",
+    "asyncio_run",
+    "Context.run",
+)
+
+
+def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) from py-spy's raw output (recorded with --gil: only
+    samples where the thread held the GIL, i.e. Python work), ranked by inclusive share;
+    event-loop and thread wrappers left out."""
     self_samples: dict[str, int] = {}
     incl_samples: dict[str, int] = {}
     total = 0
@@ -402,18 +420,17 @@ def summarize_profile(path: Path, top: int = 8) -> list[tuple[str, float, float]
         if not stack or not count_text.isdigit():
             continue
         frames = stack.split(";")
-        if idle.search(frames[-1]):
-            continue
         count = int(count_text)
         total += count
         self_samples[frames[-1]] = self_samples.get(frames[-1], 0) + count
-        for frame in set(frames[1:]):
-            incl_samples[frame] = incl_samples.get(frame, 0) + count
+        for frame in set(frames):
+            if not any(generic in frame for generic in GENERIC_FRAMES):
+                incl_samples[frame] = incl_samples.get(frame, 0) + count
     if not total:
         return []
-    ranked = sorted(self_samples.items(), key=lambda item: -item[1])[:top]
+    ranked = sorted(incl_samples.items(), key=lambda item: -item[1])[:top]
     return [
-        (name, 100 * count / total, 100 * incl_samples.get(name, count) / total)
+        (name, 100 * self_samples.get(name, 0) / total, 100 * count / total)
         for name, count in ranked
     ]
 
@@ -570,7 +587,7 @@ def main_table(records: list[RunRecord], names: list[str], systems: list[str]) -
 
 def runs_table(records: list[RunRecord]) -> str:
     lines = [
-        "| round | system | startup s | load avg before (1/5/15 min) | after | wall s | note |",
+        "| round | system | startup s | load avg before (1/5/15 min) | after | workloads s | note |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -607,9 +624,9 @@ def null_table(rows: list[dict[str, Any]]) -> str:
 def profile_section(profiles: dict[str, list[tuple[str, float, float]]]) -> str:
     parts = []
     for role, rows in profiles.items():
-        parts.append(f"\n{role} (py-spy, busy samples only):\n")
-        parts.append("| function | self % | inclusive % |\n|---|---|---|")
-        parts.extend(f"| `{name}` | {own:.1f} | {incl:.1f} |" for name, own, incl in rows)
+        parts.append(f"\n{role} (py-spy --gil: share of the samples that held the GIL):\n")
+        parts.append("| function | inclusive % | self % |\n|---|---|---|")
+        parts.extend(f"| `{name}` | {incl:.1f} | {own:.1f} |" for name, own, incl in rows)
     return "\n".join(parts)
 
 
@@ -652,6 +669,72 @@ def running(system: str, log_dir: Path) -> Iterator[Host]:
         stop_host(host)
 
 
+def run_system(
+    args: argparse.Namespace,
+    system: str,
+    round_index: int,
+    items: list[Workload],
+    records: list[RunRecord],
+    profiles: dict[str, list[tuple[str, float, float]]],
+    log_file: Path,
+) -> None:
+    """One start of `system`: warm-up, then `--passes` passes over the workloads (fresh prompts
+    each pass: no prefix-cache hits from an earlier pass), then stop. One RunRecord per pass."""
+    started = time.monotonic()
+    passes = [
+        RunRecord(system, f"{round_index}" if args.passes == 1 else f"{round_index}.{p + 1}")
+        for p in range(args.passes)
+    ]
+    records.extend(passes)
+    current = passes[0]
+    current.load_before = os.getloadavg()
+    try:
+        with running(system, args.log_dir) as host:
+            current.startup_s = host.startup_s
+            if args.warmup_prompts:
+                warmup = Workload(
+                    "warm-up",
+                    args.warmup_prompts,
+                    args.warmup_prompts,
+                    args.input_len,
+                    8,
+                    seed=1,
+                )
+                run_bench(host.base_url, MODEL_ID, warmup, log_file)
+            for index, current in enumerate(passes):
+                pass_started = time.monotonic()
+                if index:
+                    current.load_before = os.getloadavg()
+                for workload in items:
+                    workload = replace(workload, seed=workload.seed + 1000 * index)
+                    metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
+                    current.results[workload.name] = metrics
+                    log(
+                        f"round {current.round} {system:6} {workload.name:22} "
+                        f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
+                        f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
+                        f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
+                        f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
+                    )
+                current.load_after = os.getloadavg()
+                current.wall_s = time.monotonic() - pass_started
+            if args.profile and round_index == args.rounds and system in ("ours", "vllm") and items:
+                heavy = max(items, key=lambda w: w.concurrency)
+                profiled = replace(
+                    heavy, name="profiled", num_prompts=2 * heavy.num_prompts, seed=999
+                )
+                for role, rows in profile_run(
+                    host, profiled, args.log_dir, args.profile, log_file
+                ).items():
+                    profiles[f"{SYSTEMS[system]}: {role}"] = rows
+    except Exception as error:  # noqa: BLE001 (one system failing must not lose the others' figures)
+        current.error = f"failed: {str(error).splitlines()[0][:160]}"
+        log(f"{system}: {current.error}")
+    if current.load_after == (0.0, 0.0, 0.0):
+        current.load_after = os.getloadavg()
+    log(f"{system}: {time.monotonic() - started:.0f} s from start to stop")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part]
@@ -667,7 +750,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--systems", type=names, default=list(SYSTEMS), help="vllm,rayllm,ours")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="system starts each, interleaved across systems"
+    )
+    parser.add_argument(
+        "--passes", type=int, default=1, help="passes over the workloads per system start"
+    )
     parser.add_argument("--concurrency", type=ints, default=[1, 8, 32])
     parser.add_argument(
         "--num-prompts", type=int, default=16, help="per workload (at least its concurrency)"
@@ -712,62 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(1, args.rounds + 1):
         order = args.systems if round_index % 2 else list(reversed(args.systems))
         for system in order:
-            record = RunRecord(system, round_index, load_before=os.getloadavg())
-            records.append(record)
-            system_started = time.monotonic()
-            try:
-                with running(system, args.log_dir) as host:
-                    record.startup_s = host.startup_s
-                    if args.warmup_prompts:
-                        run_bench(
-                            host.base_url,
-                            MODEL_ID,
-                            Workload(
-                                "warm-up",
-                                args.warmup_prompts,
-                                args.warmup_prompts,
-                                args.input_len,
-                                8,
-                                seed=1,
-                            ),
-                            log_file,
-                        )
-                    for workload in items:
-                        metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
-                        record.results[workload.name] = metrics
-                        log(
-                            f"round {round_index} {system:6} {workload.name:22} "
-                            f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
-                            f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
-                            f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
-                            f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
-                        )
-                    record.load_after = os.getloadavg()
-                    if (
-                        args.profile
-                        and round_index == args.rounds
-                        and system in ("ours", "vllm")
-                        and items
-                    ):
-                        heavy = max(items, key=lambda w: w.concurrency)
-                        profiled = Workload(
-                            "profiled",
-                            heavy.concurrency,
-                            heavy.num_prompts * 2,
-                            heavy.input_len,
-                            heavy.output_len,
-                            seed=999,
-                        )
-                        for role, rows in profile_run(
-                            host, profiled, args.log_dir, args.profile, log_file
-                        ).items():
-                            profiles[f"{SYSTEMS[system]}: {role}"] = rows
-            except Exception as error:  # noqa: BLE001 (one system failing must not lose the others' figures)
-                record.error = f"failed: {str(error).splitlines()[0][:160]}"
-                log(f"{system}: {record.error}")
-            if record.load_after == (0.0, 0.0, 0.0):
-                record.load_after = os.getloadavg()
-            record.wall_s = time.monotonic() - system_started
+            run_system(args, system, round_index, items, records, profiles, log_file)
 
     null_rows: list[dict[str, Any]] = []
     if args.null_streams:
@@ -781,7 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- workloads: random dataset, input {args.input_len} / output {args.output_len} tokens "
         f"(fixed), {args.num_prompts} prompts per workload (at least its concurrency); prefix "
         f"workload: {args.prefix_len}-token shared prefix + {args.input_len} random tokens; "
-        f"{args.rounds} round(s), interleaved; cells: mean (min-max over rounds)",
+        f"{args.rounds} round(s) interleaved across systems (each a fresh start), {args.passes} "
+        "pass(es) per start; cells: mean (min-max over rounds and passes)",
         f"- total wall time: {(time.monotonic() - started) / 60:.1f} min",
     ]
     if records:

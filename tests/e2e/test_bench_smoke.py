@@ -78,7 +78,7 @@ def test_main_table_ratios() -> None:
             ("vllm", vllm, 100.0),
             ("rayllm", rayllm, 204.0),
         ):
-            record = compare.RunRecord(system, round_index)
+            record = compare.RunRecord(system, str(round_index))
             record.results["random c=1"] = metrics(tok_s, ttft)
             records.append(record)
     table = compare.main_table(records, ["random c=1"], ["vllm", "rayllm", "ours"])
