@@ -405,6 +405,7 @@ GENERIC_FRAMES = (
     "run_until_complete",
     "asyncio_run",
     "Context.run",
+    "_worker (concurrent",
 )
 
 
