@@ -177,7 +177,20 @@ class Host:
         return found
 
 
-def start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
+def start_host(system: str, log_dir: Path, attempts: int = 2) -> Host:
+    """Start `system`; one more try if its host dies before it is ready (on a 2-core machine
+    under heavy load `ray.init` can time out waiting 30 s for its own raylet)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_host(system, log_dir)
+        except RuntimeError as error:
+            if attempt == attempts:
+                raise
+            log(f"{system}: {str(error).splitlines()[0]}; trying again")
+    raise AssertionError("unreachable")
+
+
+def _start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
     python = ensure_rayllm_venv() if system == "rayllm" else Path(sys.executable)
     tag = f"bench-{system}-{uuid.uuid4().hex[:6]}"
     port = free_port()
@@ -209,7 +222,7 @@ def start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
             break
     if not line.startswith("READY"):
         stop_host(host)
-        raise RuntimeError(f"{system} did not start; see {log_path}: {tail(log_path)}")
+        raise RuntimeError(f"{system} did not start (see {log_path}):\n{tail(log_path)}")
     host.startup_s = time.monotonic() - started
     log(f"{system} ready in {host.startup_s:.0f} s")
     return host
@@ -804,8 +817,13 @@ def main(argv: list[str] | None = None) -> int:
             run_system(args, system, round_index, items, records, profiles, log_file)
 
     null_rows: list[dict[str, Any]] = []
+    null_error = ""
     if args.null_streams:
-        null_rows = null_engine(args, args.log_dir, log_file)
+        try:
+            null_rows = null_engine(args, args.log_dir, log_file)
+        except Exception as error:  # noqa: BLE001 (still print what the systems measured)
+            null_error = f"null-engine variant failed: {str(error).splitlines()[0][:200]}"
+            log(null_error)
 
     names = [w.name for w in items]
     sections = [
@@ -827,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
             "\n## Null engine (poolserve + fake engine, no token delay)\n",
             null_table(null_rows),
         ]
+    if null_error:
+        sections += ["\n## Null engine\n", null_error]
     if profiles:
         sections += ["\n## Profiles\n", profile_section(profiles)]
     report = "\n".join(sections) + "\n"
@@ -839,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         r for r in records if any(m["errors"] for m in r.results.values())
     ]
     null_failed = any(row["http"]["errors"] or row["minimal"]["errors"] for row in null_rows)
-    return 1 if failed or null_failed else 0
+    return 1 if failed or null_failed or null_error or SURVIVORS else 0
 
 
 if __name__ == "__main__":
