@@ -391,8 +391,21 @@ def profile_run(
             path,
         )
     log(f"py-spy on {', '.join(f'{r}={p}' for r, p in targets.items())} for {seconds} s")
+    before = cpu_seconds(host.pids())
+    started = time.monotonic()
     run_bench(host.base_url, MODEL_ID, workload, log_file)
-    summaries = {}
+    elapsed = time.monotonic() - started
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in cpu_seconds(host.pids()).items():
+        used[name] = used.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    summaries: dict[str, list[tuple[str, float, float]]] = {
+        f"CPU time per process during the run ({elapsed:.0f} s wall, "
+        f"{sum(used.values()):.0f} CPU s)": [
+            (name, seconds, 100 * seconds / max(elapsed, 1e-9))
+            for name, seconds in sorted(used.items(), key=lambda item: -item[1])
+            if seconds >= 0.05
+        ]
+    }
     for role, (recorder, path) in recorders.items():
         try:
             recorder.wait(timeout=seconds + 60)
@@ -420,6 +433,34 @@ GENERIC_FRAMES = (
     "Context.run",
     "_worker (concurrent",
 )
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (process name, user + system CPU seconds so far). Names: Ray's proctitle
+    (`ray::ServeReplica:app:Ingress` -> `Ingress`), vLLM's (`VLLM::EngineCore`), else the
+    program."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        argv0 = cmdline[0].decode(errors="replace").strip()
+        if argv0.startswith("ray::"):
+            name = argv0.split(":")[-1].split(".")[0] or argv0  # less the running method
+        elif argv0.startswith("VLLM::") or " " in argv0:
+            name = argv0.split()[0]
+        else:
+            program = Path(argv0).name
+            script = next(
+                (a.decode(errors="replace") for a in cmdline[1:] if a.endswith(b".py")), ""
+            )
+            module = cmdline[2].decode(errors="replace") if cmdline[1:2] == [b"-m"] else ""
+            name = Path(script).name or module or program
+        found[pid] = (name, (int(stat[11]) + int(stat[12])) / ticks)
+    return found
 
 
 def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float]]:
@@ -638,6 +679,11 @@ def null_table(rows: list[dict[str, Any]]) -> str:
 def profile_section(profiles: dict[str, list[tuple[str, float, float]]]) -> str:
     parts = []
     for role, rows in profiles.items():
+        if "CPU time per process" in role:
+            parts.append(f"\n{role}:\n")
+            parts.append("| process | CPU s | % of one core |\n|---|---|---|")
+            parts.extend(f"| {name} | {cpu:.1f} | {share:.0f} |" for name, cpu, share in rows)
+            continue
         parts.append(f"\n{role} (py-spy --gil: share of the samples that held the GIL):\n")
         parts.append("| function | inclusive % | self % |\n|---|---|---|")
         parts.extend(f"| `{name}` | {incl:.1f} | {own:.1f} |" for name, own, incl in rows)
