@@ -134,6 +134,7 @@ class RssSampler:
         """Per kind, summed over its processes: RSS at the first sample after `since`, at the
         end, the max, and how many processes of that kind came and went."""
         series: dict[str, list[int]] = defaultdict(list)
+        times: dict[str, list[float]] = defaultdict(list)
         pids: dict[str, set[int]] = defaultdict(set)
         for at, seen in self.samples:
             if at < since:
@@ -144,6 +145,7 @@ class RssSampler:
                 pids[kind].add(pid)
             for kind in set(series) | set(totals):
                 series[kind].append(totals.get(kind, 0))
+                times[kind].append(at - since)
         mib = 2**20
         return {
             kind: {
@@ -152,6 +154,10 @@ class RssSampler:
                 "end_mib": values[-1] / mib,
                 "max_mib": max(values) / mib,
                 "growth_pct": 100.0 * (values[-1] - values[0]) / values[0] if values[0] else 0.0,
+                "series_mib": [
+                    (round(at), round(value / mib))
+                    for at, value in zip(times[kind], values, strict=True)
+                ],
             }
             for kind, values in sorted(series.items())
             if values
@@ -327,6 +333,11 @@ def report(result: dict[str, Any]) -> str:
             f"| {kind} | {rss['processes']} | {rss['start_mib']:.0f} | {rss['end_mib']:.0f} | "
             f"{rss['max_mib']:.0f} | {rss['growth_pct']:+.1f}% |"
         )
+    for kind, rss in result["rss"].items():
+        if abs(rss["growth_pct"]) >= 5:
+            every = max(1, len(rss["series_mib"]) // 10)
+            points = ", ".join(f"{at}s {mib}" for at, mib in rss["series_mib"][::every])
+            lines.append(f"{kind} over time (MiB): {points}")
     lines += ["", f"/health after: {result['health_after']}", f"verdict: {result['verdict']}"]
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from tests.conftest import FAKE_MODEL, Stack, fake_app_args
 pytestmark = pytest.mark.e2e
 
 MAX_EXAMPLES = 25
-"""Per operation and generation phase; ~16 operations keep the module well under 2 minutes."""
+"""Per operation and generation phase: 13 operations, ~1,700 cases, well under 2 minutes."""
 CASES: Counter[str] = Counter()
 
 
@@ -77,8 +77,18 @@ def fake_url(stack: Stack) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def report_cases() -> Iterator[None]:
     yield
-    total = sum(CASES.values())
-    print(f"\n[schemathesis] {total} cases over {len(CASES)} operations: {dict(CASES)}")
+    documented = {
+        f"{method.upper()} {path}"
+        for path, methods in DOCUMENT["paths"].items()
+        for method in methods
+        if not path.startswith("/dashboard")
+    }
+    tried = {key: count for key, count in CASES.items() if key in documented}
+    probes = sum(CASES.values()) - sum(tried.values())
+    print(
+        f"\n[schemathesis] {sum(CASES.values())} cases: {tried}, "
+        f"and {probes} undeclared-method probes"
+    )
 
 
 @schema.parametrize()
