@@ -8,6 +8,9 @@ PYTEST_ARGS ?=
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
+# a loaded 2-core machine can take longer than Ray's defaults to bring a node's agents up
+export RAY_agent_register_timeout_ms := 120000
+export RAY_raylet_start_wait_time_s := 120
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a loaded 2-core machine can take longer than Ray's defaults to bring a node's agents up
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 REAL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FAKE_MODEL = "fake/model"
