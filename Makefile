@@ -16,7 +16,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model serve stop test test-all soak bench lint typecheck check clean
+.PHONY: install model serve stop test test-all soak bench bench-routing lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ soak: model
 BENCH_ARGS ?= --markdown .cache/bench/results.md
 bench: model
 	$(PY) benchmarks/compare.py $(BENCH_ARGS)
+
+# KV/prefix-aware routing vs Serve's power-of-two router on two real workers, then admission under
+# 3x overload (issue 5; ~15 min, not part of `make test`).
+ROUTING_ARGS ?= --sessions 20 --kv-gib 0.375 --markdown .cache/bench/routing.md
+bench-routing: model
+	@mkdir -p .cache/bench
+	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks
