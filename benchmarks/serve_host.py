@@ -164,6 +164,9 @@ def start_ray(tag: str) -> None:
     import ray
 
     os.environ.update(engine_env())
+    # a loaded 2-core machine can take longer than Ray's defaults to bring a node's agents up
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     temp_dir = Path(tempfile.gettempdir()) / tag  # short: Ray's socket paths
     ray.init(
         address="local",
