@@ -533,15 +533,25 @@ async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def null_target(system: str, args: argparse.Namespace, log_dir: Path) -> Iterator[tuple[str, str]]:
+    """(base url, model) of a null-engine system: started here, or for `ours-null` an already
+    running poolserve app with the fake engine when --null-url is given (the test suite's)."""
+    if system == "ours-null" and args.null_url:
+        yield args.null_url.rstrip("/"), args.null_model
+        return
+    with running(system, log_dir) as host:
+        yield host.base_url, NULL_MODEL_ID
+
+
 def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list[dict[str, Any]]:
     """Per stream count: poolserve + fake engine over HTTP, the fake engine behind a minimal
     single-process HTTP server (fake-http), and the fake engine in-process."""
     measured: dict[str, dict[int, dict[str, Any]]] = {}
     for system in ("ours-null", "fake-http"):
-        host = start_host(system, log_dir)
-        try:
+        with null_target(system, args, log_dir) as (base_url, model):
             run_bench(  # warm-up: first requests pay imports and connection setup
-                host.base_url, NULL_MODEL_ID, Workload("warm-up", 4, 8, 32, 16, seed=7), log_file
+                base_url, model, Workload("warm-up", 4, 8, 32, 16, seed=7), log_file
             )
             for streams in args.null_streams:
                 workload = Workload(
@@ -553,15 +563,13 @@ def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list
                     seed=300 + streams,
                 )
                 measured.setdefault(system, {})[streams] = run_bench(
-                    host.base_url, NULL_MODEL_ID, workload, log_file
+                    base_url, model, workload, log_file
                 )
                 result = measured[system][streams]
                 log(
                     f"{system} {streams} streams: {result['output_tok_s']:.0f} tok/s, "
                     f"first token p50 {result['ttft_p50_ms']:.1f} ms, errors {result['errors']}"
                 )
-        finally:
-            stop_host(host)
     return [
         {
             "streams": streams,
@@ -833,6 +841,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--null-streams", type=ints, default=[1, 64], help="empty: skip")
     parser.add_argument("--null-tokens", type=int, default=256, help="tokens per null stream")
     parser.add_argument("--null-prompts", type=int, default=8)
+    parser.add_argument(
+        "--null-url",
+        help="use this running poolserve app with the fake engine (no token delay) instead of "
+        "starting one (the smoke test passes the test suite's)",
+    )
+    parser.add_argument("--null-model", default=NULL_MODEL_ID, help="its model id")
     parser.add_argument(
         "--profile",
         type=int,

@@ -1,8 +1,8 @@
 """Smoke version of the side-by-side benchmark (benchmarks/compare.py, `make bench`): its
-null-engine variant, tiny, end to end. compare.py starts poolserve with the fake engine on a
-private local Ray cluster (a subprocess: no conflict with the session cluster of conftest.py),
-then the minimal single-process HTTP baseline, drives both with `vllm bench serve`, kills each
-process tree, and prints its table. No real engine, no network, no .venv-rayllm."""
+null-engine variant, tiny, end to end. compare.py drives the session stack's poolserve app with
+the fake engine (conftest.py's `/fake`, passed as --null-url: no second Ray cluster) and the
+minimal single-process HTTP baseline it starts and kills itself with `vllm bench serve`, and
+prints its table. No real engine load, no network, no .venv-rayllm."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import pytest
 
 from benchmarks import compare
 from scripts.stack import process_tree
-from tests.conftest import ROOT
+from tests.conftest import FAKE_MODEL, ROOT, Stack
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUT_S = 420  # ~40 s on an idle machine; minutes when 2 cores are shared
+TIMEOUT_S = 300  # ~20 s on an idle machine; longer when the 2 cores are shared
 
 
-def test_compare_null_engine_smoke(tmp_path: Path) -> None:
+def test_compare_null_engine_smoke(stack: Stack, tmp_path: Path) -> None:
     report = tmp_path / "bench.md"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
@@ -34,6 +34,8 @@ def test_compare_null_engine_smoke(tmp_path: Path) -> None:
             "--null-streams=1,4",
             "--null-prompts=4",
             "--null-tokens=32",
+            f"--null-url={stack.base_url}/fake",
+            f"--null-model={FAKE_MODEL}",
             f"--log-dir={tmp_path}",
             f"--markdown={report}",
         ],
