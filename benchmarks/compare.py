@@ -855,6 +855,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="py-spy the serving processes of ours (and vllm's server) for this long during an "
         "extra, unreported run of the last concurrency in the last round",
     )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0,
+        help="skip system runs that would end past this budget (a loaded machine starts "
+        "engines slowly); 0: no limit",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the report here")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench")
     return parser.parse_args(argv)
@@ -877,6 +884,18 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(1, args.rounds + 1):
         order = args.systems if round_index % 2 else list(reversed(args.systems))
         for system in order:
+            spent = [r.startup_s + r.wall_s for r in records if r.system == system and r.wall_s]
+            expected_s = max(spent) + 60 if spent else 300.0
+            if args.max_minutes and (
+                time.monotonic() - started + expected_s > 60 * args.max_minutes - 120
+            ):
+                log(f"round {round_index} {system}: skipped (--max-minutes {args.max_minutes})")
+                records.append(
+                    RunRecord(
+                        system, str(round_index), error=f"skipped: over {args.max_minutes} min"
+                    )
+                )
+                continue
             run_system(args, system, round_index, items, records, profiles, log_file)
 
     null_rows: list[dict[str, Any]] = []
