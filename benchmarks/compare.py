@@ -789,7 +789,12 @@ def run_system(
                     )
                 current.load_after = os.getloadavg()
                 current.wall_s = time.monotonic() - pass_started
-            if args.profile and round_index == args.rounds and system in ("ours", "vllm") and items:
+            if (
+                args.profile
+                and round_index == args.rounds
+                and system in ("ours", "vllm", "rayllm")
+                and items
+            ):
                 heavy = max(items, key=lambda w: w.concurrency)
                 profiled = replace(
                     heavy, name="profiled", num_prompts=2 * heavy.num_prompts, seed=999
@@ -852,7 +857,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="SECONDS",
-        help="py-spy the serving processes of ours (and vllm's server) for this long during an "
+        help="py-spy the serving processes of each system for this long during an "
         "extra, unreported run of the last concurrency in the last round",
     )
     parser.add_argument(
