@@ -22,6 +22,7 @@ from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 
 logger = logging.getLogger("ray.serve")
+FORGET_TIMEOUT_S = 2.0
 
 
 class Generator:
@@ -78,8 +79,10 @@ class Generator:
 
     async def __del__(self) -> None:
         self._heartbeat.cancel()
+        # bounded: when the whole app is deleted the PoolAutoscaler goes too, and a handle call
+        # to a deployment without replicas waits for one (until the graceful-shutdown timeout)
         with contextlib.suppress(Exception):
-            await self._registry.forget.remote(self._worker_id)
+            await asyncio.wait_for(self._registry.forget.remote(self._worker_id), FORGET_TIMEOUT_S)
         await self._worker.shutdown()
 
 
