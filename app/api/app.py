@@ -15,7 +15,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import chat, completions, generate, models, observe, pools
-from app.api.auth import ApiKeyMiddleware, Authenticator
+from app.api.auth import ApiKeyMiddleware, Authenticator, route_path
 from app.api.backend import GenerationBackend
 from app.api.context import ApiContext
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
@@ -30,14 +30,6 @@ OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/models"
 
 def shape_for(path: str) -> ErrorShape:
     return "openai" if path.startswith(OPENAI_PREFIXES) else "sie"
-
-
-def route_path(scope: Scope) -> str:
-    """The path the routes match: without the `root_path` a Serve route prefix adds (error
-    shapes depend on it; the full path would give SIE shapes on OpenAI routes under a prefix)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:

@@ -43,6 +43,14 @@ class Forbidden(ServiceError):
     code = "permission_denied"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: without the `root_path` a Serve route prefix adds (key tiers
+    and error shapes depend on it; the full path would miss `/v1/pools` under a prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def route_tier(method: str, path: str, security: SecurityConfig) -> Tier:
     """The key a request needs. Unknown routes need an API key too (401 before 404)."""
     path = path.rstrip("/") or "/"
@@ -214,7 +222,7 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or not self.authenticator.enabled:
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        path = route_path(scope)
         method: str = scope.get("method", "GET")
         tier = route_tier(method, path, self.authenticator.security)
         headers = Headers(scope=scope)

@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from app.api.app import create_app
-from app.api.auth import SESSION_COOKIE, Authenticator, route_tier
+from app.api.auth import SESSION_COOKIE, Authenticator, route_path, route_tier
 from app.config import AppConfig, SecurityConfig
 from tests.fakes.local_backend import LocalBackend
 
@@ -472,3 +472,23 @@ def test_serve_config_security_example_is_valid() -> None:
     security = SecurityConfig.model_validate(example)
     assert security.require_keys and security.cors_allow_origins == ["https://app.example.com"]
     assert not any("sk-" in str(value) for value in example.values())
+
+
+def test_key_tiers_hold_under_a_serve_route_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve puts the route prefix in `root_path` (and in `path`): the tier must come from the
+    path the routes match, or `/tenant/v1/pools` would slip past the admin check."""
+    assert route_path({"path": "/tenant/v1/pools", "root_path": "/tenant"}) == "/v1/pools"
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    config = AppConfig.model_validate(
+        {"engine_adapter": "tests.fakes.fake_engine:FakeAdapter", "models": [{"id": MODEL}]}
+    )
+    backend = LocalBackend(config)
+    with TestClient(create_app(config, backend), root_path="/tenant") as client:
+        client.portal.call(backend.start)  # type: ignore[union-attr]
+        refused = client.post("/tenant/v1/pools", json=POOL, headers=bearer(API_KEY))
+        assert refused.status_code == 403, refused.text
+        created = client.post("/tenant/v1/pools", json=POOL, headers=bearer(ADMIN_KEY))
+        assert created.status_code == 200, created.text
+        missing = client.post(f"/tenant{CHAT}", json=chat(max_tokens=1))
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
