@@ -144,16 +144,36 @@ start() {
     --ray-client-server-port="$(free_port)" $(node_ports) \
     --num-cpus=1 --num-gpus=0 --resources='{"profile:head":1}' --object-store-memory=300000000 \
     --temp-dir="$temp_dir" --disable-usage-stats >/dev/null
-  local name cpus gpus resources index
+  local name cpus gpus resources index names=(head)
   while read -r name cpus gpus resources; do
+    names+=("$name")
     for ((index = 0; index < per_profile; index++)); do
       log "worker node: profile $name, CPU $cpus, GPU $gpus, resources $resources"
       start_worker_node "$cpus" "$gpus" "$resources"
     done
   done <<<"$nodes"
+  wait_for_profiles "${names[@]}"
   status
   echo "RAY_ADDRESS=127.0.0.1:$PORT"
   echo "DASHBOARD=http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+# Return once `ray status` (refreshed every few seconds) shows a node of every profile.
+wait_for_profiles() {
+  local deadline=$((SECONDS + 180)) out missing name
+  while true; do
+    out="$("$RAY" status --address="127.0.0.1:$PORT" 2>/dev/null || true)"
+    missing=""
+    for name in "$@"; do
+      grep -q "profile:$name\b" <<<"$out" || missing+=" $name"
+    done
+    [[ -z "$missing" ]] && return 0
+    if ((SECONDS >= deadline)); then
+      log "nodes of these profiles did not register within 180 s:$missing"
+      return 1
+    fi
+    sleep 2
+  done
 }
 
 status() {
