@@ -54,11 +54,13 @@ BENCH_ARGS ?= --markdown .cache/bench/results.md
 bench: model
 	$(PY) benchmarks/compare.py $(BENCH_ARGS)
 
-# KV/prefix-aware routing vs Serve's power-of-two router on two real workers, then admission under
-# 3x overload (issue 5; ~15 min, not part of `make test`).
+# Issue 5's benchmarks (~17 min, not part of `make test`): streaming cost through Ray with a null
+# engine (coalesced vs one object per token), then KV/prefix-aware routing vs Serve's power-of-two
+# router on two real workers and admission under 3x overload.
 ROUTING_ARGS ?= --sessions 20 --kv-gib 0.375 --markdown .cache/bench/routing.md
 bench-routing: model
 	@mkdir -p .cache/bench
+	$(PY) benchmarks/stream_overhead.py
 	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
 lint: install
