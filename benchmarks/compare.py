@@ -867,6 +867,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip system runs that would end past this budget (a loaded machine starts "
         "engines slowly); 0: no limit",
     )
+    parser.add_argument(
+        "--ours-args",
+        default="",
+        help="JSON merged into poolserve's serve_config args, e.g. '{\"streaming\": "
+        '{"coalesce_window_ms": 50}}\' (experiments)',
+    )
     parser.add_argument("--markdown", type=Path, help="also write the report here")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench")
     return parser.parse_args(argv)
@@ -878,6 +884,8 @@ def _exit_on_term(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ours_args:
+        os.environ["BENCH_OURS_ARGS"] = json.dumps(json.loads(args.ours_args))
     signal.signal(signal.SIGTERM, _exit_on_term)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log_file = args.log_dir / "vllm-bench.log"

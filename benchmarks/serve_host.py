@@ -207,6 +207,12 @@ def start_ours(port: int, null: bool) -> None:
 
     app = serve_config_app()
     args = null_app_args() if null else app["args"]
+    # compare.py --ours-args: JSON merged into the app's args, one level deep (experiments)
+    for key, value in json.loads(os.environ.get("BENCH_OURS_ARGS") or "{}").items():
+        if isinstance(value, dict) and isinstance(args.get(key), dict):
+            args[key] = {**args[key], **value}
+        else:
+            args[key] = value
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app(args),
