@@ -24,6 +24,7 @@ from app.routing.targets import Target, choose_target, request_pool
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
+SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 2.0  # e.g. while the PoolAutoscaler replica restarts
 
 
@@ -50,10 +51,15 @@ class ServeBackend:
         self._refresh: asyncio.Task[None] | None = None
 
     async def workers(self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS) -> list[WorkerStatus]:
-        if time.monotonic() - self._snapshot_at > max_age_s:
+        """The registry's snapshot. Older than `max_age_s`: refreshed in the background while
+        requests go on with the current one; a request waits for the round trip only when the
+        snapshot is far older (or `max_age_s` is 0: "look again now")."""
+        age = time.monotonic() - self._snapshot_at
+        if age > max_age_s:
             if self._refresh is None or self._refresh.done():
                 self._refresh = asyncio.get_running_loop().create_task(self._load_snapshot())
-            await asyncio.shield(self._refresh)
+            if max_age_s == 0 or age > SNAPSHOT_STALE_SECONDS:
+                await asyncio.shield(self._refresh)
         return self._snapshot
 
     async def _load_snapshot(self) -> None:
