@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -31,11 +30,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.local_serve import start_local_serve, stop_local_serve
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WORDS = (
@@ -227,13 +224,6 @@ def undeploy(base_url: str) -> dict[str, Any]:
     return health
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(value: Any) -> str:
         return f"{value:.1f}" if isinstance(value, float) else str(value)
@@ -257,19 +247,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = start_local_serve()
     rows: list[dict[str, Any]] = []
     overload: dict[str, Any] = {}
     try:
@@ -303,8 +281,7 @@ def main() -> None:
                 else:
                     undeploy(base_url)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
 
     report = render(rows, overload, args)
     print(report)

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import threading
@@ -30,12 +29,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
+
+from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_DURATION_S = 1800.0
@@ -67,13 +65,6 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "profiles": [{"name": "cpu", "num_cpus": 1}],
         "kv": {"max_waiting_requests": args.max_waiting, "max_wait_seconds": args.max_wait_s},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -253,22 +244,12 @@ async def drive(base_url: str, args: argparse.Namespace, deadline: float, tally:
 
 
 def start_stack(args: argparse.Namespace) -> str:
-    import ray
     from ray import serve
 
     from app.builder import build_app
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base_url = start_local_serve()
     serve.run(build_app(app_args(args)), name="poolserve", route_prefix="/")
-    base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -284,11 +265,7 @@ def start_stack(args: argparse.Namespace) -> str:
 
 
 def stop_stack() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+    stop_local_serve()
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: I001 - env first
 
-from app.builder import build_app  # noqa: E402
-from app.protocol.generation import GenerationRequest, SamplingOptions  # noqa: E402
+from app.builder import build_app
+from app.protocol.generation import GenerationRequest, SamplingOptions
 
 MODEL = "null/model"
 VARIANTS = {"per-token (baseline)": (0.0, 1), "coalesced 10 ms": (10.0, 256)}
@@ -78,17 +73,12 @@ async def measure(handle: object, streams: int, tokens_per_stream: int) -> dict[
 
 
 def main() -> None:
+    from ray import serve
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens-per-stream", type=int, default=1000)
     args = parser.parse_args()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    start_local_serve()
     rows = []
     try:
         for name, (window_ms, max_chunks) in VARIANTS.items():
@@ -108,8 +98,7 @@ def main() -> None:
                 rows.append((name, streams, result))
             serve.delete(app_name)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
     print(
         f"\n{'variant':<22}{'streams':>8}{'tokens/s':>12}{'objects/s':>11}{'tok/object':>11}{'first p50 ms':>14}"
     )
