@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
 from app.engine.worker import Worker
-from app.errors import WorkerUnavailable
+from app.errors import ServiceError, WorkerUnavailable
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
@@ -43,16 +43,24 @@ class Generator:
 
     async def generate(
         self, request: GenerationRequest, workers: tuple[str, ...] | None = None
-    ) -> AsyncIterator[list[GenerationChunk]]:
+    ) -> AsyncIterator[list[GenerationChunk] | ServiceError]:
         """`workers`: the replicas the ingress chose (pool + profile + ready); the request
         router honours it, and a replica outside it refuses (retryable) rather than serve
-        another pool's request."""
-        if workers is not None and self._worker_id not in workers:
-            raise WorkerUnavailable(
-                f"worker {self._worker_id} is not assigned to pool '{request.pool or 'default'}'"
-            )
-        async for batch in self._worker.stream(request):
-            yield batch
+        another pool's request.
+
+        A refusal (400, 503 QUEUE_FULL, ...) is an answer for the client, not a failure of
+        this replica: it is the stream's last item, so Serve neither logs a traceback nor
+        counts an error for each of them (an overloaded service refuses thousands a minute)."""
+        try:
+            if workers is not None and self._worker_id not in workers:
+                pool = request.pool or "default"
+                raise WorkerUnavailable(
+                    f"worker {self._worker_id} is not assigned to pool '{pool}'"
+                )
+            async for batch in self._worker.stream(request):
+                yield batch
+        except ServiceError as refusal:
+            yield refusal
 
     def status(self) -> WorkerStatus:
         status = self._worker.status(self._worker_id, self._node_id, self._pool)

@@ -74,12 +74,15 @@ class ServeBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         target = await self._target(request)
         response = cast(
-            DeploymentResponseGenerator[list[GenerationChunk]],
+            DeploymentResponseGenerator[list[GenerationChunk] | ServiceError],
             self._generators[target.profile].generate.remote(request, workers=target.ready_workers),
         )
         finished = False
         try:
             async for batch in response:
+                if isinstance(batch, ServiceError):  # the worker's refusal, in-band
+                    finished = True
+                    raise batch
                 finished = any(chunk.done for chunk in batch)
                 yield batch
         except RayTaskError as error:

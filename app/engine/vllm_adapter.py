@@ -4,10 +4,12 @@ The only module of the project that imports vllm."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import logging.handlers
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -58,6 +60,30 @@ def cpu_kv_cache(gib: float, extra_args: dict[str, Any]) -> dict[str, Any]:
     return {"kv_cache_memory_bytes": int(gib * 2**30)}
 
 
+@contextlib.contextmanager
+def keep_log_buffers() -> Iterator[None]:
+    """vLLM applies its logging config with `dictConfig`, which closes every handler of the
+    process. A closed `MemoryHandler` forgets its target and then buffers every later record
+    for ever: in a Serve replica that is the request-path log handler, so the replica's log
+    file stopped and each failed request's records (traceback included, ~21 KB) leaked.
+    Give every buffering handler its target back once the engine has started."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    buffers = [
+        (handler, handler.target)
+        for each in loggers
+        if isinstance(each, logging.Logger)
+        for handler in each.handlers
+        if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None
+    ]
+    try:
+        yield
+    finally:
+        for handler, target in buffers:
+            if handler.target is None:
+                handler.setTarget(target)
+                handler.flush()
+
+
 class VLLMAdapter(GenerationAdapter):
     def __init__(self, model: ModelConfig) -> None:
         self.model_id = model.id
@@ -106,9 +132,10 @@ class VLLMAdapter(GenerationAdapter):
             name: await asyncio.to_thread(resolve_lora_source, path)
             for name, path in self._config.lora_adapters.items()
         }
-        engine = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, arguments, stat_loggers=[self._stat_logger_factory()]
-        )
+        with keep_log_buffers():
+            engine = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, arguments, stat_loggers=[self._stat_logger_factory()]
+            )
         self._tokenizer = engine.get_tokenizer()
         self._max_model_len = engine.model_config.max_model_len
         self._engine = engine
