@@ -194,6 +194,15 @@ class SecurityConfig(ClosedModel):
     dashboard_session_seconds: int = Field(
         12 * 3600, gt=0, description="Lifetime of a dashboard sign-in cookie."
     )
+    dashboard_sign_in_attempts: int = Field(
+        5,
+        gt=0,
+        description="Failed dashboard sign-ins one client address may make per "
+        "`dashboard_sign_in_window_seconds` (per ingress replica); then 429 with Retry-After.",
+    )
+    dashboard_sign_in_window_seconds: float = Field(
+        60.0, gt=0, description="The window of `dashboard_sign_in_attempts`."
+    )
     cors_allow_origins: list[str] = Field(
         default_factory=list,
         description="Origins browsers may call the API from (CORS); empty: CORS off.",

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -76,6 +77,56 @@ def bearer_token(headers: Headers) -> bytes | None:
     return token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
 
 
+class SignInThrottle:
+    """Failed sign-ins per client address: after `limit` failures within `window_s` the address
+    is refused (even with a good key) until its oldest failure leaves the window. Remembers at
+    most `max_clients` addresses (the least recently failing are forgotten first)."""
+
+    def __init__(
+        self,
+        limit: int,
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds `client` must wait before it may try again; None when it may try now."""
+        failures = self._recent(client)
+        if failures is None or len(failures) < self.limit:
+            return None
+        return max(failures[0] + self.window_s - self.clock(), 0.0) or None
+
+    def failed(self, client: str) -> None:
+        failures = self._recent(client)
+        if failures is None:
+            failures = self._failures[client] = deque(maxlen=self.limit)
+        failures.append(self.clock())
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+    def _recent(self, client: str) -> deque[float] | None:
+        failures = self._failures.get(client)
+        if failures is None:
+            return None
+        horizon = self.clock() - self.window_s
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+            return None
+        return failures
+
+
 def _encoded(keys: frozenset[str]) -> tuple[bytes, ...]:
     return tuple(key.encode() for key in sorted(keys))
 
@@ -102,6 +153,9 @@ class Authenticator:
     ) -> None:
         self.security = security
         self.clock = clock
+        self.sign_ins = SignInThrottle(
+            security.dashboard_sign_in_attempts, security.dashboard_sign_in_window_seconds
+        )
         admin = _encoded(keys.admin)
         self._admin = admin
         self._api = _encoded(keys.api) + admin if keys.api else ()

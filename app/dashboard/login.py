@@ -1,9 +1,11 @@
 """The dashboard's sign-in. A browser cannot send `Authorization: Bearer` when it loads a page, so
 `POST /dashboard/login` trades a valid API key for an HttpOnly, SameSite=Strict session cookie
-(see `app.api.auth`), accepted on the dashboard's routes only; `POST /dashboard/logout` drops it."""
+(see `app.api.auth`), accepted on the dashboard's routes only; `POST /dashboard/logout` drops it.
+Failed sign-ins are throttled per client address (429 with Retry-After)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -13,6 +15,7 @@ from starlette.types import Scope
 
 from app.api.auth import REALM, SESSION_COOKIE, Authenticator, Unauthorized
 from app.api.context import read_body
+from app.errors import RateLimited
 
 router = APIRouter()
 TEMPLATE = (Path(__file__).resolve().parent / "static" / "login.html").read_text(encoding="utf-8")
@@ -55,13 +58,22 @@ async def login(request: Request) -> Response:
     authenticator = Authenticator.of(request)
     if not authenticator.dashboard_keyed:
         return _to_dashboard(request)
+    client = request.client.host if request.client else ""
+    wait_s = authenticator.sign_ins.retry_after(client)
+    if wait_s is not None:
+        page = sign_in_page(request.scope, "Too many failed sign-ins; try again later.", 429)
+        page.headers["Retry-After"] = str(math.ceil(wait_s))
+        page.headers["X-SIE-Error-Code"] = RateLimited.code
+        return page
     form = parse_qs((await read_body(request, MAX_FORM_BYTES)).decode("utf-8", "replace"))
     key = (form.get("key") or [""])[0].strip()
     if not authenticator.key_accepted_for_dashboard(key):
+        authenticator.sign_ins.failed(client)
         page = sign_in_page(request.scope, "That key is not valid here.", 401)
         page.headers["WWW-Authenticate"] = f'{REALM}, error="invalid_token"'
         page.headers["X-SIE-Error-Code"] = Unauthorized.code
         return page
+    authenticator.sign_ins.succeeded(client)
     path, secure = _cookie_scope(request)
     response = _to_dashboard(request)
     response.set_cookie(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from app.api.app import create_app
-from app.api.auth import SESSION_COOKIE, Authenticator, route_path, route_tier
+from app.api.auth import SESSION_COOKIE, Authenticator, SignInThrottle, route_path, route_tier
 from app.config import AppConfig, SecurityConfig
 from tests.fakes.local_backend import LocalBackend
 
@@ -492,3 +493,47 @@ def test_key_tiers_hold_under_a_serve_route_prefix(monkeypatch: pytest.MonkeyPat
         assert created.status_code == 200, created.text
         missing = client.post(f"/tenant{CHAT}", json=chat(max_tokens=1))
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+
+
+# --- failed sign-ins are throttled per client address -----------------------------------------
+
+
+def test_sign_in_throttle_counts_failures_in_a_sliding_window() -> None:
+    now = [1000.0]
+    throttle = SignInThrottle(3, 60.0, clock=lambda: now[0], max_clients=2)
+    for _ in range(2):
+        throttle.failed("10.0.0.1")
+        now[0] += 10
+    assert throttle.retry_after("10.0.0.1") is None
+    throttle.failed("10.0.0.1")  # failures at 1000, 1010, 1020
+    assert throttle.retry_after("10.0.0.1") == 40.0
+    assert throttle.retry_after("10.0.0.2") is None  # per address
+    now[0] += 30
+    assert throttle.retry_after("10.0.0.1") == 10.0
+    now[0] += 10  # the oldest failure leaves the window: one more try
+    assert throttle.retry_after("10.0.0.1") is None
+    throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 10.0
+    throttle.succeeded("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") is None
+    # bounded memory: the least recently failing address is forgotten first
+    for client in ("a", "b", "c"):
+        for _ in range(3):
+            throttle.failed(client)
+    assert throttle.retry_after("a") is None
+    assert throttle.retry_after("b") == throttle.retry_after("c") == 60.0
+
+
+def test_dashboard_sign_in_is_throttled_after_repeated_failures(make_client: MakeClient) -> None:
+    client = make_client(KEYS, dashboard_sign_in_attempts=3, dashboard_sign_in_window_seconds=30)
+    assert [sign_in(client, WRONG_KEY).status_code for _ in range(3)] == [401, 401, 401]
+    refused = sign_in(client, API_KEY)  # even the right key waits: no oracle while throttled
+    assert refused.status_code == 429
+    assert refused.headers["x-sie-error-code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after"]) <= 30
+    assert "Too many failed sign-ins" in refused.text and "set-cookie" not in refused.headers
+    # the API's bearer check is not affected
+    assert client.get("/v1/models", headers=bearer(API_KEY)).status_code == 200
+    authenticator: Authenticator = client.app.state.authenticator  # type: ignore[attr-defined]
+    authenticator.sign_ins.clock = lambda: time.monotonic() + 31
+    assert sign_in(client, API_KEY).status_code == 303
