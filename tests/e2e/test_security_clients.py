@@ -1,11 +1,12 @@
 """API keys through the real clients over real HTTP: the app runs in process under uvicorn on
 127.0.0.1 (a thread, a free port) over the local backend and the fake engine, so no Ray and no
 model are needed. The openai SDK (wrong key -> AuthenticationError; right key buffered and
-streaming), curl for the dashboard's cookie sign-in and /metrics, and the sie-sdk."""
+streaming), curl for the dashboard's cookie sign-in and /metrics, the sie-sdk, and the sign-in in a real headless Chromium."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ import uvicorn
 
 from app.api.app import create_app
 from app.config import AppConfig
+from tests.browser import open_page
 from tests.conftest import free_port
 from tests.fakes.local_backend import LocalBackend
 from tests.sie import SIEFailure, run_sie
@@ -286,3 +288,45 @@ def test_server_logs_hold_no_prompt_and_no_key(server: Server) -> None:
     logged = "\n".join(messages + [record.exc_text or "" for record in server.records])
     for secret in (SECRET_PROMPT, API_KEY, ADMIN_KEY, METRICS_KEY, WRONG_KEY):
         assert secret not in logged, secret
+
+
+def test_browser_sign_in_and_out_of_the_dashboard(server: Server) -> None:
+    """A real headless Chromium: the form, a wrong key, the right key (an HttpOnly SameSite=Strict
+    cookie the page's script cannot read), the live dashboard, and "Sign out"."""
+    with open_page() as page:
+        page.send("Page.navigate", url=f"{server.base_url}/dashboard")
+        page.wait_for("document.querySelector('input[name=key]') !== null", 30, "the form")
+
+        def submit(key: str) -> None:
+            page.evaluate(
+                f"document.querySelector('input[name=key]').value = {json.dumps(key)};"
+                "document.querySelector('button[type=submit]').click()"
+            )
+
+        submit(WRONG_KEY)
+        page.wait_for(
+            "(document.querySelector('p.error') || {}).textContent === 'That key is not valid here.'",
+            30,
+            "the wrong key's message",
+        )
+        submit(API_KEY)
+        page.wait_for(
+            "location.pathname === '/dashboard' && Number(document.body.dataset.updates || 0) >= 2",
+            60,
+            "the dashboard's live updates",
+        )
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: out of the page's reach
+        (cookie,) = page.send("Network.getCookies", urls=[f"{server.base_url}/dashboard"])[
+            "cookies"
+        ]
+        assert cookie["name"] == "poolserve_session" and API_KEY not in cookie["value"]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert cookie["path"] == "/dashboard"
+        assert page.evaluate("document.getElementById('signout').hidden") is False
+        page.screenshot("dashboard-signed-in.png")
+
+        page.evaluate("document.querySelector('#signout button').click()")
+        page.wait_for("document.querySelector('input[name=key]') !== null", 30, "the form again")
+        assert (
+            page.send("Network.getCookies", urls=[f"{server.base_url}/dashboard"])["cookies"] == []
+        )
