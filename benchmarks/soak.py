@@ -37,6 +37,7 @@ from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: 
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_DURATION_S = 1800.0
+DRAIN_LIMIT_S = 60.0  # the cut streams' cancellations must land by then (heartbeats are 2 s)
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle stays upright.",
@@ -213,6 +214,19 @@ async def one_request(
     return 0.0
 
 
+def read_books_when_drained(base_url: str, limit_s: float = DRAIN_LIMIT_S) -> tuple[Any, float]:
+    """/health once the cut streams' cancellations have landed (no KV handle, no waiter), or
+    after `limit_s`: what is still open then is left behind. Returns it and the wait."""
+    started = time.monotonic()
+    while True:
+        health = httpx.get(f"{base_url}/health", timeout=10).json()
+        open_now = sum(w["kv_handles_open"] + w["queue_depth"] for w in health["workers"])
+        waited = time.monotonic() - started
+        if open_now == 0 or waited >= limit_s:
+            return health, round(waited, 1)
+        time.sleep(1)
+
+
 async def drive(base_url: str, args: argparse.Namespace, deadline: float, tally: Tally) -> None:
     """Closed-loop clients until the budget or the deadline; streams still open then are cut
     (the clients disconnect, which the service must clean up after too)."""
@@ -349,8 +363,7 @@ def main() -> None:
     try:
         asyncio.run(drive(base_url, args, started + duration_s, tally))
         elapsed = time.monotonic() - started
-        time.sleep(5)  # let the last cancellations land before reading the books
-        health = httpx.get(f"{base_url}/health", timeout=10).json()
+        health, drained_s = read_books_when_drained(base_url)
     finally:
         sampler.stop()
         stop_stack()
@@ -361,6 +374,7 @@ def main() -> None:
         "kv_handles_open": sum(worker["kv_handles_open"] for worker in workers),
         "kv_blocks_used": sum(worker["kv_blocks_used"] for worker in workers),
         "queue_depth": sum(worker["queue_depth"] for worker in workers),
+        "drained_after_s": drained_s,
     }
     rss = sampler.by_kind(since=started + min(args.warmup_s, duration_s / 2))
     tenth = max(1, len(tally.ttft_s) // 10)
