@@ -40,8 +40,10 @@ class ServeBackend:
         registry: DeploymentHandle[Any],
     ) -> None:
         self._config = config
+        by_reference = config.streaming.transport == "object_refs"
         self._generators = {
-            name: handle.options(stream=True) for name, handle in generators.items()
+            name: handle.options(stream=True, _by_reference=by_reference)
+            for name, handle in generators.items()
         }
         self._registry = registry
         self._snapshot: list[WorkerStatus] = []
