@@ -20,7 +20,9 @@ async def coalesce(
 
     A pump task reads `source` into a mailbox so that waiting for the window never cancels a
     pending read. The consumer wakes once per batch, not once per item: for the first batch
-    when anything arrives, later when the window ends, the batch is full or the source ended.
+    when anything arrives; for later ones the window opens when their first item arrives and
+    the batch goes when it ends, the batch is full or the source ended. While the source is
+    quiet (between engine steps) nothing wakes at all.
     Closing this generator (client gone) cancels the pump, which closes `source`, which lets
     the engine adapter abort its request. Exceptions of `source` are re-raised here after the
     items that came before them have been delivered.
@@ -46,9 +48,8 @@ async def coalesce(
     first = True
     try:
         while True:
-            if first or window_s <= 0:
-                await box.wait(1)
-            else:
+            await box.wait(1)  # no timer while the source is quiet (a slow engine step)
+            if not first and window_s > 0:
                 await box.wait(max_items, loop.time() + window_s)
             first = False
             batch = box.take(max_items)

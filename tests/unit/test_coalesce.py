@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,26 @@ async def test_cancelling_the_consumer_closes_the_source() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert source.closed
+
+
+async def test_nothing_wakes_while_the_source_is_quiet() -> None:
+    """Between slow engine steps (here 300 ms) the consumer sleeps on the source alone: the
+    window's timer is set once per batch, when its first item arrives, not every window."""
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal timers
+        timers += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting_call_at  # type: ignore[method-assign]
+    try:
+        batches = await collect(Source(4, 0.3).items(), window_s=0.01)
+    finally:
+        del loop.call_at
+    assert [item for batch in batches for item in batch] == [0, 1, 2, 3]
+    # the sleeps of the source itself set 4 timers; the windows of batches 2-4 at most 3 more
+    # (polling every 10 ms set ~90)
+    assert timers <= 8, timers
