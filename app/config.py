@@ -113,7 +113,7 @@ class StreamingConfig(ClosedModel):
         "grpc",
         description="How token batches travel from a Generator to the ingress: Serve's direct "
         "gRPC data plane between replicas (by value), or one Ray object per batch (by "
-        "reference). gRPC costs less CPU per batch: +15% tokens/s at 32 streams on 2 cores.",
+        "reference). gRPC costs less CPU per batch: +13% tokens/s at 32 streams on 2 cores.",
     )
 
 

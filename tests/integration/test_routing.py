@@ -1,6 +1,7 @@
 """KV- and prefix-aware routing across two real vLLM workers (a third Serve app, `affinity`, in
 the session cluster): follow-up turns find their prefix cached, a worker without KV headroom
-is passed over, and 200 random cancellations and disconnects leave no handle and no block."""
+is passed over, and 200 random cancellations and disconnects leave no handle and no block.
+This app streams with `streaming.transport: object_refs` (one Ray object per batch)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def app_args() -> dict[str, Any]:
         "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
         "routing": {"stats_period_seconds": 0.5},
         "worker_heartbeat_seconds": 0.5,
+        # the session's other apps stream over gRPC (the default): keep the Ray-object path
+        # (cancels, disconnects, refusals in-band) under test here
+        "streaming": {"transport": "object_refs"},
     }
 
 
