@@ -24,12 +24,15 @@ KEEPALIVE_EVENT = b": keep-alive\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# JSON may carry these raw, and SSE ends lines only at CR/LF, but clients that read the stream
+# with str.splitlines semantics (httpx's iter_lines, which the sie-sdk uses) break lines there
+# too and get half an event: send them escaped (still the same JSON string).
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return (
-        b"data: "
-        + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        + b"\n\n"
-    )
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + text.translate(_LINE_BREAKS).encode() + b"\n\n"
 
 
 class StreamFormatter(Protocol):

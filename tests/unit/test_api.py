@@ -397,3 +397,19 @@ def test_nothing_is_left_running_after_requests(client: TestClient, backend: Loc
     adapter = backend.workers_by_profile["cpu"]._adapters[MODEL]
     assert adapter.active == set()  # type: ignore[attr-defined]
     assert backend.workers_by_profile["cpu"].active_requests == 0
+
+
+def test_sse_events_survive_clients_that_split_lines_like_splitlines() -> None:
+    """Model text may hold U+2028, U+2029 or U+0085: valid raw in JSON and in SSE, but httpx's
+    `iter_lines` (the sie-sdk reads streams with it) breaks lines there too. Each event must
+    still arrive as one line that parses back to the same text."""
+    from httpx._decoders import LineDecoder
+
+    from app.api.streaming import sse_event
+
+    text = "line\u2028sep\u2029para\x85next \u00e9 \u4e2d \U0001f600"
+    event = sse_event({"choices": [{"delta": {"content": text}}]})
+    lines = LineDecoder().decode(event.decode("utf-8"))
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: ") :])["choices"][0]["delta"]["content"] == text
+    assert "\u00e9".encode() in event  # other non-ASCII text stays raw UTF-8
