@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.engine.default_model import default_model_dir  # noqa: E402
+from benchmarks.local_serve import free_port  # noqa: E402
 from scripts.stack import process_tree, stop_processes  # noqa: E402
 
 HOST_SCRIPT = ROOT / "benchmarks" / "serve_host.py"
@@ -102,13 +102,6 @@ class RunRecord:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------------------------------------

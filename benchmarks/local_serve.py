@@ -1,5 +1,5 @@
-"""The local Ray cluster and Serve instance the single-process benchmarks run on (127.0.0.1
-only; the same shape as the test session's cluster)."""
+"""The local Ray cluster and Serve instance that the test session and the single-process
+benchmarks run on (127.0.0.1 only), and a free local port."""
 
 from __future__ import annotations
 

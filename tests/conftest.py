@@ -5,7 +5,6 @@ engine from tests/fakes, for the layers above the engine)."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from benchmarks.local_serve import start_local_serve, stop_local_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -49,13 +50,6 @@ def fake_app_args(token_delay_s: float = 0.0) -> dict[str, Any]:
         "profiles": [{"name": "cpu", "num_cpus": 0}],
         "worker_heartbeat_seconds": 0.5,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -104,27 +98,16 @@ def _wait_ready(base_url: str) -> None:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    import ray
     from ray import serve
 
     from app.builder import build_app
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base_url = start_local_serve()
     serve.run(build_app(fake_app_args()), name="fake", route_prefix="/fake", blocking=False)
     serve.run(build_app(real_app_args()), name="poolserve", route_prefix="/", blocking=False)
-    base_url = f"http://127.0.0.1:{port}"
     _wait_ready(base_url)
     _wait_ready(f"{base_url}/fake")
     try:
         yield Stack(base_url)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()

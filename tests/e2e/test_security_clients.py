@@ -23,8 +23,8 @@ import uvicorn
 
 from app.api.app import create_app
 from app.config import AppConfig
+from benchmarks.local_serve import free_port
 from tests.browser import open_page
-from tests.conftest import free_port
 from tests.fakes.local_backend import LocalBackend
 from tests.sie import SIEFailure, run_sie
 

@@ -21,8 +21,9 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.local_serve import free_port
 from scripts.stack import process_tree, stop_processes
-from tests.conftest import REAL_MODEL, ROOT, free_port
+from tests.conftest import REAL_MODEL, ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,8 @@ import httpx
 import pytest
 from ray.exceptions import RayError
 
-from tests.conftest import FAKE_MODEL, ROOT, free_port
+from benchmarks.local_serve import free_port
+from tests.conftest import FAKE_MODEL, ROOT
 from tests.sie import SIERunner
 
 pytestmark = pytest.mark.integration
