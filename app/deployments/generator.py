@@ -51,12 +51,11 @@ class Generator:
         A refusal (400, 503 QUEUE_FULL, ...) is an answer for the client, not a failure of
         this replica: it is the stream's last item, so Serve neither logs a traceback nor
         counts an error for each of them (an overloaded service refuses thousands a minute)."""
+        if workers is not None and self._worker_id not in workers:
+            pool = request.pool or "default"
+            yield WorkerUnavailable(f"worker {self._worker_id} is not assigned to pool '{pool}'")
+            return
         try:
-            if workers is not None and self._worker_id not in workers:
-                pool = request.pool or "default"
-                raise WorkerUnavailable(
-                    f"worker {self._worker_id} is not assigned to pool '{pool}'"
-                )
             async for batch in self._worker.stream(request):
                 yield batch
         except ServiceError as refusal:

@@ -135,3 +135,15 @@ def test_fast_tokens_are_coalesced_into_few_ray_objects(stack: Stack) -> None:
     chunks = [chunk for batch in batches for chunk in batch]
     assert chunks[-1].completion_tokens == 400
     assert len(batches) < 100, f"{len(batches)} Ray objects for 400 tokens"
+
+
+def test_a_worker_outside_the_chosen_ones_refuses_in_band(stack: Stack) -> None:
+    """The ingress names the workers of the request's pool; any other replica answers with a
+    retryable WorkerUnavailable as the stream's only item and starts nothing."""
+    from app.errors import WorkerUnavailable
+
+    handle = stack.handle("Generator-cpu", "fake").options(stream=True)
+    items = list(handle.generate.remote(request(FAKE_MODEL, 8), workers=("another-worker",)))
+    assert len(items) == 1 and isinstance(items[0], WorkerUnavailable), items
+    assert items[0].status == 503
+    assert stack.worker_status("fake").active_requests == 0
