@@ -45,6 +45,7 @@ SILENT_HEARTBEATS = 3
 GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
 KV_NAMESPACE = "poolserve"
 CAPACITY_REFRESH_SECONDS = 5.0
+UNBOUNDED_PER_NODE = 1 << 30
 HISTORY_LENGTH = 200
 
 
@@ -93,6 +94,7 @@ class PoolAutoscaler:
         self._demand: dict[tuple[str, str], float] = {}
         self._shrink_since: dict[str, float] = {}
         self._capacity: dict[str, int | None] = {}
+        self._load_capacity: dict[str, int | None] = {}
         self._capacity_at = float("-inf")
         self._history: deque[tuple[float, str]] = deque(maxlen=HISTORY_LENGTH)
         self._events: deque[ScaleEvent] = deque(maxlen=HISTORY_LENGTH)
@@ -184,6 +186,7 @@ class PoolAutoscaler:
             "assignments": dict(self._book.assignments),
             "readiness": dict(self._readiness),
             "capacity": dict(self._capacity),
+            "load_capacity": dict(self._load_capacity),
             "restored": self._restored,
             "scaler_error": self._scaler_error,
             "reasons": [{"at": at, "reason": reason} for at, reason in self._history],
@@ -250,6 +253,7 @@ class PoolAutoscaler:
             assignments=self._book.assignments,
             replicas=replicas,
             capacity=self._cluster_capacity(now),
+            load_capacity=self._load_capacity,
             demand=self._demand,
             shrink_since=self._shrink_since,
         )
@@ -322,11 +326,19 @@ class PoolAutoscaler:
             return self._capacity
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
         self._capacity = {p.name: _fits(p, nodes) for p in self._profiles()}
+        self._load_capacity = {p.name: _fits(p, nodes, gainful=True) for p in self._profiles()}
         self._capacity_at = now
         return self._capacity
 
 
-def _fits(profile: MachineProfile, nodes: list[dict[str, float]]) -> int | None:
+def _fits(
+    profile: MachineProfile, nodes: list[dict[str, float]], gainful: bool = False
+) -> int | None:
+    """How many workers of `profile` the nodes can place; `gainful`: only those that add
+    compute. A worker without GPUs runs a CPU engine whose OpenMP threads bind to every core
+    of its node (VLLM_CPU_NUM_OF_RESERVED_CPU=0), so a second one on that node shares the same
+    cores and halves both: measured 102 vs 172 tok/s at 32 streams on 2 cores."""
+    per_node = 1 if gainful and not profile.num_gpus else UNBOUNDED_PER_NODE
     need: dict[str, float] = {"CPU": profile.num_cpus, "GPU": profile.num_gpus}
     if profile.memory_bytes:
         need["memory"] = float(profile.memory_bytes)
@@ -335,10 +347,11 @@ def _fits(profile: MachineProfile, nodes: list[dict[str, float]]) -> int | None:
     need.update(profile.resources)
     need = {name: amount for name, amount in need.items() if amount > 0}
     if not need:
-        return None
+        return len(nodes) if per_node == 1 else None
     total = 0
     for resources in nodes:
-        total += min(
+        fit = min(
             math.floor(resources.get(name, 0.0) / amount + 1e-9) for name, amount in need.items()
         )
+        total += min(fit, per_node)
     return total

@@ -9,7 +9,9 @@
    wants the profile's `num_replicas` plus its own demand. A want that drops is held until the
    scale-down cooldown has passed.
 3. Wants are granted in order (default base, then pools oldest first, then extra default
-   demand) up to what the cluster can place and the profile's `max_replicas`.
+   demand) up to what the cluster can place and the profile's `max_replicas`. The default
+   pool's growth under load stops at `load_capacity`: a worker only where it adds compute
+   (a CPU engine's threads use every core of its node, so a second one there halves both).
 4. The replica target per profile is the sum of grants: up at once, down after the cooldown.
 5. Live workers are assigned: previous assignments stay while still granted (stability), then
    pools take free workers (ready ones first), the rest serve the default pool.
@@ -67,6 +69,10 @@ class Snapshot:
     """The replica target currently applied per profile (absent: the profile's num_replicas)."""
     capacity: Mapping[str, int | None] = field(default_factory=dict)
     """Most workers of a profile the cluster's resources can place (absent/None: no limit)."""
+    load_capacity: Mapping[str, int | None] = field(default_factory=dict)
+    """Most workers of a profile that add compute, the bound of growth under load (absent/None:
+    `capacity`). For a profile without GPUs, one per node: its engine already runs on every
+    core there."""
     demand: Mapping[tuple[str, str], float] = field(default_factory=dict)
     """(pool, profile) -> last time a request found no worker there."""
     shrink_since: Mapping[str, float] = field(default_factory=dict)
@@ -184,11 +190,11 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
                 granted.setdefault(record.name, {})[profile] = got
             if got < wanted:
                 short.append(f"pool '{record.name}' gets {got} of {wanted}")
-        extra_wanted = max(
-            busy(DEFAULT_POOL, profile),
-            1 if recent_demand(DEFAULT_POOL, profile) and base == 0 else 0,
-        )
-        extra = min(max(0, extra_wanted - base), left)
+        load_limit = snapshot.load_capacity.get(profile)
+        load_room = UNBOUNDED if load_limit is None else max(0, load_limit - (upper - left))
+        from_load = min(max(0, busy(DEFAULT_POOL, profile) - base), load_room)
+        from_demand = 1 if recent_demand(DEFAULT_POOL, profile) and base == 0 else 0
+        extra = min(max(from_load, from_demand), left)
         granted[DEFAULT_POOL][profile] = base + extra
         desired = sum(g.get(profile, 0) for g in granted.values())
         current = snapshot.replicas.get(profile, profile_config.num_replicas)

@@ -102,6 +102,35 @@ def test_busy_pool_scales_up_to_its_cap() -> None:
     assert decision.targets["l4"] == 3  # ceil(20 / 8) = 3
 
 
+def test_busy_default_pool_grows_only_where_a_worker_adds_compute() -> None:
+    """Load grows the default pool up to `load_capacity` (a CPU engine per node), not up to
+    what the resources could place: a second CPU engine on the same cores halves both."""
+    busy = [worker("w1", "cpu", active=32)]  # ceil(32 / 8) = 4 wanted
+    unbounded = run(snap(workers=busy, replicas={"cpu": 1}, capacity={"cpu": 4}))
+    assert unbounded.targets["cpu"] == 4
+    one_node = run(
+        snap(workers=busy, replicas={"cpu": 1}, capacity={"cpu": 4}, load_capacity={"cpu": 1})
+    )
+    assert one_node.targets["cpu"] == 1
+    two_nodes = run(
+        snap(workers=busy, replicas={"cpu": 1}, capacity={"cpu": 4}, load_capacity={"cpu": 2})
+    )
+    assert two_nodes.targets["cpu"] == 2
+
+
+def test_a_pool_still_gets_workers_beyond_the_load_capacity() -> None:
+    """A pool's explicit `gpus` is a reservation, not load: it is granted up to `capacity`."""
+    record = pool("eval", gpus={"cpu": 1}, gpu_caps={"cpu": 1})
+    busy = [worker("w1", "cpu", active=32)]
+    decision = run(
+        snap(
+            record, workers=busy, replicas={"cpu": 1}, capacity={"cpu": 4}, load_capacity={"cpu": 1}
+        )
+    )
+    assert decision.granted["eval"]["cpu"] == 1
+    assert decision.targets["cpu"] == 2  # the default base + the pool's one; no load growth
+
+
 def test_profiles_a_pool_does_not_name_are_not_granted() -> None:
     decision = run(snap(pool("p", gpu_caps={"l4": 2}), demand={("p", "cpu"): NOW}))
     assert decision.granted.get("p", {}).get("cpu", 0) == 0
@@ -287,3 +316,13 @@ def test_every_change_has_a_reason() -> None:
     decision = run(snap(pool("p", gpus={"l4": 1})))
     assert decision.targets["l4"] == 1
     assert decision.reasons and all(isinstance(r, str) and r for r in decision.reasons)
+
+
+def test_cluster_fit_counts_one_cpu_engine_per_node_under_load() -> None:
+    from app.deployments.autoscaler import _fits
+
+    cpu, l4 = CONFIG.profiles[0], CONFIG.profiles[1]
+    nodes = [{"CPU": 4.0}, {"CPU": 2.0, "GPU": 2.0}]
+    assert _fits(cpu, nodes) == 6  # resources alone: 4 + 2 one-CPU workers
+    assert _fits(cpu, nodes, gainful=True) == 2  # one CPU engine per node adds compute
+    assert _fits(l4, nodes) == _fits(l4, nodes, gainful=True) == 2  # a GPU each
