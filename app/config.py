@@ -52,6 +52,13 @@ class ModelConfig(ClosedModel):
         description="LoRA adapters requests may select with `lora_adapter`: name -> PEFT "
         "directory, or 'embedded:smollm2-demo-lora' (a tiny adapter the project builds).",
     )
+    openai: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM's OpenAI front-end options for this model, as `vllm serve` takes them "
+        "(FrontendArgs): e.g. tool_call_parser: hermes, enable_auto_tool_choice: true, "
+        "chat_template, exclude_tools_when_tool_choice_none. The reasoning parser is an engine "
+        "option: engine.extra_args.reasoning_parser.",
+    )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         8, description="Largest rank among the LoRA adapters."
     )

@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.errors import InternalError, ServiceError
-from app.protocol.generation import GenerationChunk
+from app.protocol.generation import GenerationChunk, WireReply
 from app.protocol.workers import WorkerStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -319,12 +319,20 @@ class StreamWatch:
         self._counted = False
         self._closed = False
 
-    def batch(self, batch: Iterable[GenerationChunk]) -> None:
+    def batch(self, batch: Iterable[GenerationChunk | WireReply]) -> None:
         now = time.perf_counter() if self._counted else self._created
         if not self._counted:
             self._counted = True
             STREAMS_IN_FLIGHT.labels(self.route).inc()
-        for chunk in batch:
+        for item in batch:
+            if isinstance(item, WireReply):  # vLLM's bytes: text events, then the stats
+                if item.stream and item.data:
+                    self._first_text_at = self._first_text_at or now
+                    self._last_text_at = now
+                if item.done and item.stats is not None and self._terminal is None:
+                    self._terminal = item.stats
+                continue
+            chunk = item
             if chunk.text_delta:
                 self._first_text_at = self._first_text_at or now
                 self._last_text_at = now

@@ -18,12 +18,9 @@ machine noise shows as the spread between rounds. Then the null-engine variant: 
 the fake engine (no token delay) over HTTP at 1 and 64 streams, against the same fake engine
 driven in-process (no Ray, no HTTP) as the baseline.
 
-Every request is identical across systems: greedy (temperature 0), `max_completion_tokens`
-= output length, and `logit_bias {EOS: -100}` so every stream runs to its full length.
-(`vllm bench serve` would send `ignore_eos`, a vLLM extension poolserve's strict OpenAI schema
-refuses with 400; the bias does the same thing through the standard API, for every system.)
-Its prompt re-alignment through the server's /tokenize (only bare vLLM has it) is switched off
-so every system gets the same prompt text.
+Every system gets `vllm bench serve`'s stock requests, unmodified: greedy (temperature 0), the
+random dataset's `max_tokens` and `ignore_eos` (a vLLM field every system here accepts), and
+its prompt re-alignment through the server's `/tokenize` where the server has one.
 
 Each system is stopped by killing its whole process tree (scripts/stack.py helpers) before the
 next one starts.
@@ -68,7 +65,6 @@ RAYLLM_VENV = ROOT / ".venv-rayllm"
 RAYLLM_LOCK = ROOT / "benchmarks" / "requirements-rayllm.lock"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 NULL_MODEL_ID = "null/model"
-EOS_TOKEN_ID = 2  # SmolLM2's <|im_end|> (generation_config.json eos_token_id)
 
 SYSTEMS = {
     "vllm": "bare vLLM",
@@ -250,27 +246,6 @@ def stop_host(host: Host) -> None:
 # Load: vLLM's serving benchmark, in this process.
 
 
-def _patch_vllm_bench() -> Any:
-    from vllm.benchmarks import serve as vllm_bench
-
-    if getattr(vllm_bench, "_poolserve_patched", False):
-        return vllm_bench
-
-    async def same_prompts(base_url: str, model_id: str, requests: Any, *args: Any) -> Any:
-        return requests  # no re-alignment through /tokenize: identical prompts everywhere
-
-    original = vllm_bench.benchmark
-
-    async def benchmark(**kwargs: Any) -> Any:
-        kwargs["ignore_eos"] = False  # the EOS logit bias in --extra-body does it portably
-        return await original(**kwargs)
-
-    vllm_bench._align_prompts_to_server_tokenizer = same_prompts
-    vllm_bench.benchmark = benchmark
-    vllm_bench._poolserve_patched = True
-    return vllm_bench
-
-
 def bench_argv(base_url: str, model: str, workload: Workload) -> list[str]:
     argv = [
         "--backend=openai-chat",
@@ -286,7 +261,6 @@ def bench_argv(base_url: str, model: str, workload: Workload) -> list[str]:
         f"--max-concurrency={workload.concurrency}",
         f"--seed={workload.seed}",
         "--temperature=0",
-        f"--extra-body={json.dumps({'logit_bias': {str(EOS_TOKEN_ID): -100}})}",
         "--percentile-metrics=ttft,tpot,itl,e2el",
         "--metric-percentiles=50,99",
         "--disable-tqdm",
@@ -295,9 +269,9 @@ def bench_argv(base_url: str, model: str, workload: Workload) -> list[str]:
 
 
 def run_bench(base_url: str, model: str, workload: Workload, log_file: Path) -> dict[str, Any]:
+    from vllm.benchmarks import serve as vllm_bench
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    vllm_bench = _patch_vllm_bench()
     parser = FlexibleArgumentParser()
     vllm_bench.add_cli_args(parser)
     args = parser.parse_args(bench_argv(base_url, model, workload))

@@ -37,6 +37,7 @@ def real_app_args() -> dict[str, Any]:
                 "source": "embedded:smollm2",
                 "engine": {"max_model_len": 2048, "cpu_kv_cache_gib": 1, "max_num_seqs": 32},
                 "lora_adapters": {"demo": "embedded:smollm2-demo-lora"},
+                "openai": {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"},
             }
         ],
         "profiles": [{"name": "cpu", "num_cpus": 1}],

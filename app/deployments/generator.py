@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppConfig
 from app.engine.worker import Worker
 from app.errors import ServiceError, WorkerUnavailable
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 
@@ -43,7 +43,7 @@ class Generator:
 
     async def generate(
         self, request: GenerationRequest, workers: tuple[str, ...] | None = None
-    ) -> AsyncIterator[list[GenerationChunk] | ServiceError]:
+    ) -> AsyncIterator[list[GenerationChunk] | list[WireReply] | ServiceError]:
         """`workers`: the replicas the ingress chose (pool + profile + ready); the request
         router honours it, and a replica outside it refuses (retryable) rather than serve
         another pool's request.

@@ -8,11 +8,23 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
+from typing import Any
 
 from app.errors import InputTooLong
-from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
+from app.protocol.generation import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    OpenAICall,
+    WireReply,
+)
 from app.protocol.workers import EngineStats
+
+Reserve = Callable[[str, list[int], int, int], AbstractAsyncContextManager[Any]]
+"""`KVAdmission.reserve(request_id, prompt_token_ids, max_new_tokens, candidates)`: a KV handle
+for the engine request while the context is open (waits in the queue, or refuses)."""
 
 
 class GenerationAdapter(ABC):
@@ -36,6 +48,14 @@ class GenerationAdapter(ABC):
         self, request: GenerationRequest, prompt_token_ids: list[int]
     ) -> AsyncIterator[GenerationChunk]:
         """Stream the generation; raises ServiceError for refusals before the first chunk."""
+
+    @abstractmethod
+    def serve_openai(
+        self, call: OpenAICall, request_id: str, reserve: Reserve
+    ) -> AsyncIterator[WireReply]:
+        """An OpenAI-route request answered as vLLM's OpenAI server answers it: one JSON
+        `WireReply`, or SSE events ending with a `done` one. Every engine request holds a KV
+        handle from `reserve` while it runs; ServiceErrors before the first reply are refusals."""
 
     @abstractmethod
     def stats(self) -> EngineStats: ...

@@ -14,12 +14,25 @@ from dataclasses import replace
 from typing import Any
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, StreamTimer, best_of, generation_budget
+from app.engine.base import (
+    GenerationAdapter,
+    Reserve,
+    StreamTimer,
+    best_of,
+    generation_budget,
+)
 from app.engine.chat_render import chat_messages, tool_schema
 from app.engine.default_model import resolve_model_source
 from app.engine.demo_lora import resolve_lora_source
+from app.engine.openai_frontend import OpenAIFrontend
 from app.errors import InvalidRequest, ModelLoading, UnknownLora
-from app.protocol.generation import FinishReason, GenerationChunk, GenerationRequest
+from app.protocol.generation import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    OpenAICall,
+    WireReply,
+)
 from app.protocol.workers import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -92,6 +105,7 @@ class VLLMAdapter(GenerationAdapter):
         self.model_id = model.id
         self._config = model
         self._engine: Any = None
+        self._frontend: OpenAIFrontend | None = None
         self._tokenizer: Any = None
         self._max_model_len = model.engine.max_model_len
         self._loras: dict[str, str] = {}
@@ -141,7 +155,29 @@ class VLLMAdapter(GenerationAdapter):
             )
         self._tokenizer = engine.get_tokenizer()
         self._max_model_len = engine.model_config.max_model_len
+        self._frontend = await OpenAIFrontend.build(
+            engine, arguments, self._frontend_options(), self.model_id
+        )
         self._engine = engine
+
+    def _frontend_options(self) -> dict[str, Any]:
+        """vLLM's front-end options: the model's `openai` settings, its LoRA adapters by name
+        (as `vllm serve --lora-modules` names them, so `"model": "<adapter>"` works too)."""
+        from vllm.entrypoints.openai.models.protocol import LoRAModulePath
+
+        options = dict(self._config.openai)
+        if self._loras:
+            options["lora_modules"] = [
+                LoRAModulePath(name, path) for name, path in sorted(self._loras.items())
+            ]
+        return options
+
+    def serve_openai(
+        self, call: OpenAICall, request_id: str, reserve: Reserve
+    ) -> AsyncIterator[WireReply]:
+        if self._frontend is None:
+            raise ModelLoading(f"model '{self.model_id}' is loading")
+        return self._frontend.serve(call, request_id, reserve)
 
     def _stat_logger_factory(self) -> Any:
         """vLLM reports live KV usage only to stat loggers: keep the latest value."""

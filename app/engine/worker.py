@@ -17,7 +17,7 @@ from app.engine.tool_calls import forced_tool_calls, parse_tool_calls
 from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ def with_tool_calls(
     if request.tool_choice == "auto":
         return parse_tool_calls(chunks, parallel=request.parallel_tool_calls)
     return forced_tool_calls(chunks)
+
+
+def joined(batch: list[WireReply]) -> WireReply:
+    """One reply for a coalesced batch: its bytes in order, the last one's end and stats."""
+    if len(batch) == 1:
+        return batch[0]
+    last = batch[-1]
+    return WireReply(b"".join(r.data for r in batch), last.stream, last.done, last.stats)
 
 
 def load_adapter_factory(import_path: str) -> AdapterFactory:
@@ -92,7 +100,37 @@ class Worker:
             raise ModelLoadFailed(status.error or "load failed", error_class="ENGINE")
         return adapter
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    def stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[list[GenerationChunk]] | AsyncIterator[list[WireReply]]:
+        """The request's coalesced batches: chunks (SIE generation), or the bytes of vLLM's
+        OpenAI layer for an OpenAI-route request."""
+        return self._generate(request) if request.openai is None else self._openai(request)
+
+    async def _openai(self, request: GenerationRequest) -> AsyncIterator[list[WireReply]]:
+        """An OpenAI-route request through vLLM's OpenAI layer: every engine request it makes
+        holds a KV handle; the SSE events come coalesced like chunks (a JSON reply is one)."""
+        assert request.openai is not None
+        adapter = self.adapter(request.model)
+        admission = self._admission[request.model]
+        streaming = self.config.streaming
+        self.active_requests += 1
+        try:
+            replies = adapter.serve_openai(request.openai, request.request_id, admission.reserve)
+            batches = coalesce(
+                replies,
+                window_s=streaming.coalesce_window_ms / 1000,
+                max_items=streaming.coalesce_max_chunks,
+            )
+            try:
+                async for batch in batches:
+                    yield [joined(batch)]
+            finally:
+                await batches.aclose()
+        finally:
+            self.active_requests -= 1
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Admit against the KV ledger (holding a handle for the whole stream), then coalesced
         batches: the first at once, then one per window."""
         adapter = self.adapter(request.model)

@@ -77,6 +77,31 @@ class SamplingOptions:
     structured: StructuredOutput | None = None
 
 
+OpenAIRoute = Literal["chat", "completion", "responses", "tokenize", "detokenize"]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAICall:
+    """An OpenAI-route request that vLLM's own OpenAI layer serves on the worker: the client's
+    JSON body untouched and the few headers vLLM reads (X-Request-Id is ours)."""
+
+    route: OpenAIRoute
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WireReply:
+    """Bytes for the client, made on the worker by vLLM's OpenAI layer and relayed as they are:
+    a JSON body (`stream` False, always `done`) or a run of SSE events. The last one (`done`)
+    carries `stats`, a terminal chunk with usage and timings for the ingress's metrics."""
+
+    data: bytes
+    stream: bool
+    done: bool = False
+    stats: GenerationChunk | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One generation: either a raw `prompt` or chat `messages` the worker renders with the
@@ -95,6 +120,9 @@ class GenerationRequest:
     tool_choice: str = "auto"  # auto | none | required | function:<name>
     parallel_tool_calls: bool = True
     lora_adapter: str | None = None
+    openai: OpenAICall | None = None
+    """Set on the OpenAI routes: the worker answers with vLLM's OpenAI layer (`WireReply`s);
+    the fields above then only route the request (pool, profile, affinity, KV estimate)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,15 +1,26 @@
 """A small deterministic engine for tests of the layers above the engine. The contract suite
-(tests/integration/test_adapter_contract.py) holds it to the same rules as the vLLM adapter."""
+(tests/integration/test_adapter_contract.py) holds it to the same rules as the vLLM adapter.
+Its OpenAI routes imitate vLLM's wire shapes for chat and completions (one SSE event per token,
+usage when asked), enough for the layers above; vLLM's own layer is tested on the real engine."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, StreamTimer, generation_budget
-from app.errors import ModelLoading
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.engine.base import GenerationAdapter, Reserve, StreamTimer, generation_budget
+from app.errors import InvalidRequest, ModelLoading
+from app.protocol.generation import (
+    GenerationChunk,
+    GenerationRequest,
+    OpenAICall,
+    SamplingOptions,
+    WireReply,
+)
 from app.protocol.workers import EngineStats
 
 BLOCK_SIZE = 16
@@ -93,3 +104,78 @@ class FakeAdapter(GenerationAdapter):
             self.active.discard(request.request_id)
             if not finished:
                 self.aborted.append(request.request_id)
+
+    async def serve_openai(
+        self, call: OpenAICall, request_id: str, reserve: Reserve
+    ) -> AsyncIterator[WireReply]:
+        if call.route not in ("chat", "completion"):
+            raise InvalidRequest(f"the fake engine does not serve /{call.route}")
+        body = call.body
+        chat = call.route == "chat"
+        if chat:
+            prompt = " ".join(
+                str(m.get("content", "")) for m in body.get("messages") or () if isinstance(m, dict)
+            )
+        else:
+            prompt = str(body.get("prompt", ""))
+        limit = (
+            body.get("max_completion_tokens") or body.get("max_tokens") or (None if chat else 16)
+        )
+        request = GenerationRequest(
+            request_id, self.model_id, SamplingOptions(max_new_tokens=limit), prompt=prompt
+        )
+        prompt_ids = self.prompt_token_ids(request)
+        budget = generation_budget(len(prompt_ids), limit, self.max_model_len, "prompt")
+        kind = "chat.completion" if chat else "text_completion"
+        head: dict[str, Any] = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "created": int(time.time()),
+            "model": body.get("model"),
+        }
+        text, stats = "", None
+        async with reserve(request_id, prompt_ids, budget, 1):
+            if not body.get("stream"):
+                async for chunk in self.generate(request, prompt_ids):
+                    text += chunk.text_delta
+                    stats = chunk if chunk.done else stats
+                assert stats is not None
+                choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                payload = {**head, "object": kind, "choices": [choice], "usage": _usage(stats)}
+                yield WireReply(json.dumps(payload).encode(), stream=False, done=True, stats=stats)
+                return
+            async for chunk in self.generate(request, prompt_ids):
+                if chunk.done:
+                    stats = chunk
+                    end: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}
+                    end.update({"delta": {}} if chat else {"text": ""})
+                    events = [{**head, "object": f"{kind}.chunk", "choices": [end]}]
+                    options = body.get("stream_options") or {}
+                    if options.get("include_usage"):
+                        events.append({**head, "choices": [], "usage": _usage(chunk)})
+                    data = b"".join(_event(e) for e in events) + b"data: [DONE]\n\n"
+                    yield WireReply(data, stream=True, done=True, stats=chunk)
+                    return
+                delta: dict[str, Any] = {"index": 0, "finish_reason": None}
+                delta.update(
+                    {"delta": {"content": chunk.text_delta}} if chat else {"text": chunk.text_delta}
+                )
+                yield WireReply(
+                    _event({**head, "object": f"{kind}.chunk", "choices": [delta]}), stream=True
+                )
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _usage(chunk: GenerationChunk) -> dict[str, int]:
+    prompt, completion = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

@@ -1,0 +1,194 @@
+"""The OpenAI routes (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/tokenize`,
+`/detokenize`): vLLM's own OpenAI layer answers them on the worker; here we only authenticate
+(middleware), check sizes, route (pool, profile, affinity, KV estimate) and relay the bytes the
+worker made. What vLLM accepts is accepted; a field neither vLLM nor the SIE contract knows is
+a 400 `unsupported_field` (the worker checks it against vLLM's own request models)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from app.api.context import ApiContext, read_json
+from app.api.convert import new_request_id, routing_from_headers
+from app.api.errors import as_service_error, error_object
+from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
+from app.api.streaming import DONE_EVENT, SSE_HEADERS, ChunkStream, sse_event, with_keepalive
+from app.config import AppConfig
+from app.errors import InvalidRequest, ModelNotFound, ServiceError, UnknownLora
+from app.protocol.generation import (
+    GenerationRequest,
+    OpenAICall,
+    OpenAIRoute,
+    SamplingOptions,
+    WireReply,
+)
+
+router = APIRouter()
+
+# Request headers vLLM's serving layer reads (X-Request-Id is set to ours on the worker).
+FORWARDED_HEADERS = ("x-session-id", "traceparent", "tracestate")
+ROUTING_TEXT_CHARS = 1 << 16
+# vLLM's request models are the schema; documented at https://docs.vllm.ai (OpenAI server)
+ANY_JSON_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}  # affinity hashes look at the prompt's first blocks only
+
+
+def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
+    """The prompt text prefix routing hashes (never parsed beyond plain strings)."""
+    if route == "chat" or (route == "tokenize" and "messages" in body):
+        parts: list[str] = []
+        for message in body.get("messages") or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(
+                    part["text"]
+                    for part in content
+                    if isinstance(part, dict) and isinstance(part.get("text"), str)
+                )
+            if sum(map(len, parts)) > ROUTING_TEXT_CHARS:
+                break
+        return "\n".join(parts)[:ROUTING_TEXT_CHARS]
+    prompt = body.get("input") if route == "responses" else body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return prompt[:ROUTING_TEXT_CHARS] if isinstance(prompt, str) else ""
+
+
+def _count(body: Mapping[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _text(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string", param=name)
+    return value or None
+
+
+def resolve_target(
+    config: AppConfig, route: OpenAIRoute, body: Mapping[str, Any]
+) -> tuple[str, str | None]:
+    """(served model id, LoRA adapter or None). `model` names a served model or, as in vLLM,
+    one of its LoRA adapters; `lora_adapter` (SIE) names an adapter of the model."""
+    model = body.get("model")
+    if model is None and route in ("tokenize", "detokenize") and config.models:
+        return config.models[0].id, None
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a non-empty string", param="model")
+    adapter = _text(body, "lora_adapter")
+    served = config.model(model)
+    if served is None:
+        owner = next((m for m in config.models if model in m.lora_adapters), None)
+        if owner is None:
+            raise ModelNotFound(model)
+        return owner.id, model
+    if adapter is not None and adapter not in served.lora_adapters:
+        raise UnknownLora(adapter, model)
+    return served.id, adapter
+
+
+def openai_request(
+    config: AppConfig, route: OpenAIRoute, body: dict[str, Any], headers: Mapping[str, str]
+) -> GenerationRequest:
+    """The routing envelope of an OpenAI call: the body rides along untouched."""
+    model, adapter = resolve_target(config, route, body)
+    pool, profile = routing_from_headers(config, headers)
+    n = _count(body, "n") or 1
+    return GenerationRequest(
+        request_id=new_request_id(),
+        model=model,
+        prompt=routing_text(route, body),
+        sampling=SamplingOptions(
+            max_new_tokens=_count(body, "max_completion_tokens", "max_tokens", "max_output_tokens"),
+            n=n,
+            best_of=_count(body, "best_of"),
+        ),
+        pool=pool,
+        machine_profile=profile,
+        routing_key=_text(body, "routing_key"),
+        prompt_cache_key=_text(body, "prompt_cache_key"),
+        lora_adapter=adapter,
+        openai=OpenAICall(
+            route,
+            body,
+            tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers),
+        ),
+    )
+
+
+async def relay(request: Request, route: OpenAIRoute) -> Response:
+    context = ApiContext.of(request)
+    body = await read_json(request, context)
+    generation = openai_request(context.config, route, body, request.headers)
+    stream = await ChunkStream.open(context.backend, generation)
+    headers = {"X-SIE-Request-ID": generation.request_id}
+    first = stream.first[0] if stream.first else None
+    if not isinstance(first, WireReply) or not first.stream:
+        with contextlib.suppress(Exception):
+            async for _ in stream.batches():  # metrics: the one reply is the whole stream
+                break
+        data = first.data if isinstance(first, WireReply) else b"{}"
+        return Response(data, media_type="application/json", headers=headers)
+    return StreamingResponse(
+        with_keepalive(_events(stream), context.keepalive_s),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )
+
+
+async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
+    """vLLM's SSE events as the worker made them; a failure after the first byte (the worker
+    lost, the stream cut) is an in-band error event in the OpenAI error shape, then [DONE]."""
+    done = False
+    try:
+        async for batch in stream.batches():
+            for reply in batch:
+                if not isinstance(reply, WireReply):
+                    continue
+                if reply.data:
+                    yield reply.data
+                done = done or reply.done
+            if done:
+                return
+        error: ServiceError = ServiceError("generation stream ended before a terminal event")
+    except Exception as failure:  # noqa: BLE001 - every failure mid-stream is reported in-band
+        error = as_service_error(failure)
+    yield sse_event({"error": error_object(error, "openai")})
+    yield DONE_EVENT
+
+
+def _route(path: str, route: OpenAIRoute, summary: str) -> None:
+    async def handler(request: Request) -> Response:
+        return await relay(request, route)
+
+    handler.__name__ = f"openai_{route}"
+    router.add_api_route(
+        path,
+        handler,
+        methods=["POST"],
+        summary=summary,
+        openapi_extra=ANY_JSON_BODY,
+        responses={**STREAMED_OK, **error_responses("openai", *GENERATION_ERRORS)},
+    )
+
+
+_route("/v1/chat/completions", "chat", "OpenAI chat completions (vLLM's fields and semantics)")
+_route("/v1/completions", "completion", "OpenAI completions (vLLM's fields and semantics)")
+_route("/v1/responses", "responses", "OpenAI Responses (vLLM's implementation)")
+_route("/tokenize", "tokenize", "vLLM's /tokenize (prompt or chat messages)")
+_route("/detokenize", "detokenize", "vLLM's /detokenize")

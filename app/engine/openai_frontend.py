@@ -1,0 +1,281 @@
+"""vLLM's own OpenAI layer on the worker: its request models and their sampling parameters, chat
+templates, tool-call and reasoning parsers, `/tokenize` and `/detokenize`, built by vLLM's
+`init_app_state` exactly as `vllm serve` builds them. What we add sits around each engine
+request: a KV handle from our ledger before the engine sees it (`AdmittedEngine`), and the
+stats our metrics need. Imports vllm (the engine package is the only place that may)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from argparse import Namespace
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydantic import TypeAdapter, ValidationError
+
+from app.engine.base import Reserve
+from app.errors import (
+    GenerationFailed,
+    InputTooLong,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceError,
+    UnsupportedField,
+    WorkerUnavailable,
+)
+from app.protocol.generation import GenerationChunk, OpenAICall, WireReply
+
+logger = logging.getLogger(__name__)
+
+
+# Fields of the SIE contract that vLLM's request models do not have: the ingress routes on them.
+SIE_FIELDS = frozenset({"routing_key", "prompt_cache_key", "lora_adapter", "safety_identifier"})
+
+# how vLLM's messages say that the prompt (+ max_tokens) does not fit the model's context
+CONTEXT_SIGNS = ("maximum context length", "max_model_len")
+
+# route -> (attribute of vLLM's app state, its method)
+_SERVING = {
+    "chat": ("openai_serving_chat", "create_chat_completion"),
+    "completion": ("openai_serving_completion", "create_completion"),
+    "responses": ("openai_serving_responses", "create_responses"),
+    "tokenize": ("serving_tokenization", "create_tokenize"),
+    "detokenize": ("serving_tokenization", "create_detokenize"),
+}
+
+
+@dataclass
+class CallBook:
+    """What the engine requests of one OpenAI call did (vLLM may start several: one per prompt
+    of a completion list). Reached through a context variable, since vLLM calls the engine."""
+
+    reserve: Reserve | None = None
+    started: float = field(default_factory=time.perf_counter)
+    refusal: ServiceError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def stats(self) -> GenerationChunk:
+        ttft = tpot = None
+        if self.first_token_at is not None:
+            ttft = (self.first_token_at - self.started) * 1000
+            if self.completion_tokens > 1 and self.last_token_at is not None:
+                tpot = (
+                    (self.last_token_at - self.first_token_at) * 1000 / (self.completion_tokens - 1)
+                )
+        return GenerationChunk(
+            text_delta="",
+            done=True,
+            finish_reason="stop",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            ttft_ms=ttft,
+            tpot_ms=tpot,
+        )
+
+
+_CALL: contextvars.ContextVar[CallBook | None] = contextvars.ContextVar(
+    "poolserve_openai_call", default=None
+)
+
+
+class AdmittedEngine:
+    """The engine client vLLM's serving classes get: the AsyncLLM itself, except that each
+    `generate` first holds a KV handle sized from the rendered prompt and vLLM's final
+    `max_tokens` x `n`, for as long as the request runs. A refusal (QUEUE_FULL,
+    INPUT_TOO_LONG) is noted on the call's book, so the worker answers with our status and
+    code rather than with the error event vLLM makes of it."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        return self._admitted(prompt, sampling_params, request_id, kwargs)
+
+    async def _admitted(
+        self, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        book = _CALL.get()
+        if book is None or book.reserve is None:  # not one of our calls: nothing to admit
+            async for output in self._engine.generate(prompt, params, request_id, **kwargs):
+                yield output
+            return
+        token_ids = list(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, dict) else []
+        candidates = max(1, int(getattr(params, "n", 1) or 1))
+        max_tokens = int(getattr(params, "max_tokens", 0) or 0)
+        try:
+            async with book.reserve(request_id, token_ids, max(1, max_tokens), candidates):
+                book.prompt_tokens += len(token_ids)
+                async for output in self._engine.generate(prompt, params, request_id, **kwargs):
+                    now = time.perf_counter()
+                    produced = sum(len(each.token_ids) for each in output.outputs)
+                    if produced:
+                        book.first_token_at = book.first_token_at or now
+                        book.last_token_at = now
+                        book.completion_tokens += produced
+                    if output.finished:
+                        book.cached_tokens += int(output.num_cached_tokens or 0)
+                    yield output
+        except ServiceError as refusal:
+            book.refusal = refusal
+            raise
+
+
+def _request_adapters() -> dict[str, TypeAdapter[Any]]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+
+    return {
+        "chat": TypeAdapter(ChatCompletionRequest),
+        "completion": TypeAdapter(CompletionRequest),
+        "responses": TypeAdapter(ResponsesRequest),
+        "tokenize": TypeAdapter(TokenizeRequest),
+        "detokenize": TypeAdapter(DetokenizeRequest),
+    }
+
+
+class OpenAIFrontend:
+    """vLLM's OpenAI serving objects for one loaded model."""
+
+    def __init__(self, state: Any, model_id: str) -> None:
+        self._state = state
+        self._model_id = model_id
+        self._requests = _request_adapters()
+
+    @classmethod
+    async def build(
+        cls,
+        engine: Any,
+        engine_args: Any,
+        frontend: dict[str, Any],
+        model_id: str,
+    ) -> OpenAIFrontend:
+        """`frontend`: vLLM's front-end options (`vllm serve`'s flags: `tool_call_parser`,
+        `enable_auto_tool_choice`, `chat_template`, `lora_modules`, ...)."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+        args = Namespace(**(vars(FrontendArgs(**frontend)) | vars(engine_args)))
+        state = State()
+        await init_app_state(
+            cast(Any, AdmittedEngine(engine)),
+            state=state,
+            args=args,
+            supported_tasks=await engine.get_supported_tasks(),
+        )
+        return cls(state, model_id)
+
+    def _validated(self, call: OpenAICall) -> Any:
+        from vllm.exceptions import VLLMValidationError
+
+        body = dict(call.body)
+        adapter = body.pop("lora_adapter", None)
+        if isinstance(adapter, str) and adapter:
+            body["model"] = adapter  # vLLM names a LoRA adapter in `model`
+        for name in SIE_FIELDS:
+            body.pop(name, None)  # routing and metadata only; the ingress used them
+        try:
+            request = self._requests[call.route].validate_python(body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()) if part != call.route)
+            raise InvalidRequest(f"{where}: {first.get('msg')}", param=where or None) from None
+        except VLLMValidationError as error:
+            raise InvalidRequest(str(error), param=error.parameter) from None
+        except (ValueError, TypeError) as error:
+            raise InvalidRequest(str(error)) from None
+        unknown = sorted(set(getattr(request, "model_extra", None) or {}))
+        if unknown:
+            raise UnsupportedField(unknown[0])
+        return request
+
+    async def serve(
+        self, call: OpenAICall, request_id: str, reserve: Reserve
+    ) -> AsyncIterator[WireReply]:
+        """The reply as vLLM's server makes it: one JSON body, or SSE events as they come."""
+        from starlette.requests import Request
+
+        request = self._validated(call)
+        attribute, method = _SERVING[call.route]
+        serving = getattr(self._state, attribute, None)
+        if serving is None:
+            raise InvalidRequest(f"this model does not serve /{call.route}")
+        headers = [(b"x-request-id", request_id.encode())] + [
+            (name.encode(), value.encode()) for name, value in call.headers
+        ]
+        raw = Request(
+            {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
+        )
+        book = CallBook(reserve)
+        _CALL.set(book)  # this task's; vLLM calls the engine from within it
+        try:
+            result = await getattr(serving, method)(request, raw)
+        except ServiceError:
+            raise
+        except Exception as error:  # noqa: BLE001 - vLLM maps it, as its server does
+            if book.refusal is not None:
+                raise book.refusal from None
+            result = serving.create_error_response(error)
+        if book.refusal is not None:
+            raise book.refusal
+        if isinstance(result, AsyncIterator):
+            async for reply in self._events(result, book):
+                yield reply
+            return
+        if _is_error(result):
+            raise _service_error(result, str(call.body.get("model", "")))
+        yield WireReply(
+            data=result.model_dump_json().encode(), stream=False, done=True, stats=book.stats()
+        )
+
+    async def _events(self, events: AsyncIterator[str], book: CallBook) -> AsyncIterator[WireReply]:
+        try:
+            first = await anext(events, None)
+            if book.refusal is not None:  # before any byte: our status and code
+                raise book.refusal
+            if first is None:
+                return
+            yield WireReply(first.encode(), stream=True)
+            async for event in events:
+                yield WireReply(event.encode(), stream=True)
+            yield WireReply(b"", stream=True, done=True, stats=book.stats())
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _is_error(result: Any) -> bool:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    return isinstance(result, ErrorResponse)
+
+
+def _service_error(result: Any, model: str) -> ServiceError:
+    """vLLM's ErrorResponse -> ours: its (already sanitized) message, our status and codes."""
+    info = result.error
+    status = int(info.code)
+    if status == 404:
+        return ModelNotFound(model)
+    if status < 500 and any(sign in info.message for sign in CONTEXT_SIGNS):
+        return InputTooLong(info.message, param=info.param)  # the SIE contract's code for it
+    if status < 500:
+        return InvalidRequest(info.message, param=info.param)
+    if status == 503:
+        return WorkerUnavailable(info.message)
+    return GenerationFailed(info.message)
