@@ -7,8 +7,8 @@
     async for event in client.astream(messages=[...]): ...
 
 Requests go through the ingress's own `ServeBackend` (same registry snapshot, routing and
-admission, same Generator handles with `stream=True`) and are validated by the same wire
-models and converters as HTTP, so `pool=` / `profile=` behave like the `X-SIE-Pool` /
+admission, same Generator handles with `stream=True`) and are validated as HTTP's are (chat
+by vLLM's own request model on the worker), so `pool=` / `profile=` behave like the `X-SIE-Pool` /
 `X-SIE-MACHINE-PROFILE` headers. Failures raise the typed `app.errors` exceptions. Closing a
 stream early (break + close, `with`, `aclose()`) cancels the engine request.
 """
@@ -26,22 +26,22 @@ from typing import Any, TypeVar, cast
 from pydantic import ValidationError
 from ray import serve
 
-from app.api.chat import terminal_error
-from app.api.convert import POOL_HEADER, PROFILE_HEADER, chat_request, generate_request
+from app.api.convert import POOL_HEADER, PROFILE_HEADER, generate_request
 from app.api.errors import as_service_error, validation_error
+from app.api.generate import terminal_error
+from app.api.openai_routes import chunks_of, openai_request
 from app.config import AppConfig
 from app.deployments.ingress import ServeBackend
 from app.errors import InvalidRequest, ServiceError
 from app.protocol.events import StreamEventBuilder, response_of
-from app.protocol.generation import ChatTurn, GenerationRequest
-from app.protocol.openai import ChatCompletionRequest
+from app.protocol.generation import GenerationRequest, WireReply
 from app.protocol.sagellm import ChatMessage, Response, StreamEvent, StreamEventEnd
 from app.protocol.sie import GenerateRequest
 
 T = TypeVar("T")
 DEFAULT_APP = "poolserve"
 CONNECT_TIMEOUT_S = 60.0
-Message = ChatTurn | ChatMessage | Mapping[str, str]
+Message = ChatMessage | Mapping[str, Any]
 
 
 def connect(app_name: str = DEFAULT_APP, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
@@ -150,7 +150,7 @@ class Client:
         **options: Any,
     ) -> Response:
         """Answer a conversation with the model's chat template. `options` are the fields of
-        the OpenAI chat body (max_tokens, temperature, stop, seed, prompt_cache_key, ...)."""
+        vLLM's OpenAI chat body (max_tokens, temperature, stop, seed, min_p, ...)."""
         request = self.generation_request(
             messages=messages,
             model=model,
@@ -229,10 +229,13 @@ class Client:
         headers = {POOL_HEADER: pool or "", PROFILE_HEADER: profile or ""}
         try:
             if messages is not None:
-                body = ChatCompletionRequest.model_validate(
-                    {"model": model, "messages": [_message(m) for m in messages], **options}
-                )
-                request = chat_request(self.config, body, headers)
+                body = {  # vLLM's chat request, streamed (the events come from its deltas)
+                    "model": model,
+                    "messages": [_message(m) for m in messages],
+                    **options,
+                    "stream": True,
+                }
+                request = openai_request(self.config, "chat", body, headers)
             else:
                 generate = GenerateRequest.model_validate({"prompt": prompt, **options})
                 request = generate_request(self.config, model, generate, headers)
@@ -252,6 +255,8 @@ class Client:
         batches = cast(AsyncGenerator[Any, None], self._backend.stream(request))
         try:
             async for batch in batches:
+                if batch and isinstance(batch[0], WireReply):
+                    batch = [chunk for reply in batch for chunk in chunks_of(reply)]
                 for event in builder.feed(batch, time.time()):
                     if isinstance(event, StreamEventEnd) and event.error is not None:
                         raise terminal_error(builder.result)
@@ -275,8 +280,8 @@ class Client:
         return response_of(end)
 
 
-def _message(message: Message) -> dict[str, str]:
-    if isinstance(message, ChatTurn | ChatMessage):
+def _message(message: Message) -> dict[str, Any]:
+    if isinstance(message, ChatMessage):
         return {"role": message.role, "content": message.content}
     return dict(message)
 

@@ -1,4 +1,6 @@
-"""Wire requests (OpenAI chat, SIE generate) -> internal `GenerationRequest`s.
+"""SIE generate requests -> internal `GenerationRequest`s, and the routing headers and model
+names every generation route shares. (The OpenAI routes' bodies go to vLLM's own layer on the
+worker untouched: app/api/openai_routes.py.)
 
 Fields the contract accepts but this service does not implement yet are refused with
 400 `unsupported_field` naming the field, never silently ignored."""
@@ -10,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from app.api.structured import chat_output, grammar_output, tools_of
+from app.api.structured import grammar_output
 from app.config import AppConfig
 from app.errors import (
     InvalidRequest,
@@ -20,13 +22,7 @@ from app.errors import (
     UnknownLora,
     UnsupportedField,
 )
-from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions, ToolCall
-from app.protocol.openai import (
-    ChatCompletionRequest,
-    ChatMessageIn,
-    CompletionRequest,
-    ResponsesRequest,
-)
+from app.protocol.generation import GenerationRequest, SamplingOptions
 from app.protocol.sie import MAX_PROMPT_BYTES, GenerateRequest
 
 POOL_HEADER = "x-sie-pool"
@@ -91,7 +87,7 @@ def logit_bias(raw: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]
 
 
 class SamplingFields(Protocol):
-    """The sampling fields chat, completions and native generate share on the wire."""
+    """The sampling fields of the SIE generate body."""
 
     temperature: float | None
     top_p: float | None
@@ -120,112 +116,6 @@ def shared_sampling(
         logit_bias=logit_bias(body.logit_bias),
         **extra,
     )
-
-
-def chat_turns(messages: list[ChatMessageIn]) -> tuple[ChatTurn, ...]:
-    turns = []
-    for index, message in enumerate(messages):
-        if message.role == "tool" and not message.tool_call_id:
-            raise InvalidRequest(
-                "tool messages need tool_call_id", param=f"messages[{index}].tool_call_id"
-            )
-        if message.role != "tool" and message.tool_call_id is not None:
-            raise InvalidRequest(
-                "only tool messages take tool_call_id", param=f"messages[{index}].tool_call_id"
-            )
-        if message.tool_calls and message.role != "assistant":
-            raise InvalidRequest(
-                "only assistant messages take tool_calls", param=f"messages[{index}].tool_calls"
-            )
-        calls = tuple(
-            ToolCall(call.id, call.function.name, call.function.arguments)
-            for call in message.tool_calls or ()
-        )
-        role = "system" if message.role == "developer" else message.role
-        turns.append(
-            ChatTurn(
-                role=role,
-                content=_text_content(message, index),
-                tool_calls=calls,
-                tool_call_id=message.tool_call_id,
-                name=message.name,
-            )
-        )
-    return tuple(turns)
-
-
-def _text_content(message: ChatMessageIn, index: int) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    parts = []
-    for part_index, part in enumerate(message.content):
-        if part.type not in ("text", "input_text"):
-            raise UnsupportedField(
-                f"messages[{index}].content[{part_index}].type",
-                f"content part type '{part.type}' is not supported (no vision model is configured)",
-            )
-        if part.text is None:
-            raise InvalidRequest(
-                "text part without 'text'", param=f"messages[{index}].content[{part_index}].text"
-            )
-        parts.append(part.text)
-    return "".join(parts)
-
-
-def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    values = [stop] if isinstance(stop, str) else stop
-    if len(values) > 16 or any(not value for value in values):
-        raise InvalidRequest("stop takes up to 16 non-empty strings", param="stop")
-    return tuple(values)
-
-
-def chat_request(
-    config: AppConfig, body: ChatCompletionRequest, headers: Mapping[str, str]
-) -> GenerationRequest:
-    _check_chat_combinations(body)
-    max_tokens, _ = body.effective_max_tokens
-    pool, profile = routing_from_headers(config, headers)
-    tools, tool_choice = tools_of(body)
-    return GenerationRequest(
-        request_id=new_request_id(),
-        model=resolve_model(config, body.model),
-        messages=chat_turns(body.messages),
-        sampling=shared_sampling(
-            body,
-            max_tokens,
-            _stop(body.stop),
-            n=body.n or 1,
-            best_of=body.best_of,
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs or 0,
-            structured=chat_output(body, tools, tool_choice),
-        ),
-        pool=pool,
-        machine_profile=profile,
-        routing_key=body.routing_key,
-        prompt_cache_key=body.prompt_cache_key,
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=body.parallel_tool_calls is not False,
-        lora_adapter=check_lora(config, body.model, body.lora_adapter),
-    )
-
-
-def _check_chat_combinations(body: ChatCompletionRequest) -> None:
-    if body.top_logprobs and not body.logprobs:
-        raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
-    if (body.n or 1) > 1 and body.stream:
-        raise InvalidRequest("n > 1 cannot be streamed", param="n")
-    if body.best_of is not None and body.best_of < (body.n or 1):
-        raise InvalidRequest("best_of must be >= n", param="best_of")
-    if body.best_of is not None and body.stream:
-        raise InvalidRequest("best_of cannot be streamed", param="best_of")
-    if body.stream_options is not None and not body.stream:
-        raise InvalidRequest("stream_options requires stream: true", param="stream_options")
 
 
 def check_lora(config: AppConfig, model: str, adapter: str | None) -> str | None:
@@ -270,77 +160,4 @@ def generate_request(
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
         lora_adapter=check_lora(config, model, body.lora_adapter),
-    )
-
-
-def completion_request(
-    config: AppConfig, body: CompletionRequest, headers: Mapping[str, str]
-) -> GenerationRequest:
-    if isinstance(body.prompt, list) and len(body.prompt) != 1:
-        raise UnsupportedField("prompt", "one prompt per request (send a string)")
-    if body.echo:
-        raise UnsupportedField("echo")
-    if body.suffix is not None:
-        raise UnsupportedField("suffix")
-    if (body.n or 1) > 1 and body.stream:
-        raise InvalidRequest("n > 1 cannot be streamed", param="n")
-    if body.best_of is not None and (body.best_of < (body.n or 1) or body.stream):
-        raise InvalidRequest("best_of must be >= n and is not streamed", param="best_of")
-    if body.stream_options is not None and not body.stream:
-        raise InvalidRequest("stream_options requires stream: true", param="stream_options")
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    pool, profile = routing_from_headers(config, headers)
-    return GenerationRequest(
-        request_id=new_request_id(),
-        model=resolve_model(config, body.model),
-        prompt=prompt,
-        sampling=shared_sampling(
-            body,
-            body.max_tokens,
-            _stop(body.stop),
-            n=body.n or 1,
-            best_of=body.best_of,
-            logprobs=body.logprobs is not None,
-            top_logprobs=body.logprobs or 0,
-        ),
-        pool=pool,
-        machine_profile=profile,
-        routing_key=body.routing_key,
-        prompt_cache_key=body.prompt_cache_key,
-        lora_adapter=check_lora(config, body.model, body.lora_adapter),
-    )
-
-
-def responses_request(
-    config: AppConfig, body: ResponsesRequest, headers: Mapping[str, str]
-) -> GenerationRequest:
-    if body.stream:
-        raise UnsupportedField("stream", "/v1/responses is buffered only")
-    if body.store:
-        raise UnsupportedField("store", "responses are not stored")
-    turns: list[ChatTurn] = []
-    if body.instructions:
-        turns.append(ChatTurn("system", body.instructions))
-    if isinstance(body.input, str):
-        turns.append(ChatTurn("user", body.input))
-    else:
-        for message in body.input:
-            content = message.content
-            text = content if isinstance(content, str) else "".join(part.text for part in content)
-            turns.append(ChatTurn("system" if message.role == "developer" else message.role, text))
-    if not turns:
-        raise InvalidRequest("input is empty", param="input")
-    pool, profile = routing_from_headers(config, headers)
-    return GenerationRequest(
-        request_id=new_request_id(),
-        model=resolve_model(config, body.model),
-        messages=tuple(turns),
-        sampling=SamplingOptions(
-            max_new_tokens=body.max_output_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-        ),
-        pool=pool,
-        machine_profile=profile,
     )

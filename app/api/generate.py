@@ -7,17 +7,43 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.chat import raise_if_failed, terminal_error, usage_of
 from app.api.context import ApiContext, read_json
 from app.api.convert import generate_request, model_from_path
 from app.api.errors import error_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses, json_body
 from app.api.streaming import ChunkStream, sse_response
-from app.errors import ServiceError
+from app.errors import GenerationCancelled, GenerationFailed, ServiceError
 from app.protocol.generation import GenerationChunk, GenerationResult
 from app.protocol.sie import GenerateRequest
 
 router = APIRouter()
+
+
+def usage_of(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None
+) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
+
+
+def terminal_error(result: GenerationResult) -> ServiceError:
+    if result.finish_reason == "cancelled":
+        return GenerationCancelled("generation was cancelled")
+    return GenerationFailed(
+        result.error_message or "internal error during generation",
+        result.error_code or "inference_error",
+    )
+
+
+def raise_if_failed(result: GenerationResult) -> None:
+    if result.failed or result.finish_reason == "cancelled":
+        raise terminal_error(result)
 
 
 @router.post(

@@ -7,6 +7,7 @@ a 400 `unsupported_field` (the worker checks it against vLLM's own request model
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ from app.api.streaming import DONE_EVENT, SSE_HEADERS, ChunkStream, sse_event, w
 from app.config import AppConfig
 from app.errors import InvalidRequest, ModelNotFound, ServiceError, UnknownLora
 from app.protocol.generation import (
+    FinishReason,
+    GenerationChunk,
     GenerationRequest,
     OpenAICall,
     OpenAIRoute,
@@ -46,19 +49,28 @@ def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
     """The prompt text prefix routing hashes (never parsed beyond plain strings)."""
     if route == "chat" or (route == "tokenize" and "messages" in body):
         parts: list[str] = []
+        size = 0
         for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            texts = (
+                [content]
+                if isinstance(content, str)
+                else [
                     part["text"]
-                    for part in content
+                    for part in content or ()
                     if isinstance(part, dict) and isinstance(part.get("text"), str)
-                )
-            if sum(map(len, parts)) > ROUTING_TEXT_CHARS:
+                ]
+                if isinstance(content, list)
+                else []
+            )
+            # separators cannot occur in JSON-decoded text without being escaped first
+            parts.append(f"\x1e{message.get('role')}\x1f" + "".join(texts))
+            size += len(parts[-1])
+            if size > ROUTING_TEXT_CHARS:
                 break
-        return "\n".join(parts)[:ROUTING_TEXT_CHARS]
+        return "".join(parts)[:ROUTING_TEXT_CHARS]
     prompt = body.get("input") if route == "responses" else body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -192,3 +204,47 @@ _route("/v1/completions", "completion", "OpenAI completions (vLLM's fields and s
 _route("/v1/responses", "responses", "OpenAI Responses (vLLM's implementation)")
 _route("/tokenize", "tokenize", "vLLM's /tokenize (prompt or chat messages)")
 _route("/detokenize", "detokenize", "vLLM's /detokenize")
+
+
+def chunks_of(reply: WireReply) -> list[GenerationChunk]:
+    """A streamed chat reply as generation chunks (for callers that want events, not bytes:
+    app/handles.py): text deltas of choice 0, then a terminal chunk with the usage."""
+    chunks: list[GenerationChunk] = []
+    finish: FinishReason = "stop"
+    for line in reply.data.split(b"\n"):
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[len(b"data: ") :])
+        error = event.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message", "generation failed"))
+            code = str(error.get("code", "inference_error"))
+            return [
+                *chunks,
+                GenerationChunk(
+                    "", done=True, finish_reason="error", error_code=code, error_message=message
+                ),
+            ]
+        for choice in event.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            text = (choice.get("delta") or {}).get("content") or ""
+            if text:
+                chunks.append(GenerationChunk(text, is_first=not chunks))
+            if choice.get("finish_reason") == "length":
+                finish = "length"
+    if reply.done:
+        stats = reply.stats or GenerationChunk("", done=True)
+        chunks.append(
+            GenerationChunk(
+                "",
+                done=True,
+                finish_reason=finish,
+                prompt_tokens=stats.prompt_tokens,
+                completion_tokens=stats.completion_tokens,
+                cached_tokens=stats.cached_tokens,
+                ttft_ms=stats.ttft_ms,
+                tpot_ms=stats.tpot_ms,
+            )
+        )
+    return chunks

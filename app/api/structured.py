@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.engine.tool_calls import forced_call_schema
 from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedField
-from app.protocol.generation import StructuredOutput, ToolSpec
-from app.protocol.openai import ChatCompletionRequest
+from app.protocol.generation import StructuredOutput
 from app.protocol.sie import Grammar
 
 MAX_GRAMMAR_BYTES = 64 * 1024
@@ -70,69 +68,3 @@ def grammar_output(grammar: Grammar) -> StructuredOutput:
             raise PayloadTooLarge("regex is larger than 4 KiB", param="grammar")
         return StructuredOutput("regex", grammar.regex)
     return StructuredOutput("json_schema", check_schema(grammar.json_schema, "grammar"))
-
-
-def tools_of(body: ChatCompletionRequest) -> tuple[tuple[ToolSpec, ...], str]:
-    """The tools offered and the tool choice: auto | none | required | function:<name>."""
-    tools = tuple(
-        ToolSpec(
-            name=tool.function.name,
-            description=tool.function.description or "",
-            parameters=check_schema(
-                tool.function.parameters or {"type": "object", "properties": {}},
-                f"tools[{index}].function.parameters",
-            ),
-        )
-        for index, tool in enumerate(body.tools or ())
-    )
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise InvalidRequest("tool names must be unique", param="tools")
-    choice = body.tool_choice
-    if choice is None:
-        return tools, "auto" if tools else "none"
-    if isinstance(choice, str):
-        if choice == "required" and not tools:
-            raise InvalidRequest(
-                "tool_choice 'required' needs at least one tool", param="tool_choice"
-            )
-        return tools, choice
-    if choice.function.name not in names:
-        raise InvalidRequest(
-            f"tool_choice names unknown tool '{choice.function.name}'", param="tool_choice"
-        )
-    return tools, f"function:{choice.function.name}"
-
-
-def chat_output(
-    body: ChatCompletionRequest, tools: tuple[ToolSpec, ...], tool_choice: str
-) -> StructuredOutput | None:
-    """Constrained decoding for a chat request: forced tool calls or response_format."""
-    forced = tool_choice == "required" or tool_choice.startswith("function:")
-    response_format = body.response_format
-    wants_json = response_format is not None and response_format.type != "text"
-    if forced and wants_json:
-        raise InvalidRequest(
-            "response_format cannot be combined with a forced tool_choice", param="response_format"
-        )
-    if forced:
-        offered = (
-            tools
-            if tool_choice == "required"
-            else tuple(t for t in tools if f"function:{t.name}" == tool_choice)
-        )
-        parallel = body.parallel_tool_calls is not False and tool_choice == "required"
-        return StructuredOutput("json_schema", forced_call_schema(offered, parallel=parallel))
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return StructuredOutput("json_object")
-    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-        raise InvalidRequest(
-            "json_schema response_format needs json_schema.schema",
-            param="response_format.json_schema",
-        )
-    return StructuredOutput(
-        "json_schema",
-        check_schema(response_format.json_schema.schema_, "response_format.json_schema.schema"),
-    )

@@ -21,7 +21,6 @@ from app.engine.base import (
     best_of,
     generation_budget,
 )
-from app.engine.chat_render import chat_messages, tool_schema
 from app.engine.default_model import resolve_model_source
 from app.engine.demo_lora import resolve_lora_source
 from app.engine.openai_frontend import OpenAIFrontend
@@ -232,30 +231,15 @@ class VLLMAdapter(GenerationAdapter):
         return LoRARequest(name, sorted(self._loras).index(name) + 1, self._loras[name])
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        tokenizer = self._tokenizer
-        if request.messages is not None:
-            template = getattr(tokenizer, "chat_template", None) or ""
-            messages = chat_messages(request, template_supports_tools="tools" in template)
-            tools = [tool_schema(tool) for tool in request.tools] or None
-            if tools is not None and request.tool_choice != "none" and "tools" in template:
-                text = tokenizer.apply_chat_template(
-                    messages, tools=tools, add_generation_prompt=True, tokenize=False
-                )
-            else:
-                text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            return list(tokenizer.encode(text, add_special_tokens=False))
-        return list(tokenizer.encode(request.prompt or ""))
+        return list(self._tokenizer.encode(request.prompt or ""))
 
     def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sampling = request.sampling
-        param = "messages" if request.messages is not None else "prompt"
         max_tokens = generation_budget(
-            prompt_tokens, sampling.max_new_tokens, self._max_model_len, param
+            prompt_tokens, sampling.max_new_tokens, self._max_model_len, "prompt"
         )
         structured = None
         if sampling.structured is not None:

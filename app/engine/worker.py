@@ -13,7 +13,6 @@ from dataclasses import replace
 from app.config import AppConfig, ModelConfig
 from app.engine.base import GenerationAdapter, generation_budget
 from app.engine.coalesce import coalesce
-from app.engine.tool_calls import forced_tool_calls, parse_tool_calls
 from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
@@ -23,17 +22,6 @@ from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 logger = logging.getLogger(__name__)
 
 AdapterFactory = Callable[[ModelConfig], GenerationAdapter]
-
-
-def with_tool_calls(
-    chunks: AsyncIterator[GenerationChunk], request: GenerationRequest
-) -> AsyncIterator[GenerationChunk]:
-    """Tool calls come out of the text (`auto`) or out of constrained JSON (required/named)."""
-    if not request.tools or request.tool_choice == "none":
-        return chunks
-    if request.tool_choice == "auto":
-        return parse_tool_calls(chunks, parallel=request.parallel_tool_calls)
-    return forced_tool_calls(chunks)
 
 
 def joined(batch: list[WireReply]) -> WireReply:
@@ -135,9 +123,8 @@ class Worker:
         batches: the first at once, then one per window."""
         adapter = self.adapter(request.model)
         prompt_ids = adapter.prompt_token_ids(request)
-        param = "messages" if request.messages is not None else "prompt"
         budget = generation_budget(
-            len(prompt_ids), request.sampling.max_new_tokens, adapter.context_length, param
+            len(prompt_ids), request.sampling.max_new_tokens, adapter.context_length, "prompt"
         )
         candidates = max(request.sampling.n, request.sampling.best_of or 0)
         streaming = self.config.streaming
@@ -146,7 +133,7 @@ class Worker:
             admission = self._admission[request.model]
             async with admission.reserve(request.request_id, prompt_ids, budget, candidates):
                 batches = coalesce(
-                    with_tool_calls(adapter.generate(request, prompt_ids), request),
+                    adapter.generate(request, prompt_ids),
                     window_s=streaming.coalesce_window_ms / 1000,
                     max_items=streaming.coalesce_max_chunks,
                 )

@@ -10,43 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
 StructuredKind = Literal["json_schema", "json_object", "regex", "ebnf"]
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """A complete call, as the assistant made it (history) or as parsed from output."""
-
-    id: str
-    name: str
-    arguments: str  # compact JSON text
-
-
-@dataclass(frozen=True, slots=True)
-class ChatTurn:
-    role: str
-    content: str
-    tool_calls: tuple[ToolCall, ...] = ()
-    tool_call_id: str | None = None
-    name: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ToolSpec:
-    name: str
-    description: str = ""
-    parameters: str = "{}"  # JSON Schema as compact JSON text
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallDelta:
-    """One tool-call event: an announcement (id + name) then the arguments, same index."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments_delta: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,21 +69,17 @@ class WireReply:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One generation: either a raw `prompt` or chat `messages` the worker renders with the
-    model's chat template."""
+    """One generation of a `prompt` (SIE generate, handles), or the routing envelope of an
+    OpenAI-route call (`openai`), whose `prompt` is then only the text routing hashes."""
 
     request_id: str
     model: str
     sampling: SamplingOptions
     prompt: str | None = None
-    messages: tuple[ChatTurn, ...] | None = None
     pool: str | None = None
     machine_profile: str | None = None
     routing_key: str | None = None
     prompt_cache_key: str | None = None
-    tools: tuple[ToolSpec, ...] = ()
-    tool_choice: str = "auto"  # auto | none | required | function:<name>
-    parallel_tool_calls: bool = True
     lora_adapter: str | None = None
     openai: OpenAICall | None = None
     """Set on the OpenAI routes: the worker answers with vLLM's OpenAI layer (`WireReply`s);
@@ -141,7 +102,6 @@ class GenerationChunk:
     tpot_ms: float | None = None
     choice_index: int = 0
     logprobs: tuple[dict[str, Any], ...] | None = None  # OpenAI token logprobs for text_delta
-    tool_call: ToolCallDelta | None = None
     cumulative_logprob: float | None = None  # on a choice's finishing chunk (best_of ranking)
 
 
@@ -153,21 +113,11 @@ class ChoiceResult:
     text: str = ""
     finish_reason: FinishReason | None = None
     logprobs: list[dict[str, Any]] | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, chunk: GenerationChunk) -> None:
         self.text += chunk.text_delta
         if chunk.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(chunk.logprobs)
-        call = chunk.tool_call
-        if call is not None:
-            if call.id is not None:
-                self.tool_calls.append(ToolCall(call.id, call.name or "", call.arguments_delta))
-            elif self.tool_calls:
-                last = self.tool_calls[-1]
-                self.tool_calls[-1] = ToolCall(
-                    last.id, last.name, last.arguments + call.arguments_delta
-                )
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.protocol.openai import INT64_MAX, INT64_MIN, Penalty, WireModel
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+
+
+class WireModel(BaseModel):
+    """Strict, closed request model: no coercion from strings or bools, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
 
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
 

@@ -100,16 +100,9 @@ def worker_load(
 
 
 def prompt_text(request: GenerationRequest) -> str:
-    """The request's prompt as the router sees it: raw prompt, or the chat turns in order
-    (separators cannot occur in JSON-decoded text without being escaped first)."""
-    if request.prompt is not None:
-        return request.prompt
-    parts: list[str] = []
-    for turn in request.messages or ():
-        parts.append(f"\x1e{turn.role}\x1f{turn.content}")
-        for call in turn.tool_calls:
-            parts.append(f"\x1d{call.name}\x1f{call.arguments}")
-    return "".join(parts)
+    """The request's prompt as the router sees it (for OpenAI calls, the text of the messages
+    or prompt in order: `app.api.openai_routes.routing_text`)."""
+    return request.prompt or ""
 
 
 def affinity_keys(request: GenerationRequest) -> tuple[str, ...]:

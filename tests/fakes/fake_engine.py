@@ -30,7 +30,7 @@ WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
 
 class FakeAdapter(GenerationAdapter):
     """Emits WORDS in a cycle, one token per word, `token_delay_s` apart (0 = instantly).
-    Prompt tokens = whitespace-separated words of the prompt or messages."""
+    Prompt tokens = whitespace-separated words of the prompt (of the messages' contents)."""
 
     def __init__(self, model: ModelConfig) -> None:
         self.model_id = model.id
@@ -55,15 +55,8 @@ class FakeAdapter(GenerationAdapter):
         )
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """One token per word (plus two per chat turn and one for the generation prompt)."""
-        if request.messages is not None:
-            words = [
-                w for turn in request.messages for w in ["<turn>", turn.role, *turn.content.split()]
-            ]
-            words.append("<assistant>")
-        else:
-            words = (request.prompt or "").split()
-        return [sum(map(ord, word)) % 50_000 for word in words]
+        """One token per word."""
+        return [sum(map(ord, word)) % 50_000 for word in (request.prompt or "").split()]
 
     @property
     def context_length(self) -> int:
@@ -75,9 +68,8 @@ class FakeAdapter(GenerationAdapter):
         if not self.loaded:
             raise ModelLoading(f"model '{self.model_id}' is loading")
         prompt_tokens = len(prompt_token_ids)
-        param = "messages" if request.messages is not None else "prompt"
         budget = generation_budget(
-            prompt_tokens, request.sampling.max_new_tokens, self.max_model_len, param
+            prompt_tokens, request.sampling.max_new_tokens, self.max_model_len, "prompt"
         )
         timer = StreamTimer()
         self.active.add(request.request_id)
@@ -121,8 +113,14 @@ class FakeAdapter(GenerationAdapter):
         limit = (
             body.get("max_completion_tokens") or body.get("max_tokens") or (None if chat else 16)
         )
+        stop = body.get("stop") or ()
         request = GenerationRequest(
-            request_id, self.model_id, SamplingOptions(max_new_tokens=limit), prompt=prompt
+            request_id,
+            self.model_id,
+            SamplingOptions(
+                max_new_tokens=limit, stop=(stop,) if isinstance(stop, str) else tuple(stop)
+            ),
+            prompt=prompt,
         )
         prompt_ids = self.prompt_token_ids(request)
         budget = generation_budget(len(prompt_ids), limit, self.max_model_len, "prompt")
@@ -147,6 +145,16 @@ class FakeAdapter(GenerationAdapter):
                 payload = {**head, "object": kind, "choices": [choice], "usage": _usage(stats)}
                 yield WireReply(json.dumps(payload).encode(), stream=False, done=True, stats=stats)
                 return
+            if chat:  # vLLM's first chat event: the role, before any token
+                role = {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield WireReply(
+                    _event({**head, "object": f"{kind}.chunk", "choices": [role]}), stream=True
+                )
             async for chunk in self.generate(request, prompt_ids):
                 if chunk.done:
                     stats = chunk

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from app.protocol.generation import ChatTurn, GenerationRequest, SamplingOptions
+from app.api.openai_routes import routing_text
+from app.protocol.generation import GenerationRequest, SamplingOptions
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 from app.routing.affinity import (
     BLOCK_CHARS,
@@ -64,12 +65,15 @@ class TestAffinityKeys:
         assert affinity_keys(request("x", routing_key="b")) != both
 
     def test_chat_turns_key_by_role_and_content(self) -> None:
-        turns = (ChatTurn("system", SYSTEM), ChatTurn("user", "hi"))
-        as_chat = affinity_keys(request(None, messages=turns))  # type: ignore[arg-type]
-        as_user = affinity_keys(
-            request(None, messages=(ChatTurn("user", SYSTEM), ChatTurn("user", "hi")))  # type: ignore[arg-type]
-        )
+        def keys(*turns: tuple[str, str]) -> tuple[str, ...]:
+            body = {"messages": [{"role": role, "content": text} for role, text in turns]}
+            return affinity_keys(request(routing_text("chat", body)))
+
+        as_chat = keys(("system", SYSTEM), ("user", "hi"))
+        as_user = keys(("user", SYSTEM), ("user", "hi"))
         assert as_chat and as_user and as_chat[0] != as_user[0]
+        parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}]}
+        assert affinity_keys(request(routing_text("chat", parts)))[0] == as_chat[0]
 
     def test_estimated_blocks_counts_prompt_budget_and_candidates(self) -> None:
         one = estimated_blocks(request("x" * 4000), block_size=128)

@@ -140,86 +140,10 @@ def test_streamed_generate_framing(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("path", "payload", "status", "code", "param"),
     [
-        (CHAT, chat(bogus=1), 400, "unsupported_field", "bogus"),
-        (
-            CHAT,
-            chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
-            400,
-            "invalid_request",
-            "tool_choice",
-        ),
-        (CHAT, chat(tool_choice="required"), 400, "invalid_request", "tool_choice"),
-        (CHAT, chat(tools=[TOOL, TOOL]), 400, "invalid_request", "tools"),
-        (
-            CHAT,
-            chat(tools=[{"type": "function", "function": {"name": "bad name"}}]),
-            400,
-            "invalid_request",
-            "tools[0].function.name",
-        ),
-        (
-            CHAT,
-            chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"if": {}}}}]),
-            400,
-            "unsupported_field",
-            "tools[0].function.parameters",
-        ),
-        (
-            CHAT,
-            chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
-            400,
-            "invalid_request",
-            "response_format",
-        ),
-        (
-            CHAT,
-            chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-            400,
-            "invalid_request",
-            "response_format.json_schema",
-        ),
-        (
-            CHAT,
-            chat(response_format={"type": "xml"}),
-            400,
-            "invalid_request",
-            "response_format.type",
-        ),
-        (
-            CHAT,
-            chat(
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"$ref": "http://x"}},
-                }
-            ),
-            400,
-            "unsupported_field",
-            "response_format.json_schema.schema",
-        ),
+        # the OpenAI bodies are vLLM's to validate (tests/e2e/test_vllm_parity.py); the ingress
+        # still resolves the model and the LoRA adapter before routing
         (CHAT, chat(lora_adapter="mine"), 400, "unknown_lora", "lora_adapter"),
-        (CHAT, chat(best_of=1, n=2), 400, "invalid_request", "best_of"),
-        (
-            CHAT,
-            chat(stream_options={"include_usage": True}),
-            400,
-            "invalid_request",
-            "stream_options",
-        ),
-        (
-            CHAT,
-            {"model": MODEL, "messages": [{"role": "tool", "content": "42"}]},
-            400,
-            "invalid_request",
-            "messages[0].tool_call_id",
-        ),
-        (
-            CHAT,
-            {"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_call_id": "a"}]},
-            400,
-            "invalid_request",
-            "messages[0].tool_call_id",
-        ),
+        (CHAT, chat(model=5), 400, "invalid_request", "model"),
         (
             GENERATE,
             {"prompt": "x", "max_new_tokens": 1, "grammar": {"regex": "a", "ebnf": "b"}},
@@ -262,10 +186,6 @@ def test_streamed_generate_framing(client: TestClient) -> None:
             "unknown_lora",
             "lora_adapter",
         ),
-        (CHAT, chat(n=2, stream=True), 400, "invalid_request", "n"),
-        (CHAT, chat(top_logprobs=2), 400, "invalid_request", "top_logprobs"),
-        (CHAT, chat(logit_bias={"x": 1}), 400, "invalid_request", "logit_bias"),
-        (CHAT, chat(logit_bias={"1": 101}), 400, "invalid_request", "logit_bias"),
         (
             CHAT,
             {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
@@ -273,22 +193,6 @@ def test_streamed_generate_framing(client: TestClient) -> None:
             "MODEL_NOT_FOUND",
             "model",
         ),
-        (
-            CHAT,
-            {
-                "model": MODEL,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image_url", "image_url": {"url": "data:"}}],
-                    }
-                ],
-            },
-            400,
-            "unsupported_field",
-            "messages[0].content[0].type",
-        ),
-        (CHAT, chat(max_tokens=100000), 400, "INPUT_TOO_LONG", "messages"),
         (GENERATE, {"prompt": "x"}, 400, "invalid_request", "max_new_tokens"),
         (
             GENERATE,

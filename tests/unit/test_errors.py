@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app import errors
 from app.api.errors import error_response, format_location, parse_json_object, validation_error
-from app.protocol.openai import ChatCompletionRequest
+from app.protocol.sie import GenerateRequest
 
 
 @pytest.mark.parametrize(
@@ -96,9 +96,7 @@ def test_unknown_exceptions_become_500_with_a_request_id_and_no_internals() -> N
 
 def test_unknown_field_maps_to_unsupported_field_with_param() -> None:
     with pytest.raises(ValidationError) as caught:
-        ChatCompletionRequest.model_validate(
-            {"model": "m", "messages": [{"role": "user", "content": "x"}], "bogus": 1}
-        )
+        GenerateRequest.model_validate({"prompt": "x", "max_new_tokens": 1, "bogus": 1})
     error = validation_error(caught.value)
     assert (error.code, error.param) == ("unsupported_field", "bogus")
 
@@ -107,23 +105,22 @@ def test_unknown_field_maps_to_unsupported_field_with_param() -> None:
     ("payload", "param"),
     [
         ({"temperature": "1"}, "temperature"),
-        ({"max_tokens": True}, "max_tokens"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"top_p": 0}, "top_p"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"top_logprobs": 21}, "top_logprobs"),
-        ({"n": 129}, "n"),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"prompt": 5}, "prompt"),
+        ({"stop": [""]}, "stop[0]"),
         ({"stop": 3}, "stop"),
+        ({"grammar": {"regex": 1}}, "grammar.regex"),
         ({"seed": 2**63}, "seed"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_parameter(payload: dict, param: str) -> None:
-    request = {"model": "m", "messages": [{"role": "user", "content": "x"}], **payload}
+    request = {"prompt": "x", "max_new_tokens": 1, **payload}
     with pytest.raises(ValidationError) as caught:
-        ChatCompletionRequest.model_validate(request)
+        GenerateRequest.model_validate(request)
     error = validation_error(caught.value)
     assert (error.status, error.code, error.param) == (400, "invalid_request", param)
 

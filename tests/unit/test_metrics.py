@@ -74,7 +74,7 @@ def test_known_traffic_moves_counters_and_histograms(client: TestClient) -> None
         (
             "poolserve_requests_total",
             {
-                "route": CHAT,
+                "route": GENERATE_ROUTE,
                 "method": "POST",
                 "status": "400",
                 "code": "unsupported_field",
@@ -87,8 +87,7 @@ def test_known_traffic_moves_counters_and_histograms(client: TestClient) -> None
             GENERATE, json={"prompt": "one two three", "max_new_tokens": 5, "stream": stream}
         )
         assert response.status_code == 200
-    messages = [{"role": "user", "content": "hi"}]
-    bad = client.post(CHAT, json={"model": MODEL, "messages": messages, "bogus": 1})
+    bad = client.post(GENERATE, json={"prompt": "x", "max_new_tokens": 1, "bogus": 1})
     assert bad.status_code == 400
     missing = client.post("/v1/generate/no__such", json={"prompt": "x", "max_new_tokens": 1})
     missing_status, missing_code = missing.status_code, missing.headers["x-sie-error-code"]
