@@ -16,7 +16,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model serve stop test test-all soak bench bench-routing lint typecheck check clean
+.PHONY: install model sie-sdk serve stop test test-all soak bench bench-routing lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ install: $(STAMP)
 
 model: install
 	$(PY) -m app.engine.default_model
+
+# The sie-sdk client for the README's Pools example: it needs Python >= 3.12, so its own venv
+# .venv-sie, pinned by tests/sie-requirements.lock and built by tests/sie.py as the tests build it
+sie-sdk: install
+	$(PY) -c "from tests.sie import sie_python; print('sie-sdk ready:', sie_python())"
 
 serve: model
 	$(PY) scripts/stack.py serve

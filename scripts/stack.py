@@ -3,6 +3,16 @@
 serve: start a Ray head on 127.0.0.1 (unless ours is already up), `serve deploy` the config,
 wait until /health reports every configured model loaded, print the URLs. Idempotent.
 stop: shut the Serve app down and stop only the Ray processes of the head `serve` started.
+
+The head runs with this virtualenv's bin directory first on PATH (and VIRTUAL_ENV set), so a Ray
+job's `python` (`ray job submit -- python ...`, README "Ray jobs through handles") is the
+project's interpreter, and with the repository on PYTHONPATH.
+
+Environment: POOLSERVE_RAY_PORT (GCS, 6380), POOLSERVE_RAY_DASHBOARD_PORT (8265),
+POOLSERVE_API_URL (http://127.0.0.1:8000, where /health is polled; Serve's port comes from the
+config), POOLSERVE_READY_TIMEOUT_S (600), POOLSERVE_STACK_STATE (.cache/stack.json: the head
+`stop` may stop), POOLSERVE_RAY_START_ARGS (extra `ray start` arguments, e.g. other ports and a
+--temp-dir for a second head beside this one, as tests/e2e/test_readme.py runs).
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,15 +33,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE_FILE = ROOT / ".cache" / "stack.json"
+STATE_FILE = Path(os.environ.get("POOLSERVE_STACK_STATE", str(ROOT / ".cache" / "stack.json")))
 BIN = Path(sys.executable).parent
 RAY_PORT = int(os.environ.get("POOLSERVE_RAY_PORT", "6380"))
 DASHBOARD_PORT = int(os.environ.get("POOLSERVE_RAY_DASHBOARD_PORT", "8265"))
 API_URL = os.environ.get("POOLSERVE_API_URL", "http://127.0.0.1:8000")
 READY_TIMEOUT_S = float(os.environ.get("POOLSERVE_READY_TIMEOUT_S", "600"))
+RAY_START_ARGS = shlex.split(os.environ.get("POOLSERVE_RAY_START_ARGS", ""))
+
+
+def project_path() -> str:
+    """PATH with this interpreter's bin directory first: Ray workers, and the shell of a Ray
+    job's entrypoint, inherit the head's environment, so `python` there is the project's."""
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != str(BIN)]
+    return os.pathsep.join([str(BIN), *rest])
+
+
+def project_venv() -> dict[str, str]:
+    """VIRTUAL_ENV as `activate` sets it (nothing when not run from a virtualenv)."""
+    return {"VIRTUAL_ENV": sys.prefix} if sys.prefix != sys.base_prefix else {}
+
 
 ENV = {
-    **os.environ,
+    **{k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")},
+    **project_venv(),
+    "PATH": project_path(),
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     # Ray 2.60 turns token auth on for a new cluster as soon as ~/.ray/auth_token exists, but the
@@ -60,6 +87,7 @@ def ray_is_up() -> bool:
 def start_ray() -> None:
     if ray_is_up():
         log(f"Ray head already running on 127.0.0.1:{RAY_PORT}")
+        warn_if_head_lacks_venv()
         return
     run(str(BIN / "ray"), "get-auth-token", "--generate")  # creates ~/.ray/auth_token once
     log(f"starting a Ray head on 127.0.0.1:{RAY_PORT} (dashboard 127.0.0.1:{DASHBOARD_PORT})")
@@ -73,6 +101,7 @@ def start_ray() -> None:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={DASHBOARD_PORT}",
         "--disable-usage-stats",
+        *RAY_START_ARGS,
         check=False,
     )
     if result.returncode != 0:
@@ -80,6 +109,25 @@ def start_ray() -> None:
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps({"ray_port": RAY_PORT, "started_at": time.time()}))
     log(f"Ray head up in {time.monotonic() - started:.1f} s")
+
+
+def warn_if_head_lacks_venv() -> None:
+    """A head started before `make serve` put the venv on PATH keeps its old environment, and
+    Ray jobs there get the system `python`: say how to fix it."""
+    for pid in our_ray_pids(RAY_PORT):
+        try:
+            if b"raylet" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        path = next((e[5:].decode() for e in environ if e.startswith(b"PATH=")), "")
+        if path.split(os.pathsep)[0] != str(BIN):
+            log(
+                f"warning: this head's PATH does not start with {BIN}, so `python` in a Ray job "
+                "is not the project's; `make stop && make serve` restarts it with the venv"
+            )
+        return
 
 
 def health() -> dict[str, object] | None:
