@@ -234,6 +234,7 @@ class Client:
                     "messages": [_message(m) for m in messages],
                     **options,
                     "stream": True,
+                    "return_token_ids": True,  # the events' output_tokens
                 }
                 request = openai_request(self.config, "chat", body, headers)
             else:

@@ -229,8 +229,9 @@ def chunks_of(reply: WireReply) -> list[GenerationChunk]:
             if choice.get("index", 0) != 0:
                 continue
             text = (choice.get("delta") or {}).get("content") or ""
-            if text:
-                chunks.append(GenerationChunk(text, is_first=not chunks))
+            token_ids = tuple(choice.get("token_ids") or ())
+            if text or token_ids:
+                chunks.append(GenerationChunk(text, is_first=not chunks, token_ids=token_ids))
             if choice.get("finish_reason") == "length":
                 finish = "length"
     if reply.done:

@@ -10,11 +10,11 @@ import contextvars
 import logging
 import time
 from argparse import Namespace
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from app.engine.base import Reserve
 from app.errors import (
@@ -199,9 +199,9 @@ class OpenAIFrontend:
             raise InvalidRequest(str(error), param=error.parameter) from None
         except (ValueError, TypeError) as error:
             raise InvalidRequest(str(error)) from None
-        unknown = sorted(set(getattr(request, "model_extra", None) or {}))
-        if unknown:
-            raise UnsupportedField(unknown[0])
+        unknown = next(unknown_fields(request), None)
+        if unknown is not None:
+            raise UnsupportedField(unknown)
         return request
 
     async def serve(
@@ -258,6 +258,19 @@ class OpenAIFrontend:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def unknown_fields(value: Any, path: str = "") -> Iterator[str]:
+    """Fields vLLM's request models kept as extras (they accept and ignore them), nested ones
+    too (e.g. `stream_options.x`), as dotted paths."""
+    if isinstance(value, BaseModel):
+        for name in sorted(value.model_extra or {}):
+            yield f"{path}{name}"
+        for name in type(value).model_fields:
+            yield from unknown_fields(getattr(value, name, None), f"{path}{name}.")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from unknown_fields(item, f"{path.rstrip('.')}[{index}].")
 
 
 def _is_error(result: Any) -> bool:

@@ -22,6 +22,7 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "Current weather for a city",
+        "strict": True,  # vLLM (and OpenAI) constrain the arguments to strict tools' schemas
         "parameters": {
             "type": "object",
             "properties": {
@@ -36,6 +37,7 @@ TIME = {
     "type": "function",
     "function": {
         "name": "get_time",
+        "strict": True,
         "parameters": {
             "type": "object",
             "properties": {"zone": {"type": "string", "maxLength": 10}},
@@ -101,9 +103,9 @@ def test_named_tool_choice_produces_a_valid_call(client: openai.OpenAI) -> None:
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls"
+    assert choice.finish_reason == "stop"  # vLLM's semantics for a named function choice
     (call,) = choice.message.tool_calls or []
-    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 
@@ -214,15 +216,10 @@ def test_n_choices_best_of_and_seed(client: openai.OpenAI) -> None:
         model=REAL_MODEL, messages=ASK, max_tokens=8, n=3, temperature=1.0, seed=7
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in many.choices]
-    best = client.chat.completions.create(
-        model=REAL_MODEL,
-        messages=ASK,
-        max_tokens=8,
-        n=1,
-        temperature=1.0,
-        extra_body={"best_of": 3},
-    )
-    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="best_of"):  # vLLM 0.32 dropped best_of
+        client.chat.completions.create(
+            model=REAL_MODEL, messages=ASK, max_tokens=8, extra_body={"best_of": 3}
+        )
 
 
 def test_legacy_completions(client: openai.OpenAI) -> None:
@@ -288,7 +285,12 @@ def test_native_grammar_regex_and_schema(stack: Stack) -> None:
     }
     body = httpx.post(
         stack.base_url + GENERATE_PATH,
-        json={"prompt": "JSON:", "max_new_tokens": 20, "grammar": {"json_schema": schema}},
+        json={
+            "prompt": "JSON:",
+            "max_new_tokens": 40,
+            "temperature": 0,  # sampled, the model may pad with whitespace past the budget
+            "grammar": {"json_schema": schema},
+        },
         timeout=60,
     ).json()
     jsonschema.validate(json.loads(body["text"]), schema)

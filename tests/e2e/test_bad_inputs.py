@@ -3,7 +3,6 @@ code (never a 500, never a hang), and the worker is idle afterwards (nothing lea
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -29,41 +28,20 @@ def gen(**fields: Any) -> dict[str, Any]:
 
 
 JSON_CASES: list[tuple[str, str, Any, int, str]] = [
-    # (id, path, body, status, code)
+    # (id, path, body, status, code). The OpenAI routes validate with vLLM's own request
+    # models (tests/e2e/test_vllm_parity.py compares them with bare vLLM case by case): here
+    # only what both agree is an error, and what the ingress owns (model, LoRA, unknown fields).
     ("chat-unknown-field", CHAT, chat(foo=1), 400, "unsupported_field"),
     ("chat-missing-model", CHAT, {"messages": USER}, 400, "invalid_request"),
     ("chat-missing-messages", CHAT, {"model": REAL_MODEL}, 400, "invalid_request"),
     ("chat-empty-messages", CHAT, chat(messages=[]), 400, "invalid_request"),
     ("chat-messages-not-list", CHAT, chat(messages="hi"), 400, "invalid_request"),
     (
-        "chat-bad-role",
-        CHAT,
-        chat(messages=[{"role": "robot", "content": "x"}]),
-        400,
-        "invalid_request",
-    ),
-    (
         "chat-content-number",
         CHAT,
         chat(messages=[{"role": "user", "content": 3}]),
         400,
         "invalid_request",
-    ),
-    (
-        "chat-image-part",
-        CHAT,
-        chat(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
-                    ],
-                }
-            ]
-        ),
-        400,
-        "unsupported_field",
     ),
     (
         "chat-text-part-without-text",
@@ -78,36 +56,20 @@ JSON_CASES: list[tuple[str, str, Any, int, str]] = [
     ("chat-n-with-greedy", CHAT, chat(n=2, temperature=0, max_tokens=2), 400, "invalid_request"),
     ("chat-top-p-zero", CHAT, chat(top_p=0), 400, "invalid_request"),
     ("chat-top-p-over-one", CHAT, chat(top_p=1.5), 400, "invalid_request"),
-    ("chat-top-k-zero", CHAT, chat(top_k=0), 400, "invalid_request"),
     ("chat-max-tokens-zero", CHAT, chat(max_tokens=0), 400, "invalid_request"),
-    ("chat-max-tokens-bool", CHAT, chat(max_tokens=True), 400, "invalid_request"),
     ("chat-max-tokens-float", CHAT, chat(max_tokens=3.5), 400, "invalid_request"),
     ("chat-max-tokens-over-context", CHAT, chat(max_tokens=100_000), 400, "INPUT_TOO_LONG"),
     ("chat-presence-penalty", CHAT, chat(presence_penalty=3), 400, "invalid_request"),
     ("chat-frequency-penalty", CHAT, chat(frequency_penalty=-2.5), 400, "invalid_request"),
     ("chat-repetition-penalty-zero", CHAT, chat(repetition_penalty=0), 400, "invalid_request"),
-    ("chat-repetition-penalty-high", CHAT, chat(repetition_penalty=2.5), 400, "invalid_request"),
     ("chat-n-zero", CHAT, chat(n=0), 400, "invalid_request"),
-    ("chat-n-huge", CHAT, chat(n=10_000), 400, "invalid_request"),
-    ("chat-n-stream", CHAT, chat(n=2, stream=True), 400, "invalid_request"),
-    ("chat-best-of-below-n", CHAT, chat(n=3, best_of=2), 400, "invalid_request"),
-    ("chat-best-of-stream", CHAT, chat(best_of=2, stream=True), 400, "invalid_request"),
     ("chat-top-logprobs-range", CHAT, chat(logprobs=True, top_logprobs=21), 400, "invalid_request"),
     ("chat-top-logprobs-without-logprobs", CHAT, chat(top_logprobs=2), 400, "invalid_request"),
     ("chat-logit-bias-key", CHAT, chat(logit_bias={"abc": 1}), 400, "invalid_request"),
-    ("chat-logit-bias-range", CHAT, chat(logit_bias={"5": 150}), 400, "invalid_request"),
-    (
-        "chat-logit-bias-size",
-        CHAT,
-        chat(logit_bias={str(i): 1 for i in range(1025)}),
-        400,
-        "invalid_request",
-    ),
     ("chat-seed-too-big", CHAT, chat(seed=2**64), 400, "invalid_request"),
     ("chat-stop-number", CHAT, chat(stop=5), 400, "invalid_request"),
     ("chat-stop-empty", CHAT, chat(stop=[""]), 400, "invalid_request"),
     ("chat-stop-too-many", CHAT, chat(stop=[str(i) for i in range(17)]), 400, "invalid_request"),
-    ("chat-stream-string", CHAT, chat(stream="yes"), 400, "invalid_request"),
     (
         "chat-stream-options-unknown",
         CHAT,
@@ -145,27 +107,6 @@ JSON_CASES: list[tuple[str, str, Any, int, str]] = [
     ),
     ("chat-tools-not-function", CHAT, chat(tools=[{"type": "retrieval"}]), 400, "invalid_request"),
     (
-        "chat-tools-too-many",
-        CHAT,
-        chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(65)]),
-        400,
-        "invalid_request",
-    ),
-    (
-        "chat-tool-schema-if",
-        CHAT,
-        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"if": {}}}}]),
-        400,
-        "unsupported_field",
-    ),
-    (
-        "chat-tool-message-without-id",
-        CHAT,
-        chat(messages=[{"role": "tool", "content": "1"}]),
-        400,
-        "invalid_request",
-    ),
-    (
         "chat-response-format-type",
         CHAT,
         chat(response_format={"type": "yaml"}),
@@ -176,30 +117,6 @@ JSON_CASES: list[tuple[str, str, Any, int, str]] = [
         "chat-response-format-no-schema",
         CHAT,
         chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-        400,
-        "invalid_request",
-    ),
-    (
-        "chat-schema-external-ref",
-        CHAT,
-        chat(
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "x", "schema": {"$ref": "https://x"}},
-            }
-        ),
-        400,
-        "unsupported_field",
-    ),
-    (
-        "chat-schema-too-deep",
-        CHAT,
-        chat(
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "x", "schema": json.loads('{"a":' * 20 + "{}" + "}" * 20)},
-            }
-        ),
         400,
         "invalid_request",
     ),
@@ -248,46 +165,11 @@ JSON_CASES: list[tuple[str, str, Any, int, str]] = [
         "unsupported_field",
     ),
     (
-        "comp-echo",
-        COMP,
-        {"model": REAL_MODEL, "prompt": "x", "echo": True},
-        400,
-        "unsupported_field",
-    ),
-    (
-        "comp-prompt-list",
-        COMP,
-        {"model": REAL_MODEL, "prompt": ["a", "b"]},
-        400,
-        "unsupported_field",
-    ),
-    (
-        "comp-logprobs-range",
-        COMP,
-        {"model": REAL_MODEL, "prompt": "x", "logprobs": 9},
-        400,
-        "invalid_request",
-    ),
-    (
-        "resp-stream",
-        RESP,
-        {"model": REAL_MODEL, "input": "x", "stream": True},
-        400,
-        "unsupported_field",
-    ),
-    (
         "resp-bad-role",
         RESP,
         {"model": REAL_MODEL, "input": [{"role": "tool", "content": "x"}]},
         400,
         "invalid_request",
-    ),
-    (
-        "resp-unknown-field",
-        RESP,
-        {"model": REAL_MODEL, "input": "x", "tools": []},
-        400,
-        "unsupported_field",
     ),
 ]
 
