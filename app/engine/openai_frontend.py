@@ -7,6 +7,7 @@ stats our metrics need. Imports vllm (the engine package is the only place that 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import time
 from argparse import Namespace
@@ -180,10 +181,12 @@ class OpenAIFrontend:
         )
         return cls(state, model_id)
 
-    def _validated(self, call: OpenAICall) -> Any:
+    def _validated(self, call: OpenAICall) -> tuple[Any, tuple[int, bool] | None]:
+        """vLLM's request model of the body (SIE-only fields taken out), and the best_of plan."""
         from vllm.exceptions import VLLMValidationError
 
         body = dict(call.body)
+        ranking = best_of_plan(call.route, body)  # SIE's best_of, which vLLM 0.32 has not
         adapter = body.pop("lora_adapter", None)
         if isinstance(adapter, str) and adapter:
             body["model"] = adapter  # vLLM names a LoRA adapter in `model`
@@ -202,7 +205,7 @@ class OpenAIFrontend:
         unknown = next(unknown_fields(request), None)
         if unknown is not None:
             raise UnsupportedField(unknown)
-        return request
+        return request, ranking
 
     async def serve(
         self, call: OpenAICall, request_id: str, reserve: Reserve
@@ -210,7 +213,7 @@ class OpenAIFrontend:
         """The reply as vLLM's server makes it: one JSON body, or SSE events as they come."""
         from starlette.requests import Request
 
-        request = self._validated(call)
+        request, ranking = self._validated(call)
         attribute, method = _SERVING[call.route]
         serving = getattr(self._state, attribute, None)
         if serving is None:
@@ -239,9 +242,11 @@ class OpenAIFrontend:
             return
         if _is_error(result):
             raise _service_error(result, str(call.body.get("model", "")))
-        yield WireReply(
-            data=result.model_dump_json().encode(), stream=False, done=True, stats=book.stats()
-        )
+        if ranking is None:
+            data = result.model_dump_json().encode()
+        else:
+            data = json.dumps(keep_best(result.model_dump(), *ranking)).encode()
+        yield WireReply(data=data, stream=False, done=True, stats=book.stats())
 
     async def _events(self, events: AsyncIterator[str], book: CallBook) -> AsyncIterator[WireReply]:
         try:
@@ -258,6 +263,49 @@ class OpenAIFrontend:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def best_of_plan(route: str, body: dict[str, Any]) -> tuple[int, bool] | None:
+    """The SIE contract's `best_of` on chat and completions (buffered; >= n; 1..128): ask vLLM
+    for `best_of` candidates with logprobs, then keep the `n` best (`keep_best`). Rewrites
+    `body` for vLLM; returns (n, whether the client asked for logprobs), or None when there is
+    nothing to rank."""
+    if route not in ("chat", "completion") or "best_of" not in body:
+        return None
+    best_of = body.pop("best_of")
+    n = body.get("n") or 1
+    if best_of is None:
+        return None
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= 128:
+        raise InvalidRequest("best_of must be an integer in [1, 128]", param="best_of")
+    if body.get("stream"):
+        raise InvalidRequest("best_of cannot be streamed", param="best_of")
+    if not isinstance(n, int) or best_of < n:
+        raise InvalidRequest("best_of must be >= n", param="best_of")
+    if best_of == n:
+        return None
+    asked = bool(body.get("logprobs"))
+    body["n"] = best_of
+    body["logprobs"] = True if route == "chat" else max(1, int(body.get("logprobs") or 0))
+    return n, asked
+
+
+def keep_best(payload: dict[str, Any], keep: int, expose_logprobs: bool) -> dict[str, Any]:
+    """The `keep` choices with the highest cumulative token logprob, renumbered from 0 (usage
+    still counts every candidate generated, as the SIE contract says)."""
+
+    def score(choice: dict[str, Any]) -> float:
+        logprobs = choice.get("logprobs") or {}
+        if "content" in logprobs:  # chat
+            return float(sum(entry["logprob"] for entry in logprobs["content"] or ()))
+        return sum(value or 0.0 for value in logprobs.get("token_logprobs") or ())
+
+    best = sorted(payload["choices"], key=score, reverse=True)[:keep]
+    for index, choice in enumerate(best):
+        choice["index"] = index
+        if not expose_logprobs:
+            choice["logprobs"] = None
+    return {**payload, "choices": best}
 
 
 def unknown_fields(value: Any, path: str = "") -> Iterator[str]:

@@ -216,9 +216,20 @@ def test_n_choices_best_of_and_seed(client: openai.OpenAI) -> None:
         model=REAL_MODEL, messages=ASK, max_tokens=8, n=3, temperature=1.0, seed=7
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in many.choices]
-    with pytest.raises(openai.BadRequestError, match="best_of"):  # vLLM 0.32 dropped best_of
+    # SIE's best_of (vLLM 0.32 has none): best_of candidates, the n best by cumulative logprob
+    best = client.chat.completions.create(
+        model=REAL_MODEL,
+        messages=ASK,
+        max_tokens=8,
+        n=2,
+        temperature=1.0,
+        extra_body={"best_of": 4},
+    )
+    assert [c.index for c in best.choices] == [0, 1]
+    assert all(choice.logprobs is None for choice in best.choices)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
         client.chat.completions.create(
-            model=REAL_MODEL, messages=ASK, max_tokens=8, extra_body={"best_of": 3}
+            model=REAL_MODEL, messages=ASK, max_tokens=8, stream=True, extra_body={"best_of": 3}
         )
 
 
