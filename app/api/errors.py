@@ -97,6 +97,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError) as error:
         raise InvalidRequest(f"request body is not valid JSON: {error}") from error
+    except RecursionError:  # the parser's own bound (~1,000 levels), not a server failure
+        raise InvalidRequest("request body nests too deeply") from None
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
     return value

@@ -132,7 +132,17 @@ def test_format_location_drops_union_tags() -> None:
     )
 
 
-@pytest.mark.parametrize("raw", [b"{bad", b"\xff\xfe", b"[1, 2]", b'{"a": NaN}', b""])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{bad",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"a": NaN}',
+        b"",
+        b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+)
 def test_bad_bodies_are_invalid_requests(raw: bytes) -> None:
     with pytest.raises(errors.InvalidRequest):
         parse_json_object(raw)
