@@ -6,7 +6,6 @@ a 400 `unsupported_field` (the worker checks it against vLLM's own request model
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -150,12 +149,12 @@ async def relay(request: Request, route: OpenAIRoute) -> Response:
     stream = await ChunkStream.open(context.backend, generation)
     headers = {"X-SIE-Request-ID": generation.request_id}
     first = stream.first[0] if stream.first else None
-    if not isinstance(first, WireReply) or not first.stream:
-        with contextlib.suppress(Exception):
-            async for _ in stream.batches():  # metrics: the one reply is the whole stream
-                break
-        data = first.data if isinstance(first, WireReply) else b"{}"
-        return Response(data, media_type="application/json", headers=headers)
+    if not isinstance(first, WireReply):
+        await stream.collect()  # closes the stream
+        raise ServiceError("the worker sent no reply")
+    if not first.stream:
+        await stream.collect()  # the one reply is the whole answer (and feeds the metrics)
+        return Response(first.data, media_type="application/json", headers=headers)
     return StreamingResponse(
         with_keepalive(_events(stream), context.keepalive_s),
         media_type="text/event-stream",
