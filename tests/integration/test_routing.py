@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app import metrics
-from app.protocol.generation import ChatTurn, GenerationChunk, GenerationRequest, SamplingOptions
+from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
 from tests.conftest import REAL_MODEL, Stack
 
@@ -111,8 +111,13 @@ def document(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+def turn(role: str, content: str) -> str:
+    """One conversation turn as prompt text (the Generator's own route takes a prompt)."""
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
 def generation(
-    messages: tuple[ChatTurn, ...], max_new_tokens: int = 4, n: int = 1, **fields: Any
+    messages: tuple[str, ...], max_new_tokens: int = 4, n: int = 1, **fields: Any
 ) -> GenerationRequest:
     greedy = n == 1  # vLLM refuses n > 1 with greedy sampling
     sampling = SamplingOptions(
@@ -121,7 +126,7 @@ def generation(
     return GenerationRequest(
         request_id=uuid.uuid4().hex,
         model=REAL_MODEL,
-        messages=messages,
+        prompt="".join(messages),
         sampling=sampling,
         **fields,
     )
@@ -142,8 +147,8 @@ def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_wor
     for turn in range(3):
         for number, doc in enumerate(sessions):
             messages = (
-                ChatTurn("system", f"Session {number}. Answer from this document:\n{doc}"),
-                ChatTurn("user", f"Question {turn}: which word comes first?"),
+                turn("system", f"Session {number}. Answer from this document:\n{doc}"),
+                turn("user", f"Question {turn}: which word comes first?"),
             )
             terminal = run(stack, generation(messages))
             if turn and (terminal.cached_tokens or 0) < 256:
@@ -162,7 +167,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
     def keyed_home_on(worker: str, tag: str) -> str:
         for attempt in range(1000):
             key = f"{tag}-{attempt}"
-            probe = generation((ChatTurn("user", "hi"),), prompt_cache_key=key)
+            probe = generation((turn("user", "hi"),), prompt_cache_key=key)
             if rendezvous_home(affinity_keys(probe)[0], ids) == worker:
                 return key
         raise AssertionError("no key found")
@@ -170,7 +175,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
     # hold most of `busy`'s blocks with one long request (budgets are reserved up front)
     per_candidate = 1900 // 128 + 1
     hog = generation(
-        (ChatTurn("user", "Count slowly."),),
+        (turn("user", "Count slowly."),),
         max_new_tokens=1900,
         n=max(1, (total - 8) // per_candidate),
         prompt_cache_key=keyed_home_on(busy, "hog"),
@@ -186,7 +191,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
         # on the idle `spare`), whose affinity home is `busy`
         key = keyed_home_on(busy, "probe")
         for n in range(1, 8):
-            probe = generation((ChatTurn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
+            probe = generation((turn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
             if estimated_blocks(probe, 128) > free:
                 break
         assert free < estimated_blocks(probe, 128) <= total
@@ -260,4 +265,4 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
     assert all(w["kv_blocks_total"] > 0 for w in workers.values())
     # and both workers still serve
     for prompt_cache_key in ("after-1", "after-2", "after-3"):
-        run(stack, generation((ChatTurn("user", "hi"),), prompt_cache_key=prompt_cache_key))
+        run(stack, generation((turn("user", "hi"),), prompt_cache_key=prompt_cache_key))
