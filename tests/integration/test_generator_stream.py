@@ -103,7 +103,7 @@ def test_replica_log_records_refusals_without_tracebacks(stack: Stack) -> None:
             json={
                 "model": REAL_MODEL,
                 "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 2047,
+                "max_tokens": 4096,  # beyond the context: vLLM refuses it
             },
             timeout=30,
         )

@@ -111,7 +111,7 @@ def document(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def turn(role: str, content: str) -> str:
+def chat_turn(role: str, content: str) -> str:
     """One conversation turn as prompt text (the Generator's own route takes a prompt)."""
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
 
@@ -147,8 +147,8 @@ def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_wor
     for turn in range(3):
         for number, doc in enumerate(sessions):
             messages = (
-                turn("system", f"Session {number}. Answer from this document:\n{doc}"),
-                turn("user", f"Question {turn}: which word comes first?"),
+                chat_turn("system", f"Session {number}. Answer from this document:\n{doc}"),
+                chat_turn("user", f"Question {turn}: which word comes first?"),
             )
             terminal = run(stack, generation(messages))
             if turn and (terminal.cached_tokens or 0) < 256:
@@ -167,7 +167,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
     def keyed_home_on(worker: str, tag: str) -> str:
         for attempt in range(1000):
             key = f"{tag}-{attempt}"
-            probe = generation((turn("user", "hi"),), prompt_cache_key=key)
+            probe = generation((chat_turn("user", "hi"),), prompt_cache_key=key)
             if rendezvous_home(affinity_keys(probe)[0], ids) == worker:
                 return key
         raise AssertionError("no key found")
@@ -175,7 +175,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
     # hold most of `busy`'s blocks with one long request (budgets are reserved up front)
     per_candidate = 1900 // 128 + 1
     hog = generation(
-        (turn("user", "Count slowly."),),
+        (chat_turn("user", "Count slowly."),),
         max_new_tokens=1900,
         n=max(1, (total - 8) // per_candidate),
         prompt_cache_key=keyed_home_on(busy, "hog"),
@@ -191,7 +191,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
         # on the idle `spare`), whose affinity home is `busy`
         key = keyed_home_on(busy, "probe")
         for n in range(1, 8):
-            probe = generation((turn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
+            probe = generation((chat_turn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
             if estimated_blocks(probe, 128) > free:
                 break
         assert free < estimated_blocks(probe, 128) <= total
@@ -265,4 +265,4 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
     assert all(w["kv_blocks_total"] > 0 for w in workers.values())
     # and both workers still serve
     for prompt_cache_key in ("after-1", "after-2", "after-3"):
-        run(stack, generation((turn("user", "hi"),), prompt_cache_key=prompt_cache_key))
+        run(stack, generation((chat_turn("user", "hi"),), prompt_cache_key=prompt_cache_key))
