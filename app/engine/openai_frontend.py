@@ -237,13 +237,20 @@ class OpenAIFrontend:
         if book.refusal is not None:
             raise book.refusal
         if isinstance(result, AsyncIterator):
+            if call.route == "responses":  # event objects: vLLM's router writes them as SSE
+                from vllm.entrypoints.openai.responses.api_router import (
+                    _convert_stream_to_sse_events,
+                )
+
+                result = _convert_stream_to_sse_events(cast(Any, result))
             async for reply in self._events(result, book):
                 yield reply
             return
         if _is_error(result):
             raise _service_error(result, str(call.body.get("model", "")))
         if ranking is None:
-            data = result.model_dump_json().encode()
+            # as vLLM's routers write them (Responses by alias: `text.format.schema`)
+            data = result.model_dump_json(by_alias=call.route == "responses").encode()
         else:
             data = json.dumps(keep_best(result.model_dump(), *ranking)).encode()
         yield WireReply(data=data, stream=False, done=True, stats=book.stats())
@@ -284,6 +291,10 @@ def best_of_plan(route: str, body: dict[str, Any]) -> tuple[int, bool] | None:
         raise InvalidRequest("best_of must be >= n", param="best_of")
     if best_of == n:
         return None
+    if body.get("temperature") == 0:
+        raise InvalidRequest(
+            "best_of > n ranks sampled candidates: it needs temperature > 0", param="best_of"
+        )
     asked = bool(body.get("logprobs"))
     body["n"] = best_of
     body["logprobs"] = True if route == "chat" else max(1, int(body.get("logprobs") or 0))

@@ -122,18 +122,6 @@ def responses(**fields: Any) -> dict[str, Any]:
     }
 
 
-# our bugs (app/engine/openai_frontend.py), asserted as vLLM behaves: xfail(strict) until fixed
-RESPONSES_STREAM_BUG = (
-    "our /v1/responses stream is a 500 internal_error: vLLM's create_responses yields event "
-    "objects (its router makes them `event:`/`data:` SSE), OpenAIFrontend._events "
-    "calls .encode() on them (AttributeError: 'ResponseCreatedEvent' object has no attribute "
-    "'encode')"
-)
-RESPONSES_ALIAS_BUG = (
-    "our buffered /v1/responses body says `text.format.schema_` where vLLM says "
-    "`text.format.schema`: OpenAIFrontend.serve dumps with model_dump_json() and vLLM's "
-    "responses router with model_dump(mode='json', by_alias=True)"
-)
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 STREAM_USAGE: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
 BEST_OF = "best_of is the SIE contract's (vLLM 0.32 dropped it and ignores it)"
@@ -276,8 +264,7 @@ CASES = [
         COMPLETIONS,
         completion(best_of=2),
         differs=Differs(
-            BEST_OF + "; under greedy sampling the candidates are refused by vLLM's own rule "
-            "(n must be 1 when greedy)",
+            BEST_OF + "; ranking candidates needs sampling: greedy (temperature 0) is refused",
             400,
             "invalid_request",
             200,
@@ -437,7 +424,7 @@ CASES = [
     # --- /v1/responses
     Case("responses", RESPONSES, responses()),
     Case("responses-instructions", RESPONSES, responses(instructions="Answer in French.")),
-    Case("responses-stream", RESPONSES, responses(stream=True), bug=RESPONSES_STREAM_BUG),
+    Case("responses-stream", RESPONSES, responses(stream=True)),
     Case(
         "responses-json_schema",
         RESPONSES,
@@ -445,7 +432,6 @@ CASES = [
             max_output_tokens=40,
             text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
         ),
-        bug=RESPONSES_ALIAS_BUG,
     ),
     Case("responses-prompt_cache_key", RESPONSES, responses(prompt_cache_key="conversation-1")),
     # --- LoRA: vLLM names an adapter (`--lora-modules demo=...`) in `model`; so do we
