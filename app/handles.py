@@ -16,6 +16,7 @@ stream early (break + close, `with`, `aclose()`) cancels the engine request.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
@@ -236,7 +237,8 @@ class Client:
                     "stream": True,
                     "return_token_ids": True,  # the events' output_tokens
                 }
-                request = openai_request(self.config, "chat", body, headers)
+                size = len(json.dumps(body))  # big ones travel by reference
+                request = openai_request(self.config, "chat", body, headers, size)
             else:
                 generate = GenerateRequest.model_validate({"prompt": prompt, **options})
                 request = generate_request(self.config, model, generate, headers)

@@ -40,8 +40,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request, context: ApiContext) -> dict[str, Any]:
+async def read_json_bytes(request: Request, context: ApiContext) -> bytes:
+    """The body of a JSON request, within the size limit (not parsed yet)."""
     content_type = request.headers.get("content-type", "application/json").lower()
     if "json" not in content_type:
         raise UnsupportedMediaType(f"content-type must be application/json, not '{content_type}'")
-    return parse_json_object(await read_body(request, context.config.ingress.max_body_bytes))
+    return await read_body(request, context.config.ingress.max_body_bytes)
+
+
+async def read_json(request: Request, context: ApiContext) -> dict[str, Any]:
+    return parse_json_object(await read_json_bytes(request, context))

@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from app.api.context import ApiContext, read_json
+from app.api.context import ApiContext, read_json_bytes
 from app.api.convert import new_request_id, routing_from_headers
-from app.api.errors import as_service_error, error_object
+from app.api.errors import as_service_error, error_object, parse_json_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
 from app.api.streaming import DONE_EVENT, SSE_HEADERS, ChunkStream, sse_event, with_keepalive
 from app.config import AppConfig
@@ -114,7 +114,11 @@ def resolve_target(
 
 
 def openai_request(
-    config: AppConfig, route: OpenAIRoute, body: dict[str, Any], headers: Mapping[str, str]
+    config: AppConfig,
+    route: OpenAIRoute,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    size_bytes: int = 0,
 ) -> GenerationRequest:
     """The routing envelope of an OpenAI call: the body rides along untouched."""
     model, adapter = resolve_target(config, route, body)
@@ -138,14 +142,16 @@ def openai_request(
             route,
             body,
             tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers),
+            size_bytes,
         ),
     )
 
 
 async def relay(request: Request, route: OpenAIRoute) -> Response:
     context = ApiContext.of(request)
-    body = await read_json(request, context)
-    generation = openai_request(context.config, route, body, request.headers)
+    raw = await read_json_bytes(request, context)
+    body = parse_json_object(raw)
+    generation = openai_request(context.config, route, body, request.headers, len(raw))
     stream = await ChunkStream.open(context.backend, generation)
     headers = {"X-SIE-Request-ID": generation.request_id}
     first = stream.first[0] if stream.first else None

@@ -25,7 +25,10 @@ from app.routing.targets import Target, choose_target, request_pool
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
-SNAPSHOT_TIMEOUT_SECONDS = 2.0  # e.g. while the PoolAutoscaler replica restarts
+SNAPSHOT_TIMEOUT_SECONDS = 2.0
+GRPC_REQUEST_BYTES = (
+    3 * 1024 * 1024
+)  # under Serve's 4 MiB replica gRPC message limit  # e.g. while the PoolAutoscaler replica restarts
 
 
 class ServeBackend:
@@ -43,6 +46,13 @@ class ServeBackend:
         by_reference = config.streaming.transport == "object_refs"
         self._generators = {
             name: handle.options(stream=True, _by_reference=by_reference)
+            for name, handle in generators.items()
+        }
+        # Serve's replica gRPC server takes messages up to 4 MiB
+        # (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); bigger requests (bodies go up to
+        # ingress.max_body_bytes) travel as Ray objects instead
+        self._large_request_generators = {
+            name: handle.options(stream=True, _by_reference=True)
             for name, handle in generators.items()
         }
         self._registry = registry
@@ -77,7 +87,9 @@ class ServeBackend:
         target = await self._target(request)
         response = cast(
             DeploymentResponseGenerator[list[GenerationChunk] | ServiceError],
-            self._generators[target.profile].generate.remote(request, workers=target.ready_workers),
+            self._handle(request, target.profile).generate.remote(
+                request, workers=target.ready_workers
+            ),
         )
         finished = False
         try:
@@ -99,6 +111,11 @@ class ServeBackend:
         finally:
             if not finished:
                 response.cancel()  # type: ignore[no-untyped-call]
+
+    def _handle(self, request: GenerationRequest, profile: str) -> DeploymentHandle[Any]:
+        if request_bytes(request) > GRPC_REQUEST_BYTES:
+            return self._large_request_generators[profile]
+        return self._generators[profile]
 
     async def _target(self, request: GenerationRequest) -> Target:
         try:
@@ -155,6 +172,14 @@ class ServeBackend:
             self._registry.status.remote(), SNAPSHOT_TIMEOUT_SECONDS
         )
         return status
+
+
+def request_bytes(request: GenerationRequest) -> int:
+    """About what the request weighs on the wire (its body, or its prompt)."""
+    if request.openai is not None:
+        return request.openai.size_bytes
+    prompt = request.prompt or ""
+    return len(prompt) if len(prompt) * 4 <= GRPC_REQUEST_BYTES else len(prompt.encode())
 
 
 def _worker_lost(error: Exception) -> WorkerUnavailable:

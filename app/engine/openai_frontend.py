@@ -134,18 +134,30 @@ class AdmittedEngine:
             raise
 
 
-def _request_adapters() -> dict[str, TypeAdapter[Any]]:
+def _request_models() -> dict[str, tuple[TypeAdapter[Any], frozenset[str]]]:
+    """route -> (vLLM's request model as a validator, the top-level fields it knows)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+        TokenizeRequest,
+    )
+
+    def fields(*models: type[BaseModel]) -> frozenset[str]:
+        return frozenset(name for model in models for name in model.model_fields)
 
     return {
-        "chat": TypeAdapter(ChatCompletionRequest),
-        "completion": TypeAdapter(CompletionRequest),
-        "responses": TypeAdapter(ResponsesRequest),
-        "tokenize": TypeAdapter(TokenizeRequest),
-        "detokenize": TypeAdapter(DetokenizeRequest),
+        "chat": (TypeAdapter(ChatCompletionRequest), fields(ChatCompletionRequest)),
+        "completion": (TypeAdapter(CompletionRequest), fields(CompletionRequest)),
+        "responses": (TypeAdapter(ResponsesRequest), fields(ResponsesRequest)),
+        "tokenize": (
+            TypeAdapter(TokenizeRequest),
+            fields(TokenizeCompletionRequest, TokenizeChatRequest),
+        ),
+        "detokenize": (TypeAdapter(DetokenizeRequest), fields(DetokenizeRequest)),
     }
 
 
@@ -155,7 +167,7 @@ class OpenAIFrontend:
     def __init__(self, state: Any, model_id: str) -> None:
         self._state = state
         self._model_id = model_id
-        self._requests = _request_adapters()
+        self._requests = _request_models()
 
     @classmethod
     async def build(
@@ -190,10 +202,11 @@ class OpenAIFrontend:
         adapter = body.pop("lora_adapter", None)
         if isinstance(adapter, str) and adapter:
             body["model"] = adapter  # vLLM names a LoRA adapter in `model`
-        for name in SIE_FIELDS:
-            body.pop(name, None)  # routing and metadata only; the ingress used them
+        validator, known = self._requests[call.route]
+        for name in SIE_FIELDS - known:
+            body.pop(name, None)  # SIE-only: routing and metadata, the ingress used them
         try:
-            request = self._requests[call.route].validate_python(body)
+            request = validator.validate_python(body)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first.get("loc", ()) if part != call.route)

@@ -53,6 +53,7 @@ class OpenAICall:
     route: OpenAIRoute
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
+    size_bytes: int = 0  # of the body as received (big ones travel by reference)
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,3 +242,20 @@ def test_nothing_is_left_running_after_the_bad_inputs(stack: Stack) -> None:
     status = stack.worker_status()
     assert status.active_requests == 0
     assert status.model_state(REAL_MODEL).stats.running_requests == 0
+
+
+@pytest.mark.parametrize("path", [CHAT, GEN])
+def test_bodies_past_the_replica_message_limit_get_an_answer_not_a_500(
+    stack: Stack, path: str
+) -> None:
+    """Serve's replica gRPC server takes 4 MiB messages; bodies up to the 8 MiB limit still
+    reach the worker (by reference) and get the contract's 4xx for a prompt that long."""
+    text = "word " * (1_200_000)  # ~6 MiB
+    body = (
+        {"model": REAL_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+        if path == CHAT
+        else {"prompt": text[: 4 * 1024 * 1024 - 16], "max_new_tokens": 4}
+    )
+    response = httpx.post(stack.base_url + path, json=body, timeout=120)
+    assert response.status_code == 400, response.text[:300]
+    assert response.headers["x-sie-error-code"] == "INPUT_TOO_LONG"
