@@ -191,7 +191,7 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
         # on the idle `spare`), whose affinity home is `busy`
         key = keyed_home_on(busy, "probe")
         for n in range(1, 8):
-            probe = generation((chat_turn("user", "Say hello."),), 1900, n, prompt_cache_key=key)
+            probe = generation((chat_turn("user", "Say hello."),), 1880, n, prompt_cache_key=key)
             if estimated_blocks(probe, 128) > free:
                 break
         assert free < estimated_blocks(probe, 128) <= total
