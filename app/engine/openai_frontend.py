@@ -32,7 +32,8 @@ from app.protocol.generation import GenerationChunk, OpenAICall, WireReply
 logger = logging.getLogger(__name__)
 
 
-# Fields of the SIE contract that vLLM's request models do not have: the ingress routes on them.
+# SIE contract fields (the ingress routes on the first two); those a route's vLLM request model
+# does not know are taken out before vLLM validates the body.
 SIE_FIELDS = frozenset({"routing_key", "prompt_cache_key", "lora_adapter", "safety_identifier"})
 
 # how vLLM's messages say that the prompt (+ max_tokens) does not fit the model's context
