@@ -68,13 +68,16 @@ class Stack:
     def wait_idle(
         self, app: str = "poolserve", model: str = REAL_MODEL, timeout_s: float = 15
     ) -> bool:
-        """True once the worker has no active request and its engine no unfinished one."""
+        """True once the worker has no active request, no open KV handle, and its engine no
+        unfinished request."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = self.worker_status(app)
+            stats = status.model_state(model).stats
             if (
                 status.active_requests == 0
-                and status.model_state(model).stats.running_requests == 0
+                and stats.running_requests == 0
+                and stats.kv_handles_open == 0
             ):
                 return True
             time.sleep(0.2)

@@ -223,10 +223,11 @@ def test_n_choices_best_of_and_seed(client: openai.OpenAI) -> None:
         max_tokens=8,
         n=2,
         temperature=1.0,
-        extra_body={"best_of": 4},
+        extra_body={"best_of": 4, "ignore_eos": True},
     )
     assert [c.index for c in best.choices] == [0, 1]
     assert all(choice.logprobs is None for choice in best.choices)
+    assert best.usage.completion_tokens == 4 * 8  # type: ignore[union-attr] # all 4 generated
     with pytest.raises(openai.BadRequestError, match="best_of"):
         client.chat.completions.create(
             model=REAL_MODEL, messages=ASK, max_tokens=8, stream=True, extra_body={"best_of": 3}

@@ -4,6 +4,7 @@ streaming), plain httpx for /v1/generate (buffered and SSE), bad requests, and d
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import openai
@@ -120,12 +121,27 @@ def test_bad_requests(stack: Stack, path: str, body: dict, status: int, code: st
     assert response.headers["x-sie-error-code"] == code
 
 
-def test_client_disconnect_aborts_the_engine_request(stack: Stack) -> None:
+LONG_STREAMS = [
+    (GENERATE_PATH, {"prompt": "Tell me a long story.", "max_new_tokens": 1500}),
+    (  # through vLLM's OpenAI layer: the KV handle and the engine request must go too
+        "/v1/chat/completions",
+        {
+            "model": REAL_MODEL,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 1500,
+            "ignore_eos": True,
+        },
+    ),
+    ("/v1/completions", {"model": REAL_MODEL, "prompt": "Once", "max_tokens": 1500, "n": 2}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), LONG_STREAMS, ids=["generate", "chat", "completions"])
+def test_client_disconnect_aborts_the_engine_request(
+    stack: Stack, path: str, body: dict[str, Any]
+) -> None:
     with httpx.stream(
-        "POST",
-        stack.base_url + GENERATE_PATH,
-        json={"prompt": "Tell me a long story.", "max_new_tokens": 1500, "stream": True},
-        timeout=60,
+        "POST", stack.base_url + path, json={**body, "stream": True}, timeout=60
     ) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
