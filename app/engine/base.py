@@ -4,12 +4,10 @@ stream early aborts the engine request."""
 
 from __future__ import annotations
 
-import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
 from typing import Any
 
 from app.errors import InputTooLong
@@ -134,35 +132,3 @@ class StreamTimer:
             ttft_ms=self.ttft_ms(),
             tpot_ms=self.tpot_ms(completion_tokens),
         )
-
-
-async def best_of(
-    chunks: AsyncGenerator[GenerationChunk, None], *, keep: int, expose_logprobs: bool
-) -> AsyncGenerator[GenerationChunk, None]:
-    """Buffer every candidate, then emit the `keep` with the highest cumulative logprob,
-    re-indexed from 0 (buffered requests only: nothing is sent before all candidates end)."""
-    per_choice: dict[int, list[GenerationChunk]] = {}
-    scores: dict[int, float] = {}
-    terminal: GenerationChunk | None = None
-    try:
-        async for chunk in chunks:
-            if chunk.done:
-                terminal = chunk
-                break
-            per_choice.setdefault(chunk.choice_index, []).append(chunk)
-            if chunk.finish_reason is not None:
-                scores[chunk.choice_index] = (
-                    chunk.cumulative_logprob if chunk.cumulative_logprob is not None else -math.inf
-                )
-    finally:
-        await chunks.aclose()
-    ranked = sorted(per_choice, key=lambda index: scores.get(index, -math.inf), reverse=True)
-    for new_index, old_index in enumerate(ranked[:keep]):
-        for chunk in per_choice[old_index]:
-            yield replace(
-                chunk,
-                choice_index=new_index,
-                logprobs=chunk.logprobs if expose_logprobs else None,
-            )
-    if terminal is not None:
-        yield terminal

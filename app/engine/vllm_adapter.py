@@ -18,7 +18,6 @@ from app.engine.base import (
     GenerationAdapter,
     Reserve,
     StreamTimer,
-    best_of,
     generation_budget,
 )
 from app.engine.default_model import resolve_model_source
@@ -250,10 +249,9 @@ class VLLMAdapter(GenerationAdapter):
                 regex=spec.spec if spec.kind == "regex" else None,
                 grammar=spec.spec if spec.kind == "ebnf" else None,
             )
-        ranking = (sampling.best_of or 0) > sampling.n
-        logprobs = sampling.top_logprobs if sampling.logprobs else (0 if ranking else None)
+        logprobs = sampling.top_logprobs if sampling.logprobs else None
         return SamplingParams(
-            n=max(sampling.n, sampling.best_of or 0),
+            n=sampling.n,
             max_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -284,10 +282,7 @@ class VLLMAdapter(GenerationAdapter):
             params = self._sampling_params(request, len(prompt_ids))
         except request_errors() as error:  # vLLM's checks, e.g. n > 1 with greedy sampling
             raise InvalidRequest(str(error)) from error
-        sampling = request.sampling
         chunks = self._stream(engine, request, prompt_ids, params)
-        if (sampling.best_of or 0) > sampling.n:
-            chunks = best_of(chunks, keep=sampling.n, expose_logprobs=sampling.logprobs)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -340,9 +335,6 @@ class VLLMAdapter(GenerationAdapter):
                                 if choice_done
                                 else None
                             ),
-                            cumulative_logprob=completion.cumulative_logprob
-                            if choice_done
-                            else None,
                         )
                 if output.finished:
                     finished = True
@@ -364,7 +356,6 @@ class VLLMAdapter(GenerationAdapter):
                                 if last.logprobs is not None
                                 else None
                             ),
-                            cumulative_logprob=last.cumulative_logprob,
                         )
                     yield terminal
                     return

@@ -36,7 +36,7 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
     n: int = 1
-    best_of: int | None = None  # > n: generate best_of, keep the n with best cumulative logprob
+    best_of: int | None = None  # OpenAI calls' SIE best_of: candidates in routing's KV estimate
     logprobs: bool = False
     top_logprobs: int = 0
     structured: StructuredOutput | None = None
@@ -103,7 +103,6 @@ class GenerationChunk:
     tpot_ms: float | None = None
     choice_index: int = 0
     logprobs: tuple[dict[str, Any], ...] | None = None  # OpenAI token logprobs for text_delta
-    cumulative_logprob: float | None = None  # on a choice's finishing chunk (best_of ranking)
 
 
 @dataclass(slots=True)
