@@ -7,7 +7,7 @@ a 400 `unsupported_field` (the worker checks it against vLLM's own request model
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -44,6 +44,16 @@ ANY_JSON_BODY = {
 }  # affinity hashes look at the prompt's first blocks only
 
 
+def _texts(content: Any) -> Iterator[str]:
+    """The plain text of a message's (or a Responses input item's) content."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
+
+
 def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
     """The prompt text prefix routing hashes (never parsed beyond plain strings)."""
     if route == "chat" or (route == "tokenize" and "messages" in body):
@@ -52,20 +62,8 @@ def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
         for message in body.get("messages") or ():
             if not isinstance(message, dict):
                 continue
-            content = message.get("content")
-            texts = (
-                [content]
-                if isinstance(content, str)
-                else [
-                    part["text"]
-                    for part in content or ()
-                    if isinstance(part, dict) and isinstance(part.get("text"), str)
-                ]
-                if isinstance(content, list)
-                else []
-            )
             # separators cannot occur in JSON-decoded text without being escaped first
-            parts.append(f"\x1e{message.get('role')}\x1f" + "".join(texts))
+            parts.append(f"\x1e{message.get('role')}\x1f" + "".join(_texts(message.get("content"))))
             size += len(parts[-1])
             if size > ROUTING_TEXT_CHARS:
                 break
@@ -74,6 +72,38 @@ def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     return prompt[:ROUTING_TEXT_CHARS] if isinstance(prompt, str) else ""
+
+
+def prompt_chars(route: OpenAIRoute, body: Mapping[str, Any]) -> int:
+    """Characters of the longest prompt text the call makes vLLM render and tokenize (all of
+    it ends up in the prompt, so the prompt has at least as many), or 0 where unknown or where
+    the call asks vLLM to truncate the prompt (`truncate_prompt_tokens`)."""
+    if body.get("truncate_prompt_tokens") is not None:
+        return 0
+    if route == "chat" or (route == "tokenize" and "messages" in body):
+        messages = body.get("messages")
+        return sum(
+            len(text)
+            for message in (messages if isinstance(messages, list) else ())
+            if isinstance(message, dict)
+            for text in _texts(message.get("content"))
+        )
+    if route == "responses":
+        items = body.get("input")
+        if isinstance(items, str):
+            return len(items)
+        return sum(
+            len(text)
+            for item in (items if isinstance(items, list) else ())
+            if isinstance(item, dict)
+            for text in _texts(item.get("content"))
+        )
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):  # a batch of prompts: each is checked on its own
+        return max((len(p) for p in prompt if isinstance(p, str)), default=0)
+    return 0
 
 
 def _count(body: Mapping[str, Any], *names: str) -> int | None:
@@ -144,6 +174,7 @@ def openai_request(
             tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers),
             size_bytes,
         ),
+        prompt_chars=prompt_chars(route, body),
     )
 
 

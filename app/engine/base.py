@@ -34,8 +34,9 @@ class GenerationAdapter(ABC):
         """Load the model; may take tens of seconds."""
 
     @abstractmethod
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """The prompt as the engine will see it (chat template applied)."""
+    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt as the engine will see it (chat template applied), tokenized off the
+        event loop: the worker's other streams go on meanwhile."""
 
     @property
     @abstractmethod

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import logging.handlers
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -105,6 +107,9 @@ class VLLMAdapter(GenerationAdapter):
         self._engine: Any = None
         self._frontend: OpenAIFrontend | None = None
         self._tokenizer: Any = None
+        self._own_tokenizer: Any = None
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._max_chars_per_token = 0
         self._max_model_len = model.engine.max_model_len
         self._loras: dict[str, str] = {}
         self._kv_usage = 0.0
@@ -152,6 +157,8 @@ class VLLMAdapter(GenerationAdapter):
                 AsyncLLM.from_engine_args, arguments, stat_loggers=[self._stat_logger_factory()]
             )
         self._tokenizer = engine.get_tokenizer()
+        self._own_tokenizer = copy.deepcopy(self._tokenizer)
+        self._max_chars_per_token = int(getattr(self._tokenizer, "max_chars_per_token", 0))
         self._max_model_len = engine.model_config.max_model_len
         self._frontend = await OpenAIFrontend.build(
             engine, arguments, self._frontend_options(), self.model_id
@@ -204,6 +211,7 @@ class VLLMAdapter(GenerationAdapter):
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         engine = self._engine
@@ -218,6 +226,7 @@ class VLLMAdapter(GenerationAdapter):
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
             preemptions=self._preemptions,
+            max_chars_per_token=self._max_chars_per_token,
         )
 
     def _lora_request(self, name: str | None) -> Any:
@@ -229,8 +238,12 @@ class VLLMAdapter(GenerationAdapter):
 
         return LoRARequest(name, sorted(self._loras).index(name) + 1, self._loras[name])
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        return list(self._tokenizer.encode(request.prompt or ""))
+    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """On a thread of our own with a tokenizer of our own: HF tokenizers release the GIL
+        while encoding, but are not safe to share with vLLM's tokenizing thread."""
+        prompt = request.prompt or ""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self._own_tokenizer.encode, prompt)
 
     def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> Any:
         from vllm import SamplingParams

@@ -13,7 +13,7 @@ from dataclasses import replace
 from app.config import AppConfig, ModelConfig
 from app.engine.base import GenerationAdapter, generation_budget
 from app.engine.coalesce import coalesce
-from app.errors import ModelLoadFailed, ModelLoading, ModelNotFound
+from app.errors import InputTooLong, ModelLoadFailed, ModelLoading, ModelNotFound
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
 from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
@@ -122,7 +122,14 @@ class Worker:
         """Admit against the KV ledger (holding a handle for the whole stream), then coalesced
         batches: the first at once, then one per window."""
         adapter = self.adapter(request.model)
-        prompt_ids = adapter.prompt_token_ids(request)
+        bound = adapter.stats().max_prompt_chars
+        if bound is not None and len(request.prompt or "") > bound:  # the ingress checks first
+            raise InputTooLong(
+                f"the prompt has {len(request.prompt or '')} characters, more than the {bound} "
+                f"that {adapter.context_length} tokens can hold",
+                param="prompt",
+            )
+        prompt_ids = await adapter.prompt_token_ids(request)
         budget = generation_budget(
             len(prompt_ids), request.sampling.max_new_tokens, adapter.context_length, "prompt"
         )

@@ -85,6 +85,9 @@ class GenerationRequest:
     openai: OpenAICall | None = None
     """Set on the OpenAI routes: the worker answers with vLLM's OpenAI layer (`WireReply`s);
     the fields above then only route the request (pool, profile, affinity, KV estimate)."""
+    prompt_chars: int = 0
+    """OpenAI routes: characters of the longest prompt text the call renders (0: not known, or
+    the call asks vLLM to truncate). Others: `len(prompt)` is used."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,17 @@ class EngineStats:
     """Requests queued for KV space on this engine."""
     preemptions: int = 0
     """Requests the engine preempted since it started (0 while admission never overcommits)."""
+    max_chars_per_token: int = 0
+    """The longest vocabulary entry in characters (vLLM's `max_chars_per_token`): a prompt of
+    more than `max_model_len` x this many characters cannot fit, without tokenizing it. 0:
+    unknown."""
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """The most characters a prompt that fits can have; None when unknown."""
+        if self.max_chars_per_token <= 0 or self.max_model_len <= 0:
+            return None
+        return self.max_model_len * self.max_chars_per_token
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from app.config import AppConfig
 from app.errors import (
+    InputTooLong,
     InvalidRequest,
     ModelLoadFailed,
     ModelLoading,
@@ -19,7 +20,7 @@ from app.errors import (
 )
 from app.pools.model import DEFAULT_POOL, PoolExpired, PoolRecord, normalize_name
 from app.protocol.generation import GenerationRequest
-from app.protocol.workers import WorkerStatus
+from app.protocol.workers import EngineStats, WorkerStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +92,14 @@ def choose_target(
         profile_config = config.profile(profile_name)
         assert profile_config is not None
         group = [w for w in live if w.profile == profile_name and w.pool == pool]
-        ready = tuple(
-            worker.worker_id
+        loaded = {
+            worker.worker_id: status.stats
             for worker in group
             if (status := worker.model_state(model.id)) is not None and status.state == "loaded"
-        )
-        if ready:
-            return Target(pool, profile_name, profile_config.deployment_name, ready)
+        }
+        if loaded:
+            check_prompt_fits(request, [stats for stats in loaded.values() if stats is not None])
+            return Target(pool, profile_name, profile_config.deployment_name, tuple(loaded))
         refusals.append(_why_not_ready(model.id, pool, profile_name, group, retry_after))
     raise _most_hopeful(refusals)
 
@@ -126,3 +128,25 @@ def _most_hopeful(refusals: list[ServiceError]) -> ServiceError:
             if isinstance(refusal, kind):
                 return refusal
     return refusals[0]
+
+
+def check_prompt_fits(request: GenerationRequest, engines: Sequence[EngineStats]) -> None:
+    """400 INPUT_TOO_LONG, before any tokenizing, for a prompt with more characters than its
+    engine's context could hold (vLLM's own bound: `max_model_len` x the longest vocabulary
+    entry; no token covers more characters). Tokenizing megabytes takes seconds of a worker's
+    CPU that its other streams need; this costs a length."""
+    chars = request.prompt_chars if request.openai is not None else len(request.prompt or "")
+    bounds = [bound for stats in engines if (bound := stats.max_prompt_chars) is not None]
+    if not chars or not bounds or chars <= max(bounds):
+        return
+    context = max(stats.max_model_len for stats in engines)
+    raise InputTooLong(
+        f"This model's maximum context length is {context} tokens; the prompt has {chars} "
+        f"characters, more than the {max(bounds)} that {context} tokens can hold",
+        param=_prompt_param(request),
+    )
+
+
+def _prompt_param(request: GenerationRequest) -> str:
+    route = request.openai.route if request.openai is not None else None
+    return {"chat": "messages", "responses": "input"}.get(route or "", "prompt")

@@ -54,7 +54,7 @@ class FakeAdapter(GenerationAdapter):
             self.model_id, self.kv_blocks, BLOCK_SIZE, 0.0, len(self.active), self.max_model_len
         )
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+    async def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         """One token per word."""
         return [sum(map(ord, word)) % 50_000 for word in (request.prompt or "").split()]
 
@@ -122,7 +122,7 @@ class FakeAdapter(GenerationAdapter):
             ),
             prompt=prompt,
         )
-        prompt_ids = self.prompt_token_ids(request)
+        prompt_ids = await self.prompt_token_ids(request)
         budget = generation_budget(len(prompt_ids), limit, self.max_model_len, "prompt")
         kind = "chat.completion" if chat else "text_completion"
         head: dict[str, Any] = {

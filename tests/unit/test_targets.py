@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from app import errors
+from app.api.openai_routes import prompt_chars
 from app.config import AppConfig
-from app.protocol.generation import GenerationRequest, SamplingOptions
-from app.protocol.workers import ModelStatus, WorkerStatus
+from app.protocol.generation import GenerationRequest, OpenAICall, OpenAIRoute, SamplingOptions
+from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 from app.routing.targets import choose_target
 
 NOW = 1000.0
@@ -87,3 +88,64 @@ def test_default_pool_is_accepted() -> None:
     assert (
         choose_target(CONFIG, [worker("a", "cpu")], request(pool="default"), NOW).profile == "cpu"
     )
+
+
+def sized_worker(worker_id: str, max_chars_per_token: int) -> WorkerStatus:
+    stats = EngineStats("org/m", 100, 16, 0.0, 0, 64, max_chars_per_token=max_chars_per_token)
+    return WorkerStatus(
+        worker_id=worker_id,
+        deployment="Generator-cpu",
+        profile="cpu",
+        node_id="n",
+        pool="default",
+        models=(ModelStatus("org/m", "loaded", stats=stats),),
+        active_requests=0,
+        reported_at=NOW,
+    )
+
+
+def openai_call(route: OpenAIRoute, body: dict[str, object]) -> GenerationRequest:
+    return GenerationRequest(
+        "r",
+        "org/m",
+        SamplingOptions(),
+        openai=OpenAICall(route, body),
+        prompt_chars=prompt_chars(route, body),
+    )
+
+
+def test_a_prompt_no_context_could_hold_is_refused_before_tokenizing() -> None:
+    """64 tokens x at most 10 characters each: 640 characters fit at most."""
+    workers = [sized_worker("a", 10)]
+    fits = GenerationRequest("r", "org/m", SamplingOptions(), prompt="x" * 640)
+    assert choose_target(CONFIG, workers, fits, NOW).ready_workers == ("a",)
+    for oversized in (
+        GenerationRequest("r", "org/m", SamplingOptions(), prompt="x" * 641),
+        openai_call("chat", {"messages": [{"role": "user", "content": "x" * 641}]}),
+        openai_call(
+            "chat",
+            {
+                "messages": [
+                    {"role": "system", "content": "x" * 400},
+                    {"role": "user", "content": [{"type": "text", "text": "y" * 241}]},
+                ]
+            },
+        ),
+        openai_call("completion", {"prompt": ["short", "x" * 641]}),
+        openai_call("responses", {"input": "x" * 641}),
+        openai_call("responses", {"input": [{"role": "user", "content": "x" * 641}]}),
+        openai_call("tokenize", {"prompt": "x" * 641}),
+    ):
+        with pytest.raises(errors.InputTooLong) as refusal:
+            choose_target(CONFIG, workers, oversized, NOW)
+        assert "64 tokens" in refusal.value.message
+
+
+def test_no_size_refusal_without_a_known_bound_or_when_vllm_truncates() -> None:
+    unknown = [sized_worker("a", 0)]
+    huge = GenerationRequest("r", "org/m", SamplingOptions(), prompt="x" * 100_000)
+    assert choose_target(CONFIG, unknown, huge, NOW).ready_workers == ("a",)
+    truncated = openai_call("completion", {"prompt": "x" * 100_000, "truncate_prompt_tokens": 8})
+    assert choose_target(CONFIG, [sized_worker("a", 10)], truncated, NOW).ready_workers == ("a",)
+    tokens = openai_call("completion", {"prompt": list(range(10_000))})
+    assert choose_target(CONFIG, [sized_worker("a", 10)], tokens, NOW).ready_workers == ("a",)
