@@ -244,18 +244,32 @@ def test_nothing_is_left_running_after_the_bad_inputs(stack: Stack) -> None:
     assert status.model_state(REAL_MODEL).stats.running_requests == 0
 
 
-@pytest.mark.parametrize("path", [CHAT, GEN])
-def test_bodies_past_the_replica_message_limit_get_an_answer_not_a_500(
-    stack: Stack, path: str
-) -> None:
-    """Serve's replica gRPC server takes 4 MiB messages; bodies up to the 8 MiB limit still
-    reach the worker (by reference) and get the contract's 4xx for a prompt that long."""
-    text = "word " * (1_200_000)  # ~6 MiB
-    body = (
-        {"model": REAL_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
-        if path == CHAT
-        else {"prompt": text[: 4 * 1024 * 1024 - 16], "max_new_tokens": 4}
-    )
+BIG_TEXT = "word " * 1_600_000  # 8,000,000 bytes: just under the 8 MiB body limit
+BIG_BODIES = {
+    "chat": (CHAT, {"model": REAL_MODEL, "messages": [{"role": "user", "content": BIG_TEXT}]}),
+    "completions": (COMP, {"model": REAL_MODEL, "prompt": BIG_TEXT}),
+    "responses": (RESP, {"model": REAL_MODEL, "input": BIG_TEXT}),
+    "tokenize": ("/tokenize", {"model": REAL_MODEL, "prompt": BIG_TEXT}),
+    "sie": (GEN, {"prompt": BIG_TEXT[: 4 * 1024 * 1024 - 16], "max_new_tokens": 4}),
+    # past the 4 MiB replica message limit, with no text to count: goes to the worker by
+    # reference, where vLLM counts the tokens
+    "token ids": (COMP, {"model": REAL_MODEL, "prompt": [1000] * 1_000_000}),
+}
+
+
+@pytest.mark.parametrize("name", list(BIG_BODIES))
+def test_prompts_up_to_the_body_limit_get_input_too_long_not_a_500(stack: Stack, name: str) -> None:
+    """Every route, bodies up to the 8 MiB limit: the contract's 400 INPUT_TOO_LONG. A text
+    prompt longer than any context could hold is refused by its length, before it is
+    tokenized (megabytes of tokenizing would take the worker's CPU from its other streams):
+    /tokenize too, unlike vLLM's own server, which tokenizes any length."""
+    path, body = BIG_BODIES[name]
+    before = stack.worker_status().model_state(REAL_MODEL).stats
     response = httpx.post(stack.base_url + path, json=body, timeout=120)
     assert response.status_code == 400, response.text[:300]
     assert response.headers["x-sie-error-code"] == "INPUT_TOO_LONG"
+    if name != "token ids":
+        assert "characters" in response.text  # by length, not by a count of tokens
+    assert stack.wait_idle()
+    after = stack.worker_status().model_state(REAL_MODEL).stats
+    assert after.kv_handles_open == before.kv_handles_open == 0
