@@ -16,8 +16,6 @@ from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
 from app.deployments.router import ROUTER_PATH
 
-GRACEFUL_SHUTDOWN_SECONDS = 20.0
-
 
 def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
@@ -32,7 +30,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(plain)
     )
     generators = {
-        profile.name: _generator(profile, config).bind(plain, profile.name, registry)
+        profile.name: _generator(profile, config).bind(
+            config.for_workers(profile.name).model_dump(mode="json"), profile.name, registry
+        )
         for profile in config.profiles
     }
     return (
@@ -42,6 +42,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             num_replicas=config.ingress.num_replicas,
             max_ongoing_requests=config.ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0},
+            graceful_shutdown_timeout_s=config.drain_timeout_seconds,
+            # a changed config starts the new ingress replicas before the old ones drain
+            max_surge_percent=100,
         )
         .bind(plain, registry, generators)
     )
@@ -53,7 +56,8 @@ def _generator(profile: MachineProfile, config: AppConfig) -> Deployment:
         num_replicas=max(1, profile.num_replicas),
         max_ongoing_requests=profile.max_ongoing_requests,
         ray_actor_options=profile.ray_actor_options(),
-        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_SECONDS,
+        graceful_shutdown_timeout_s=config.drain_timeout_seconds,
+        max_surge_percent=profile.rollout_surge_percent,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_PATH,  # type: ignore[arg-type]
             request_router_kwargs=config.routing.model_dump(exclude={"stats_period_seconds"}),

@@ -86,10 +86,26 @@ class MachineProfile(ClosedModel):
         "(None: as many as the cluster's resources allow).",
     )
     max_ongoing_requests: int = Field(128, gt=0)
+    surge_percent: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="On a change that restarts the workers (serve deploy), start this many "
+        "percent extra workers first and stop the old ones once the new have loaded their "
+        "models (Serve's max_surge_percent): no gap in service, but it needs room for the extra "
+        "workers. None: 100 without GPUs (a CPU worker fits beside the old one), 0 with GPUs "
+        "(stop, then start: a gap while the models load).",
+    )
 
     @property
     def deployment_name(self) -> str:
         return f"Generator-{self.name}"
+
+    @property
+    def rollout_surge_percent(self) -> int:
+        if self.surge_percent is not None:
+            return self.surge_percent
+        return 0 if self.num_gpus else 100
 
     def ray_actor_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -289,6 +305,13 @@ class AppConfig(ClosedModel):
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
+    drain_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A replica being stopped (serve deploy of a changed config, scale-down, "
+        "node drain) takes no new requests and waits this long for its streams to finish. "
+        "Keep it above the longest generation you allow (max tokens x time per token).",
+    )
     worker_stale_seconds: float = Field(
         10.0, gt=0, description="No heartbeat this long: unhealthy."
     )
@@ -328,3 +351,19 @@ class AppConfig(ClosedModel):
 
     def models_for_profile(self, name: str) -> list[ModelConfig]:
         return [model for model in self.models if name in model.profiles]
+
+    def for_workers(self, profile: str) -> AppConfig:
+        """What a worker of `profile` reads, the rest left at its defaults: the Generator's
+        init args, so a change elsewhere (ingress, pools, routing, other profiles or models)
+        redeploys without restarting this profile's engines."""
+        models = self.models_for_profile(profile)
+        if not models:  # a profile without models: nothing to keep running
+            return self
+        return AppConfig(
+            models=[model.model_copy(update={"profiles": [profile]}) for model in models],
+            profiles=[MachineProfile(name=profile)],
+            streaming=self.streaming,
+            kv=self.kv,
+            worker_heartbeat_seconds=self.worker_heartbeat_seconds,
+            engine_adapter=self.engine_adapter,
+        )

@@ -47,6 +47,7 @@ KV_NAMESPACE = "poolserve"
 CAPACITY_REFRESH_SECONDS = 5.0
 UNBOUNDED_PER_NODE = 1 << 30
 HISTORY_LENGTH = 200
+REGISTRY_WARMUP_HEARTBEATS = 1.25
 
 
 class GcsStore:
@@ -105,6 +106,9 @@ class PoolAutoscaler:
         self._wake = asyncio.Event()
         grace = self._config.pools.startup_grace_seconds
         started = time.time()
+        self._registry_full_at = started + REGISTRY_WARMUP_HEARTBEATS * (
+            self._config.worker_heartbeat_seconds
+        )
         self._decide_after = started + (
             grace if grace is not None else 3 * self._config.worker_heartbeat_seconds
         )
@@ -138,7 +142,13 @@ class PoolAutoscaler:
             for w, s in self._workers.items()
         ]
 
-    def routing_snapshot(self) -> tuple[list[WorkerStatus], dict[str, PoolRecord]]:
+    async def routing_snapshot(self) -> tuple[list[WorkerStatus], dict[str, PoolRecord]]:
+        """A registry that just started (a redeploy) knows only the workers that reported
+        since: the first snapshots wait for a round of heartbeats, so that a new ingress does
+        not turn requests away from a service that is running."""
+        warming = self._registry_full_at - time.time()
+        if warming > 0:
+            await asyncio.sleep(warming)
         return self.workers(), dict(self._book.pools)
 
     def note_demand(self, pool: str, profile: str) -> None:

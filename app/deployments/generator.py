@@ -20,6 +20,7 @@ from app.errors import ServiceError, WorkerUnavailable
 from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
+from app.routing.targets import request_pool
 
 logger = logging.getLogger("ray.serve")
 FORGET_TIMEOUT_S = 2.0
@@ -28,7 +29,7 @@ FORGET_TIMEOUT_S = 2.0
 class Generator:
     """Plain class; `builder.py` turns it into one Serve deployment per machine profile."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve (and Ray actors) await an async __init__
         self, config: dict[str, Any], profile: str, registry: DeploymentHandle[Any]
     ) -> None:
         self._config = AppConfig.model_validate(config)
@@ -40,21 +41,30 @@ class Generator:
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._worker.load_all())
         self._heartbeat = loop.create_task(self._report_forever())
+        # Serve routes to a replica once its constructor returns: only after the models
+        # loaded (a failed load is reported, not raised). So a rolling update with surge stops
+        # the old replica only when the new one can serve. The heartbeat reports "loading"
+        # meanwhile (/health, the dashboard).
+        await self._loading
 
     async def generate(
         self, request: GenerationRequest, workers: tuple[str, ...] | None = None
     ) -> AsyncIterator[list[GenerationChunk] | list[WireReply] | ServiceError]:
-        """`workers`: the replicas the ingress chose (pool + profile + ready); the request
-        router honours it, and a replica outside it refuses (retryable) rather than serve
-        another pool's request.
+        """`workers`: the replicas the ingress chose (pool + profile + ready), which the
+        request router honours. A replica assigned to another pool than the request's refuses
+        (retryable) rather than serve another pool's request; one of the request's pool that
+        the ingress did not know of yet (it replaced a draining one) serves it.
 
         A refusal (400, 503 QUEUE_FULL, ...) is an answer for the client, not a failure of
         this replica: it is the stream's last item, so Serve neither logs a traceback nor
         counts an error for each of them (an overloaded service refuses thousands a minute)."""
         if workers is not None and self._worker_id not in workers:
-            pool = request.pool or "default"
-            yield WorkerUnavailable(f"worker {self._worker_id} is not assigned to pool '{pool}'")
-            return
+            pool = request_pool(request)
+            if pool != self._pool:
+                yield WorkerUnavailable(
+                    f"worker {self._worker_id} is not assigned to pool '{pool}'"
+                )
+                return
         try:
             async for batch in self._worker.stream(request):
                 yield batch

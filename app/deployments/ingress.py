@@ -20,12 +20,12 @@ from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailab
 from app.pools.model import PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
-from app.routing.targets import Target, choose_target, request_pool
+from app.routing.targets import Target, carry_over, choose_target, request_pool
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
-SNAPSHOT_TIMEOUT_SECONDS = 2.0
+SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
 GRPC_REQUEST_BYTES = (
     3 * 1024 * 1024
 )  # under Serve's 4 MiB replica gRPC message limit  # e.g. while the PoolAutoscaler replica restarts
@@ -76,9 +76,11 @@ class ServeBackend:
 
     async def _load_snapshot(self) -> None:
         try:
-            self._snapshot, self._pools = await asyncio.wait_for(
+            workers, self._pools = await asyncio.wait_for(
                 self._registry.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
             )
+            keep_s = 2 * self._config.worker_heartbeat_seconds
+            self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)
             self._snapshot_at = time.monotonic()
         except Exception:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)

@@ -37,6 +37,23 @@ def live_workers(
     return [worker for worker in workers if now - worker.reported_at <= stale_seconds]
 
 
+def carry_over(
+    previous: Sequence[WorkerStatus], current: Sequence[WorkerStatus], now: float, keep_s: float
+) -> list[WorkerStatus]:
+    """The registry's new snapshot, plus the workers of the previous one it lacks that
+    reported within `keep_s`: a registry that just restarted (a redeploy) knows no worker until
+    their next heartbeat, and the service must not look empty meanwhile. A worker that really
+    left is harmless to keep that long: the request router never routes to a replica Serve
+    no longer runs."""
+    known = {worker.worker_id for worker in current}
+    kept = [
+        worker
+        for worker in previous
+        if worker.worker_id not in known and now - worker.reported_at <= keep_s
+    ]
+    return [*current, *kept]
+
+
 def request_pool(request: GenerationRequest) -> str:
     return normalize_name(request.pool) if request.pool else DEFAULT_POOL
 

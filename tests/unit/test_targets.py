@@ -9,7 +9,7 @@ from app.api.openai_routes import prompt_chars
 from app.config import AppConfig
 from app.protocol.generation import GenerationRequest, OpenAICall, OpenAIRoute, SamplingOptions
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
-from app.routing.targets import choose_target
+from app.routing.targets import carry_over, choose_target
 
 NOW = 1000.0
 CONFIG = AppConfig.model_validate(
@@ -149,3 +149,12 @@ def test_no_size_refusal_without_a_known_bound_or_when_vllm_truncates() -> None:
     assert choose_target(CONFIG, [sized_worker("a", 10)], truncated, NOW).ready_workers == ("a",)
     tokens = openai_call("completion", {"prompt": list(range(10_000))})
     assert choose_target(CONFIG, [sized_worker("a", 10)], tokens, NOW).ready_workers == ("a",)
+
+
+def test_a_restarted_registry_does_not_empty_the_snapshot_until_workers_report_again() -> None:
+    previous = [worker("a", "cpu", age_s=1.0), worker("b", "cpu", age_s=9.0)]
+    assert [w.worker_id for w in carry_over(previous, [], NOW, keep_s=4.0)] == ["a"]
+    fresh = worker("a", "cpu", "loading")
+    merged = carry_over(previous, [fresh, worker("c", "l4")], NOW, keep_s=4.0)
+    assert [w.worker_id for w in merged] == ["a", "c"]
+    assert merged[0] is fresh  # the registry's own report wins
