@@ -46,6 +46,21 @@ class LoopResult:
         """Completed requests that were under way at `moment` (monotonic)."""
         return sum(start < moment < end for start, end in self.spans)
 
+    stopped: int = 0
+    """Clients that got the `stop_on` status (e.g. 404 once their pool is deleted) and stopped:
+    an answer the change makes right, not a loss."""
+
+    def merge(self, other: LoopResult) -> None:
+        self.completed += other.completed
+        self.failed += other.failed
+        self.cut += other.cut
+        self.retried += other.retried
+        self.stopped += other.stopped
+        self.statuses.update(other.statuses)
+        self.errors.update(other.errors)
+        self.first_token_s.extend(other.first_token_s)
+        self.spans.extend(other.spans)
+
     @property
     def requests(self) -> int:
         return self.completed + self.failed
@@ -81,6 +96,7 @@ class ClosedLoop:
         max_tokens: int = 32,
         headers: Mapping[str, str] | None = None,
         extra_body: Mapping[str, object] | None = None,
+        stop_on: int | None = None,
     ) -> None:
         self.base_url = base_url
         self.model = model
@@ -88,6 +104,7 @@ class ClosedLoop:
         self.max_tokens = max_tokens
         self.headers = dict(headers or {})
         self.extra_body = dict(extra_body or {})
+        self.stop_on = stop_on
         self.result = LoopResult()
         self._stop = asyncio.Event()
 
@@ -108,9 +125,11 @@ class ClosedLoop:
 
     async def _client(self, client: httpx.AsyncClient, index: int) -> None:
         while not self._stop.is_set():
-            await self._one(client, index)
+            if not await self._one(client, index):
+                return
 
-    async def _one(self, client: httpx.AsyncClient, index: int) -> None:
+    async def _one(self, client: httpx.AsyncClient, index: int) -> bool:
+        """One request through to its end; False when the client should stop (`stop_on`)."""
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": f"Client {index}: tell me a story."}],
@@ -130,28 +149,33 @@ class ClosedLoop:
                         if retry_after is None:
                             result.errors[f"{response.status_code} without Retry-After"] += 1
                             result.failed += 1
-                            return
+                            return True
                         result.retried += 1
                         await asyncio.sleep(float(retry_after))
                         continue
+                    if response.status_code == self.stop_on:
+                        await response.aread()
+                        result.stopped += 1
+                        return False
                     if response.status_code != 200:
                         text = (await response.aread()).decode(errors="replace")[:200]
                         result.errors[f"{response.status_code} {text}"] += 1
                         result.failed += 1
-                        return
+                        return True
                     try:
                         await self._read_stream(response, started)
                     except httpx.HTTPError as error:  # the connection broke mid-stream
                         result.errors[f"cut: {type(error).__name__}"] += 1
                         result.cut += 1
                         result.failed += 1
-                    return
+                    return True
             except httpx.HTTPError as error:
                 result.errors[type(error).__name__] += 1
                 result.failed += 1
-                return
+                return True
         result.errors["too many retries"] += 1
         result.failed += 1
+        return True
 
     async def _read_stream(self, response: httpx.Response, started: float) -> None:
         result = self.result

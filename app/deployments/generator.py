@@ -61,9 +61,7 @@ class Generator:
         if workers is not None and self._worker_id not in workers:
             pool = request_pool(request)
             if pool != self._pool:
-                yield WorkerUnavailable(
-                    f"worker {self._worker_id} is not assigned to pool '{pool}'"
-                )
+                yield WorkerUnavailable(f"the chosen worker left pool '{pool}'; retry")
                 return
         try:
             async for batch in self._worker.stream(request):

@@ -38,6 +38,7 @@ SIE_FIELDS = frozenset({"routing_key", "prompt_cache_key", "lora_adapter", "safe
 
 # how vLLM's messages say that the prompt (+ max_tokens) does not fit the model's context
 CONTEXT_SIGNS = ("maximum context length", "max_model_len")
+_ERROR_EVENT = 'data: {"error"'
 
 # route -> (attribute of vLLM's app state, its method)
 _SERVING = {
@@ -257,11 +258,11 @@ class OpenAIFrontend:
                 )
 
                 result = _convert_stream_to_sse_events(cast(Any, result))
-            async for reply in self._events(result, book):
+            async for reply in self._events(result, book, request_id):
                 yield reply
             return
         if _is_error(result):
-            raise _service_error(result, str(call.body.get("model", "")))
+            raise _service_error(result, str(call.body.get("model", "")), request_id)
         if ranking is None:
             # as vLLM's routers write them (Responses by alias: `text.format.schema`)
             data = result.model_dump_json(by_alias=call.route == "responses").encode()
@@ -269,16 +270,18 @@ class OpenAIFrontend:
             data = json.dumps(keep_best(result.model_dump(), *ranking)).encode()
         yield WireReply(data=data, stream=False, done=True, stats=book.stats())
 
-    async def _events(self, events: AsyncIterator[str], book: CallBook) -> AsyncIterator[WireReply]:
+    async def _events(
+        self, events: AsyncIterator[str], book: CallBook, request_id: str
+    ) -> AsyncIterator[WireReply]:
         try:
             first = await anext(events, None)
             if book.refusal is not None:  # before any byte: our status and code
                 raise book.refusal
             if first is None:
                 return
-            yield WireReply(first.encode(), stream=True)
+            yield WireReply(public_event(first, request_id).encode(), stream=True)
             async for event in events:
-                yield WireReply(event.encode(), stream=True)
+                yield WireReply(public_event(event, request_id).encode(), stream=True)
             yield WireReply(b"", stream=True, done=True, stats=book.stats())
         finally:
             aclose = getattr(events, "aclose", None)
@@ -352,8 +355,32 @@ def _is_error(result: Any) -> bool:
     return isinstance(result, ErrorResponse)
 
 
-def _service_error(result: Any, model: str) -> ServiceError:
-    """vLLM's ErrorResponse -> ours: its (already sanitized) message, our status and codes."""
+def public_event(event: str, request_id: str) -> str:
+    """An SSE event as the client gets it: vLLM's in-band error for a server-side failure
+    carries the exception's text, which goes to the log with the request id instead."""
+    if not event.startswith(_ERROR_EVENT):
+        return event
+    try:
+        payload = json.loads(event[len("data: ") :])
+        error = payload["error"]
+        status = int(error.get("code") or 500)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return event
+    if status < 500:
+        return event
+    error["message"] = _logged(str(error.get("message")), request_id)
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _logged(internal: str, request_id: str) -> str:
+    """The public text for a server-side failure; the internal one goes to the log."""
+    logger.error("request %s failed in the engine: %s", request_id, internal)
+    return f"the engine failed to serve this request (request id {request_id}; see the logs)"
+
+
+def _service_error(result: Any, model: str, request_id: str) -> ServiceError:
+    """vLLM's ErrorResponse -> ours: its message for a bad request, our status and codes; a
+    server-side failure's text goes to the log with the request id, not to the client."""
     info = result.error
     status = int(info.code)
     if status == 404:
@@ -363,5 +390,5 @@ def _service_error(result: Any, model: str) -> ServiceError:
     if status < 500:
         return InvalidRequest(info.message, param=info.param)
     if status == 503:
-        return WorkerUnavailable(info.message)
-    return GenerationFailed(info.message)
+        return WorkerUnavailable(_logged(info.message, request_id))
+    return GenerationFailed(_logged(info.message, request_id))

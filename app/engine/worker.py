@@ -85,7 +85,10 @@ class Worker:
         if status.state == "loading":
             raise ModelLoading(f"model '{model_id}' is loading")
         if status.state == "failed":
-            raise ModelLoadFailed(status.error or "load failed", error_class="ENGINE")
+            raise ModelLoadFailed(
+                f"model '{model_id}' failed to load; the worker log has the cause",
+                error_class="ENGINE",
+            )
         return adapter
 
     def stream(

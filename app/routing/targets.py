@@ -128,7 +128,11 @@ def _why_not_ready(
     if any(status.state == "loading" for status in states):
         return ModelLoading(f"model '{model}' is loading on profile '{profile}'")
     if states and all(status.state == "failed" for status in states):
-        return ModelLoadFailed(states[0].error or "model failed to load", error_class="ENGINE")
+        # the load error (an exception's text, paths) is in the worker's log and /health
+        return ModelLoadFailed(
+            f"model '{model}' failed to load on profile '{profile}'; the worker log has the cause",
+            error_class="ENGINE",
+        )
     where = f"pool '{pool}'" if pool != DEFAULT_POOL else "the default pool"
     return Provisioning(
         f"no worker of profile '{profile}' in {where} is ready yet; provisioning",

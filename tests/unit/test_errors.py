@@ -146,3 +146,43 @@ def test_format_location_drops_union_tags() -> None:
 def test_bad_bodies_are_invalid_requests(raw: bytes) -> None:
     with pytest.raises(errors.InvalidRequest):
         parse_json_object(raw)
+
+
+INTERNAL = "EngineDeadError: /usr/lib/python3.11/site-packages/vllm/v1/engine/core.py line 42"
+
+
+def test_a_server_side_engine_failure_reaches_the_client_without_its_internals() -> None:
+    """vLLM's in-band error events and error responses carry the exception's text; the client
+    gets the request id (to find it in the log), never the text."""
+    from types import SimpleNamespace
+
+    from app.engine.openai_frontend import _service_error, public_event
+
+    event = "data: " + json.dumps({"error": {"message": INTERNAL, "code": 500}}) + "\n\n"
+    public = public_event(event, "req-1")
+    assert "/usr/lib" not in public and "EngineDeadError" not in public
+    assert "req-1" in public and json.loads(public[len("data: ") :])["error"]["code"] == 500
+    bad_request = "data: " + json.dumps({"error": {"message": "bad n", "code": 400}}) + "\n\n"
+    assert public_event(bad_request, "req-1") == bad_request
+    token = 'data: {"choices": [{"delta": {"content": "/usr/lib"}}]}\n\n'
+    assert public_event(token, "req-1") == token
+    for status in (500, 503):
+        response = SimpleNamespace(error=SimpleNamespace(code=status, message=INTERNAL, param=None))
+        error = _service_error(response, "org/m", "req-2")
+        assert error.status >= 500 and "req-2" in error.message
+        assert "/usr/lib" not in error.message and "EngineDeadError" not in error.message
+
+
+def test_a_failed_load_is_refused_without_the_exception_text() -> None:
+    from app.config import AppConfig
+    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from app.protocol.workers import ModelStatus, WorkerStatus
+    from app.routing.targets import choose_target
+
+    failed = WorkerStatus(
+        "w1", "Generator-cpu", "cpu", "n", "default", (ModelStatus("org/m", "failed", INTERNAL),), 0
+    )
+    config = AppConfig.model_validate({"models": [{"id": "org/m"}]})
+    with pytest.raises(errors.ModelLoadFailed) as refusal:
+        choose_target(config, [failed], GenerationRequest("r", "org/m", SamplingOptions()), 0.0)
+    assert "/usr/lib" not in refusal.value.message and "w1" not in refusal.value.message
