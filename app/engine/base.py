@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import InputTooLong
 from app.protocol.generation import (
@@ -20,9 +20,23 @@ from app.protocol.generation import (
 )
 from app.protocol.workers import EngineStats
 
-Reserve = Callable[[str, list[int], int, int], AbstractAsyncContextManager[Any]]
-"""`KVAdmission.reserve(request_id, prompt_token_ids, max_new_tokens, candidates)`: a KV handle
-for the engine request while the context is open (waits in the queue, or refuses)."""
+
+class Admission(Protocol):
+    """What an engine request must pass (`app.kv.admission.KVAdmission`)."""
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        max_new_tokens: int,
+        candidates: int = 1,
+        namespace: str = "",
+    ) -> AbstractAsyncContextManager[Any]:
+        """A KV handle for the engine request while the context is open (waits in the queue,
+        or refuses). `namespace`: what keeps the engine's prefix cache apart (LoRA, salt)."""
+
+    def prefilled(self, request_id: str) -> None:
+        """The engine request's prompt is computed (its first token came)."""
 
 
 class GenerationAdapter(ABC):
@@ -50,11 +64,11 @@ class GenerationAdapter(ABC):
 
     @abstractmethod
     def serve_openai(
-        self, call: OpenAICall, request_id: str, reserve: Reserve
+        self, call: OpenAICall, request_id: str, admission: Admission
     ) -> AsyncIterator[WireReply]:
         """An OpenAI-route request answered as vLLM's OpenAI server answers it: one JSON
         `WireReply`, or SSE events ending with a `done` one. Every engine request holds a KV
-        handle from `reserve` while it runs; ServiceErrors before the first reply are refusals."""
+        handle from `admission` while it runs; ServiceErrors before the first reply are refusals."""
 
     @abstractmethod
     def stats(self) -> EngineStats: ...

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from app.engine.base import Reserve
+from app.engine.base import Admission
 from app.errors import (
     GenerationFailed,
     InputTooLong,
@@ -55,7 +55,7 @@ class CallBook:
     """What the engine requests of one OpenAI call did (vLLM may start several: one per prompt
     of a completion list). Reached through a context variable, since vLLM calls the engine."""
 
-    reserve: Reserve | None = None
+    admission: Admission | None = None
     started: float = field(default_factory=time.perf_counter)
     refusal: ServiceError | None = None
     prompt_tokens: int = 0
@@ -111,20 +111,28 @@ class AdmittedEngine:
         self, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         book = _CALL.get()
-        if book is None or book.reserve is None:  # not one of our calls: nothing to admit
+        if book is None or book.admission is None:  # not one of our calls: nothing to admit
             async for output in self._engine.generate(prompt, params, request_id, **kwargs):
                 yield output
             return
         token_ids = list(prompt.get("prompt_token_ids") or ()) if isinstance(prompt, dict) else []
         candidates = max(1, int(getattr(params, "n", 1) or 1))
         max_tokens = int(getattr(params, "max_tokens", 0) or 0)
+        lora = kwargs.get("lora_request")
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        namespace = f"{getattr(lora, 'lora_name', '')}\x1f{salt or ''}"
+        admission = book.admission
         try:
-            async with book.reserve(request_id, token_ids, max(1, max_tokens), candidates):
+            async with admission.reserve(
+                request_id, token_ids, max(1, max_tokens), candidates, namespace
+            ):
                 book.prompt_tokens += len(token_ids)
                 async for output in self._engine.generate(prompt, params, request_id, **kwargs):
                     now = time.perf_counter()
                     produced = sum(len(each.token_ids) for each in output.outputs)
                     if produced:
+                        if book.first_token_at is None:
+                            admission.prefilled(request_id)
                         book.first_token_at = book.first_token_at or now
                         book.last_token_at = now
                         book.completion_tokens += produced
@@ -223,7 +231,7 @@ class OpenAIFrontend:
         return request, ranking
 
     async def serve(
-        self, call: OpenAICall, request_id: str, reserve: Reserve
+        self, call: OpenAICall, request_id: str, admission: Admission
     ) -> AsyncIterator[WireReply]:
         """The reply as vLLM's server makes it: one JSON body, or SSE events as they come."""
         from starlette.requests import Request
@@ -239,7 +247,7 @@ class OpenAIFrontend:
         raw = Request(
             {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
         )
-        book = CallBook(reserve)
+        book = CallBook(admission)
         _CALL.set(book)  # this task's; vLLM calls the engine from within it
         try:
             result = await getattr(serving, method)(request, raw)

@@ -17,8 +17,8 @@ from typing import Any
 
 from app.config import ModelConfig
 from app.engine.base import (
+    Admission,
     GenerationAdapter,
-    Reserve,
     StreamTimer,
     generation_budget,
 )
@@ -178,11 +178,11 @@ class VLLMAdapter(GenerationAdapter):
         return options
 
     def serve_openai(
-        self, call: OpenAICall, request_id: str, reserve: Reserve
+        self, call: OpenAICall, request_id: str, admission: Admission
     ) -> AsyncIterator[WireReply]:
         if self._frontend is None:
             raise ModelLoading(f"model '{self.model_id}' is loading")
-        return self._frontend.serve(call, request_id, reserve)
+        return self._frontend.serve(call, request_id, admission)
 
     def _stat_logger_factory(self) -> Any:
         """vLLM reports live KV usage only to stat loggers: keep the latest value."""
@@ -220,13 +220,15 @@ class VLLMAdapter(GenerationAdapter):
         cache = engine.vllm_config.cache_config
         return EngineStats(
             model=self.model_id,
-            kv_blocks_total=int(cache.num_gpu_blocks or 0),
+            # what the block pool can hand out: it keeps one null block back
+            kv_blocks_total=max(0, int(cache.num_gpu_blocks or 0) - 1),
             kv_block_size_tokens=int(cache.block_size),
             kv_usage_fraction=self._kv_usage,
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
             preemptions=self._preemptions,
             max_chars_per_token=self._max_chars_per_token,
+            prefill_chunk_tokens=_chunk_tokens(engine.vllm_config.scheduler_config),
         )
 
     def _lora_request(self, name: str | None) -> Any:
@@ -377,6 +379,12 @@ class VLLMAdapter(GenerationAdapter):
             await outputs.aclose()
             if not finished:
                 await engine.abort(request.request_id)
+
+
+def _chunk_tokens(scheduler: Any) -> int:
+    if not getattr(scheduler, "enable_chunked_prefill", False):
+        return 0
+    return int(getattr(scheduler, "max_num_batched_tokens", 0) or 0)
 
 
 def token_logprobs(

@@ -46,7 +46,8 @@ class Worker:
         self.config = config
         self.profile = profile
         factory = factory or load_adapter_factory(config.engine_adapter)
-        self._adapters = {m.id: factory(m) for m in config.models_for_profile(profile)}
+        self._models = {m.id: m for m in config.models_for_profile(profile)}
+        self._adapters = {model_id: factory(m) for model_id, m in self._models.items()}
         self._states: dict[str, ModelStatus] = {
             model_id: ModelStatus(model_id, "loading") for model_id in self._adapters
         }
@@ -69,7 +70,12 @@ class Worker:
         adapter = self._adapters[model_id]
         stats = adapter.stats()
         self._admission[model_id] = KVAdmission(
-            KVLedger(stats.kv_blocks_total, stats.kv_block_size_tokens),
+            KVLedger(
+                stats.kv_blocks_total,
+                stats.kv_block_size_tokens,
+                share_prefixes=self._models[model_id].engine.enable_prefix_caching,
+                chunk_tokens=stats.prefill_chunk_tokens or None,
+            ),
             max_waiting=self.config.kv.max_waiting_requests,
             max_wait_s=self.config.kv.max_wait_seconds,
             kv_dtype=adapter.kv_dtype,
@@ -107,7 +113,7 @@ class Worker:
         streaming = self.config.streaming
         self.active_requests += 1
         try:
-            replies = adapter.serve_openai(request.openai, request.request_id, admission.reserve)
+            replies = adapter.serve_openai(request.openai, request.request_id, admission)
             batches = coalesce(
                 replies,
                 window_s=streaming.coalesce_window_ms / 1000,
@@ -141,7 +147,10 @@ class Worker:
         self.active_requests += 1
         try:
             admission = self._admission[request.model]
-            async with admission.reserve(request.request_id, prompt_ids, budget, candidates):
+            namespace = f"{request.lora_adapter or ''}\x1f"
+            async with admission.reserve(
+                request.request_id, prompt_ids, budget, candidates, namespace
+            ):
                 batches = coalesce(
                     adapter.generate(request, prompt_ids),
                     window_s=streaming.coalesce_window_ms / 1000,
@@ -149,6 +158,7 @@ class Worker:
                 )
                 try:
                     async for batch in batches:
+                        admission.prefilled(request.request_id)  # the first time only counts
                         yield batch
                 finally:
                     await batches.aclose()

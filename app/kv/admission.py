@@ -59,9 +59,10 @@ class KVAdmission:
         prompt_token_ids: Sequence[int],
         max_new_tokens: int,
         candidates: int = 1,
+        namespace: str = "",
     ) -> AsyncIterator[KVHandle]:
         ledger = self.ledger
-        demand = ledger.demand(prompt_token_ids, max_new_tokens, candidates)
+        demand = ledger.demand(prompt_token_ids, max_new_tokens, candidates, namespace)
         if not ledger.fits_ever(demand):
             raise InputTooLong(
                 f"this request needs {demand.blocks} KV blocks of {ledger.block_size} tokens; "
@@ -76,6 +77,12 @@ class KVAdmission:
             yield handle
         finally:
             ledger.free(handle)
+            self._grant_waiters()
+
+    def prefilled(self, request_id: str) -> None:
+        """The request's prompt blocks are in the engine's cache now: waiters sharing that
+        prefix may fit."""
+        if self.ledger.prefilled(request_id):
             self._grant_waiters()
 
     async def _wait(self, params: KVAllocateParams, demand: KVDemand) -> KVHandle:

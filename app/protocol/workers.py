@@ -26,6 +26,8 @@ class EngineStats:
     """Requests queued for KV space on this engine."""
     preemptions: int = 0
     """Requests the engine preempted since it started (0 while admission never overcommits)."""
+    prefill_chunk_tokens: int = 0
+    """Prompt tokens the engine computes in one step when it chunks prefills (0: whole)."""
     max_chars_per_token: int = 0
     """The longest vocabulary entry in characters (vLLM's `max_chars_per_token`): a prompt of
     more than `max_model_len` x this many characters cannot fit, without tokenizing it. 0:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.config import ModelConfig
-from app.engine.base import GenerationAdapter, Reserve, StreamTimer, generation_budget
+from app.engine.base import Admission, GenerationAdapter, StreamTimer, generation_budget
 from app.errors import InvalidRequest, ModelLoading
 from app.protocol.generation import (
     GenerationChunk,
@@ -98,7 +98,7 @@ class FakeAdapter(GenerationAdapter):
                 self.aborted.append(request.request_id)
 
     async def serve_openai(
-        self, call: OpenAICall, request_id: str, reserve: Reserve
+        self, call: OpenAICall, request_id: str, admission: Admission
     ) -> AsyncIterator[WireReply]:
         if call.route not in ("chat", "completion"):
             raise InvalidRequest(f"the fake engine does not serve /{call.route}")
@@ -131,9 +131,10 @@ class FakeAdapter(GenerationAdapter):
             "model": body.get("model"),
         }
         text, stats = "", None
-        async with reserve(request_id, prompt_ids, budget, 1):
+        async with admission.reserve(request_id, prompt_ids, budget, 1):
             if not body.get("stream"):
                 async for chunk in self.generate(request, prompt_ids):
+                    admission.prefilled(request_id)  # as vLLM's layer does on a first token
                     text += chunk.text_delta
                     stats = chunk if chunk.done else stats
                 assert stats is not None
@@ -156,6 +157,7 @@ class FakeAdapter(GenerationAdapter):
                     _event({**head, "object": f"{kind}.chunk", "choices": [role]}), stream=True
                 )
             async for chunk in self.generate(request, prompt_ids):
+                admission.prefilled(request_id)
                 if chunk.done:
                     stats = chunk
                     end: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}

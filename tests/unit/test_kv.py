@@ -24,28 +24,87 @@ def params(request_id: str, tokens: int = 8) -> KVAllocateParams:
 def test_demand_counts_prompt_blocks_and_budget_per_candidate() -> None:
     ledger = KVLedger(100, BLOCK)
     demand = ledger.demand(list(range(10)), max_new_tokens=6, candidates=3)
-    # 2 full prompt blocks shared; tail 2 + 6 new = 8 tokens = 2 blocks per candidate
-    assert len(demand.prefix_keys) == 2 and demand.private_blocks == 6 and demand.blocks == 8
+    # 2 full prompt blocks (before the last token), computed once and cached as allocated;
+    # tail 2 + 6 new = 2 blocks per candidate
+    assert len(demand.prefix_keys) == 2 and demand.private_blocks == 6 and demand.blocks == 12
+    assert ledger.new_blocks(demand) == 8
 
 
-def test_prefix_keys_chain_the_whole_prefix() -> None:
+def test_the_block_holding_the_last_prompt_token_is_never_shared() -> None:
+    """vLLM computes the last prompt token again even on a full cache hit."""
+    ledger = KVLedger(100, BLOCK)
+    assert len(ledger.demand(list(range(8)), 1).prefix_keys) == 1
+    assert len(ledger.demand(list(range(9)), 1).prefix_keys) == 2
+
+
+def test_prefix_keys_chain_the_whole_prefix_and_its_namespace() -> None:
     assert (
         prefix_block_keys([1, 2, 3, 4, 5, 6, 7, 8], BLOCK)[1]
         != prefix_block_keys([9, 9, 9, 9, 5, 6, 7, 8], BLOCK)[1]
     )
     assert prefix_block_keys([1, 2, 3], BLOCK) == []
+    assert prefix_block_keys([1, 2, 3, 4], BLOCK, "lora-a") != prefix_block_keys(
+        [1, 2, 3, 4], BLOCK
+    )
 
 
-def test_shared_prefix_blocks_are_counted_once_and_released_with_the_last_holder() -> None:
+def test_a_prefix_is_shared_at_once_and_released_with_the_last_holder() -> None:
+    """vLLM caches a prompt's blocks as it allocates them: a later request reuses them."""
     ledger = KVLedger(100, BLOCK)
-    prompt = list(range(8))
-    first = ledger.allocate(params("a"), ledger.demand(prompt, 4))
+    prompt = list(range(9))  # 2 shareable blocks, tail 1 token
+    first = ledger.allocate(params("a"), ledger.demand(prompt, 3))
     assert first is not None and ledger.used_blocks == 3
-    second = ledger.allocate(params("b"), ledger.demand(prompt, 4))
+    second = ledger.allocate(params("b"), ledger.demand(prompt, 3))
     assert second is not None and ledger.used_blocks == 4  # + one private block only
-    assert ledger.free(first) and ledger.used_blocks == 3
+    assert ledger.free(first) and ledger.used_blocks == 3  # b still holds a's cached copy
     assert not ledger.free(first)  # twice is harmless
     assert ledger.free(second) and ledger.used_blocks == 0 and ledger.open_handles == 0
+
+
+def test_blocks_past_the_first_prefill_chunk_are_shared_only_once_computed() -> None:
+    """With chunked prefill (here 1 block per step), a request arriving while the holder still
+    computes its prompt computes, and holds, its own copy of the later blocks; so does each
+    candidate."""
+    ledger = KVLedger(100, BLOCK, chunk_tokens=BLOCK)
+    prompt = list(range(9))
+    first = ledger.allocate(params("a"), ledger.demand(prompt, 3))
+    assert first is not None and ledger.used_blocks == 3
+    racing = ledger.allocate(params("b"), ledger.demand(prompt, 3))
+    assert racing is not None and ledger.used_blocks == 5  # its own 2nd block + private
+    assert ledger.new_blocks(ledger.demand(prompt, 3, candidates=3)) == 3 + 3
+    assert ledger.prefilled("a") and not ledger.prefilled("a")
+    later = ledger.allocate(params("c"), ledger.demand(prompt, 3))
+    assert later is not None and ledger.used_blocks == 6  # + one private block only
+    assert ledger.free(first) and ledger.used_blocks == 5  # c holds a's cached copies
+    assert ledger.free(racing) and ledger.used_blocks == 3
+    assert ledger.free(later) and ledger.used_blocks == 0
+
+
+def test_candidates_of_one_request_share_the_prompt_blocks() -> None:
+    ledger = KVLedger(100, BLOCK)
+    prompt = list(range(9))
+    # n=3 of a new prompt: 2 prompt blocks once + 1 private per candidate
+    assert ledger.new_blocks(ledger.demand(prompt, 3, candidates=3)) == 5
+    held = ledger.allocate(params("a"), ledger.demand(prompt, 3))
+    assert held is not None and ledger.used_blocks == 3
+    assert ledger.new_blocks(ledger.demand(prompt, 3, candidates=3)) == 3  # cached: privates
+
+
+def test_without_prefix_caching_nothing_is_shared() -> None:
+    ledger = KVLedger(100, BLOCK, share_prefixes=False)
+    prompt = list(range(9))
+    assert ledger.allocate(params("a"), ledger.demand(prompt, 3)) is not None
+    ledger.prefilled("a")
+    assert ledger.allocate(params("b"), ledger.demand(prompt, 3)) is not None
+    assert ledger.used_blocks == 6
+
+
+def test_another_namespace_shares_nothing() -> None:
+    ledger = KVLedger(100, BLOCK)
+    prompt = list(range(9))
+    assert ledger.allocate(params("a"), ledger.demand(prompt, 3)) is not None
+    ledger.prefilled("a")
+    assert ledger.new_blocks(ledger.demand(prompt, 3, namespace="lora-a")) == 3
 
 
 def test_allocation_refuses_what_does_not_fit_now() -> None:
