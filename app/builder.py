@@ -18,6 +18,8 @@ from app.deployments.ingress import Ingress
 from app.deployments.router import ROUTER_PATH
 from app.deployments.tenancy import TenantLedger
 
+LEDGER_MAX_ONGOING_REQUESTS = 100_000
+
 
 def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
@@ -33,7 +35,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
     ledger = (
         _deployment(TenantLedger)
-        .options(name="TenantLedger", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .options(
+            name="TenantLedger",
+            num_replicas=1,
+            # every request of every ingress replica calls it (admit, finish): no queueing in
+            # Serve in front of it, and no access-log line per call
+            max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
+            logging_config={"enable_access_log": False},
+            ray_actor_options={"num_cpus": 0},
+        )
         .bind(plain, registry)
     )
     generators = {

@@ -48,8 +48,10 @@ class _Window:
 
     buckets: deque[list[float]] = field(default_factory=deque)  # [start, requests, tokens]
 
-    def trim(self, now: float, window_s: float) -> None:
-        while self.buckets and self.buckets[0][0] <= now - window_s:
+    def trim(self, now: float, window_s: float, bucket_s: float) -> None:
+        """Drop buckets wholly older than the window (a bucket counts until its end leaves:
+        the limit never admits more than it allows over any window)."""
+        while self.buckets and self.buckets[0][0] + bucket_s <= now - window_s:
             self.buckets.popleft()
 
     def add(self, now: float, bucket_s: float, requests: int, tokens: int) -> None:
@@ -62,13 +64,15 @@ class _Window:
     def total(self, column: int) -> float:
         return sum(bucket[column] for bucket in self.buckets)
 
-    def wait_until_below(self, column: int, excess: float, now: float, window_s: float) -> float:
+    def wait_until_below(
+        self, column: int, excess: float, now: float, window_s: float, bucket_s: float
+    ) -> float:
         """Seconds until buckets worth at least `excess` of `column` have left the window."""
         freed = 0.0
         for start, *values in self.buckets:
             freed += values[column - 1]
             if freed >= excess:
-                return max(0.0, start + window_s - now)
+                return max(0.0, start + bucket_s + window_s - now)
         return window_s
 
 
@@ -94,7 +98,7 @@ class LimitBook:
 
     def _state(self, subject: Subject, now: float) -> _Subject:
         state = self._subjects.setdefault(subject, _Subject())
-        state.window.trim(now, self.window_s)
+        state.window.trim(now, self.window_s, self.bucket_s)
         return state
 
     def admit(self, ticket: Ticket, now: float) -> ServiceError | None:
@@ -137,7 +141,7 @@ class LimitBook:
             used = window.total(1)
             if used + 1 > limits.requests_per_minute:
                 wait = window.wait_until_below(
-                    1, used + 1 - limits.requests_per_minute, now, self.window_s
+                    1, used + 1 - limits.requests_per_minute, now, self.window_s, self.bucket_s
                 )
                 return RateLimited(
                     f"{describe(subject)} made {int(used)} requests {per} "
@@ -157,7 +161,7 @@ class LimitBook:
             excess = used + reserved + estimate - limits.tokens_per_minute
             if excess > 0:
                 wait = (
-                    window.wait_until_below(2, excess, now, self.window_s)
+                    window.wait_until_below(2, excess, now, self.window_s, self.bucket_s)
                     if excess <= used
                     else 1.0  # the requests in flight hold the rest: wait for one to end
                 )
