@@ -17,7 +17,7 @@ from app.api.app import create_app
 from app.api.observe import instrument
 from app.config import AppConfig
 from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
-from app.pools.model import PoolRecord, PoolSpec
+from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import Target, carry_over, choose_target, request_pool
@@ -104,7 +104,10 @@ class ServeBackend:
         """Limits first (service-wide, before any engine work), then the worker's stream; when
         it ends, the usage its client was sent goes to the TenantLedger (once per request)."""
         await self.workers()
-        record = self._pools.get(tenant_pool(request))
+        pool = tenant_pool(request)
+        if pool != DEFAULT_POOL and pool not in self._pools:
+            await self.workers(max_age_s=0.0)  # created since the snapshot: its limits apply
+        record = self._pools.get(pool)
         request = with_pool_defaults(request, record)
         admitted = await self._admit(request, record)
         usage: UsageRecord | None = None

@@ -436,7 +436,8 @@ def test_key_limits_requests_and_concurrent_streams(tenancy: Tenancy) -> None:
     ]
     codes = [r.status_code for r in statuses]
     assert codes[-1] == 429 and statuses[-1].headers["x-sie-error-code"] == "rate_limit_exceeded"
-    assert codes.count(200) == KEY_RPM - 2  # two of its window went to the slow requests
+    # one of its window went to the slow request; the refused one counts nowhere
+    assert codes.count(200) == KEY_RPM - 1
     assert 1 <= int(statuses[-1].headers["retry-after"]) <= WINDOW_S
     # another key is not limited by it
     other = httpx.post(
