@@ -580,6 +580,7 @@ def test_a_pool_created_with_the_sie_sdk_reports_its_usage(tenancy: Tenancy) -> 
     for _ in range(3):
         result = client.generate("fake/fast", "a b c", max_new_tokens=4, gpu="sdk-team/cpu")
         out.append(result["usage"])
+    await asyncio.sleep(2)  # worker-seconds accrue every 0.5 s here
     pool = client.get_pool("sdk-team")
     client.delete_pool("sdk-team")
     return {"usage": out, "pool": pool}
