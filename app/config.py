@@ -187,6 +187,16 @@ class KVConfig(ClosedModel):
     max_wait_seconds: float = Field(
         30.0, gt=0, description="Longest a request waits for KV space before 503 QUEUE_FULL."
     )
+    fair_share_headroom_requests: int = Field(
+        2,
+        ge=0,
+        description="KV admission keeps room for this many requests (of their recent size) of "
+        "every active pool under its share and every active higher priority, so they are "
+        "admitted at once rather than behind another pool's backlog (0: work-conserving only).",
+    )
+    fair_share_active_seconds: float = Field(
+        10.0, gt=0, description="A pool or priority class is active this long after a request."
+    )
 
 
 class Limits(ClosedModel):
@@ -247,16 +257,6 @@ class TenancyConfig(ClosedModel):
     )
     accrual_interval_seconds: float = Field(
         2.0, gt=0, description="How often the worker-seconds of each pool are accrued."
-    )
-    fair_share_headroom_requests: int = Field(
-        2,
-        ge=0,
-        description="KV admission keeps room for this many requests (of their recent size) of "
-        "every active pool under its share and every active higher priority, so they are "
-        "admitted at once rather than behind another pool's backlog (0: work-conserving only).",
-    )
-    active_seconds: float = Field(
-        10.0, gt=0, description="A pool or priority class is active this long after a request."
     )
 
     @model_validator(mode="after")

@@ -81,8 +81,8 @@ class Worker:
             max_wait_s=self.config.kv.max_wait_seconds,
             kv_dtype=adapter.kv_dtype,
             fair=FairShare(
-                headroom_requests=self.config.tenancy.fair_share_headroom_requests,
-                active_s=self.config.tenancy.active_seconds,
+                headroom_requests=self.config.kv.fair_share_headroom_requests,
+                active_s=self.config.kv.fair_share_active_seconds,
             ),
         )
         self._states[model_id] = ModelStatus(model_id, "loaded")
