@@ -580,13 +580,15 @@ def test_a_pool_created_with_the_sie_sdk_reports_its_usage(tenancy: Tenancy) -> 
     for _ in range(3):
         result = client.generate("fake/fast", "a b c", max_new_tokens=4, gpu="sdk-team/cpu")
         out.append(result["usage"])
+    at_once = client.get_pool("sdk-team")  # right after the last response
     await asyncio.sleep(2)  # worker-seconds accrue every 0.5 s here
     pool = client.get_pool("sdk-team")
     client.delete_pool("sdk-team")
-    return {"usage": out, "pool": pool}
+    return {"usage": out, "pool": pool, "at_once": at_once["status"]["usage"]["requests"]}
     """
     result = sie.run(code, timeout_s=300, client_kwargs={"api_key": ADMIN_KEY})
     usage = result["pool"]["status"]["usage"]
+    assert result["at_once"] == 3  # counted before the client got its last byte
     assert usage["requests"] == 3
     assert usage["prompt_tokens"] == sum(u["prompt_tokens"] for u in result["usage"])
     assert usage["completion_tokens"] == sum(u["completion_tokens"] for u in result["usage"]) == 12
