@@ -35,7 +35,6 @@ SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
 ADMIT_TIMEOUT_SECONDS = 2.0
-NOTE_TIMEOUT_SECONDS = 1.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 GRPC_REQUEST_BYTES = (
     3 * 1024 * 1024
@@ -102,9 +101,12 @@ class ServeBackend:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
-        """Limits first (service-wide, before any engine work), then the worker's stream; its
-        terminal batch's usage is counted by the TenantLedger (once per request) before the
-        client gets it, and reported again until durable once the stream closes."""
+        """Limits first (service-wide, before any engine work), then the worker's stream. When
+        the consumer closes it after the terminal batch (a buffered reply: before sending it;
+        a stream: after its last event), the usage goes to the TenantLedger, which counts it at
+        once (once per request id) and acknowledges it when durable; it is retried until then.
+        A stream cut before the end (its ingress died) is counted nowhere, as its client got
+        no usage block."""
         await self.workers()
         pool = tenant_pool(request)
         if pool != DEFAULT_POOL and pool not in self._pools:
@@ -118,8 +120,6 @@ class ServeBackend:
                 terminal = terminal_stats(batch)
                 if terminal is not None:
                     usage = usage_record(request, terminal)
-                    if usage is not None:
-                        await self._note(request.request_id, usage)
                 yield batch
         finally:
             if admitted or usage is not None:
@@ -144,18 +144,6 @@ class ServeBackend:
         if self._renewing is None or self._renewing.done():
             self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
         return True
-
-    async def _note(self, request_id: str, usage: UsageRecord) -> None:
-        """Count the usage before the client gets its last bytes (a read after them sees it);
-        durability and retries follow in `_finish`."""
-        if self._ledger is None:
-            return
-        try:
-            await asyncio.wait_for(
-                self._ledger.note.remote(request_id, usage), NOTE_TIMEOUT_SECONDS
-            )
-        except Exception:
-            logger.warning("usage note of %s failed; the report retries", request_id, exc_info=True)
 
     def _finish(self, request_id: str, usage: UsageRecord | None) -> None:
         self._open.discard(request_id)

@@ -107,23 +107,18 @@ class TenantLedger:
 
     # --- usage -------------------------------------------------------------------------------
 
-    def note(self, request_id: str, usage: UsageRecord | None) -> bool:
-        """The request ended; `usage` is what its client is being sent (None: nothing, e.g. it
-        failed). Counted (once) and its limits released at once, so a read that follows the
-        client's last byte sees it; `finish` then waits until it is durable. True if it was
-        counted now."""
+    async def finish(self, request_id: str, usage: UsageRecord | None) -> None:
+        """The request ended; `usage` is what its client was sent (None: nothing, e.g. it
+        failed). Counted (once) and its limits released at once, so a read that arrives after
+        it sees it; returns once the usage is durable (the ingress retries until then)."""
         now = time.time()
         self._limits.finish(request_id, usage.tokens if usage else None, now)
-        if usage is not None and self._usage.record(usage, now):
+        if usage is None:
+            return
+        if self._usage.record(usage, now):
             self._dirty = True
-            return True
-        return False
-
-    async def finish(self, request_id: str, usage: UsageRecord | None) -> None:
-        """As `note`, and returns once the usage is durable (the ingress retries until then)."""
-        self.note(request_id, usage)
-        if usage is None or not self._dirty:
-            return  # nothing to count, or counted and saved already (a retried report)
+        elif not self._dirty:
+            return  # counted and saved already (a retried report)
         saved = asyncio.get_running_loop().create_future()
         self._unsaved.append(saved)
         await saved

@@ -588,7 +588,7 @@ def test_a_pool_created_with_the_sie_sdk_reports_its_usage(tenancy: Tenancy) -> 
     """
     result = sie.run(code, timeout_s=300, client_kwargs={"api_key": ADMIN_KEY})
     usage = result["pool"]["status"]["usage"]
-    assert result["at_once"] == 3  # counted before the client got its last byte
+    assert result["at_once"] == 3  # counted as the last response went out
     assert usage["requests"] == 3
     assert usage["prompt_tokens"] == sum(u["prompt_tokens"] for u in result["usage"])
     assert usage["completion_tokens"] == sum(u["completion_tokens"] for u in result["usage"]) == 12
