@@ -1,5 +1,6 @@
 """`build_app(args)`: the `import_path` of serve_config.yaml. Validates the args into an
-AppConfig and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler."""
+AppConfig and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler, and the
+Ingress -> TenantLedger (limits and usage, service-wide)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from app.deployments.autoscaler import PoolAutoscaler
 from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
 from app.deployments.router import ROUTER_PATH
+from app.deployments.tenancy import TenantLedger
+
+LEDGER_MAX_ONGOING_REQUESTS = 100_000
 
 
 def _deployment(cls: type) -> Deployment:
@@ -28,6 +32,19 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         _deployment(PoolAutoscaler)
         .options(name="PoolAutoscaler", num_replicas=1, ray_actor_options={"num_cpus": 0})
         .bind(plain)
+    )
+    ledger = (
+        _deployment(TenantLedger)
+        .options(
+            name="TenantLedger",
+            num_replicas=1,
+            # every request of every ingress replica calls it (admit, finish): no queueing in
+            # Serve in front of it, and no access-log line per call
+            max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
+            logging_config={"enable_access_log": False},
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(plain, registry)
     )
     generators = {
         profile.name: _generator(profile, config).bind(
@@ -46,7 +63,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             # a changed config starts the new ingress replicas before the old ones drain
             max_surge_percent=100,
         )
-        .bind(plain, registry, generators)
+        .bind(plain, registry, generators, ledger)
     )
 
 

@@ -4,6 +4,7 @@ to every deployment as a plain dict (so it pickles and can be re-validated anywh
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -11,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EMBEDDED_DEFAULT_SOURCE = "embedded:smollm2"
+KEY_ID_PATTERN = re.compile(r"^key-[0-9a-f]{12}$")
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -28,6 +30,11 @@ class EngineSettings(ClosedModel):
     max_model_len: int = Field(2048, gt=0, description="Context length in tokens.")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine runs at once.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority",
+        description="vLLM's scheduler policy: 'priority' serves a lower request `priority` "
+        "first (ties by arrival) and may preempt lower priorities; 'fcfs' ignores priorities.",
+    )
     cpu_kv_cache_gib: float = Field(
         2.0, gt=0, description="KV cache size on CPU workers, in GiB (fractions allowed)."
     )
@@ -180,6 +187,90 @@ class KVConfig(ClosedModel):
     max_wait_seconds: float = Field(
         30.0, gt=0, description="Longest a request waits for KV space before 503 QUEUE_FULL."
     )
+    fair_share_headroom_requests: int = Field(
+        2,
+        ge=0,
+        description="KV admission keeps room for this many requests (of their recent size) of "
+        "every active pool under its share and every active higher priority, so they are "
+        "admitted at once rather than behind another pool's backlog (0: work-conserving only).",
+    )
+    fair_share_active_seconds: float = Field(
+        10.0, gt=0, description="A pool or priority class is active this long after a request."
+    )
+
+
+class Limits(ClosedModel):
+    """Limits of one tenant (a pool, or an API key). None: no limit of that kind."""
+
+    requests_per_minute: int | None = Field(
+        None, gt=0, description="Requests admitted per sliding window (a minute by default)."
+    )
+    tokens_per_minute: int | None = Field(
+        None,
+        gt=0,
+        description="Prompt + completion tokens per sliding window; requests in flight count "
+        "with their estimate (prompt + max tokens) until they end.",
+    )
+    concurrent_streams: int | None = Field(
+        None, gt=0, description="Generation requests in flight at once (streamed or not)."
+    )
+
+    def any(self) -> bool:
+        return any(
+            value is not None
+            for value in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_streams)
+        )
+
+
+class TenancyConfig(ClosedModel):
+    """Usage accounting, per-key limits and fair admission (pools set their own limits in their
+    spec). Keys are named by their id (`python -m app.tenancy.keys`), never by the key."""
+
+    key_limits: dict[str, Limits] = Field(
+        default_factory=dict, description="API key id -> its limits (overrides the default)."
+    )
+    default_key_limits: Limits = Field(
+        default_factory=Limits, description="Limits of every API key without its own entry."
+    )
+    limit_window_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="The sliding window of the per-minute limits (60; shorter only for tests).",
+    )
+    default_completion_tokens: int = Field(
+        256,
+        gt=0,
+        description="Completion tokens a request without max_tokens is assumed to use until "
+        "it ends (tokens_per_minute admission).",
+    )
+    usage_retention_minutes: int = Field(
+        7 * 24 * 60, gt=0, description="Per-minute usage kept for `GET /v1/usage?since=`."
+    )
+    stream_lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A request in flight whose ingress stops renewing it (the replica died) "
+        "stops counting against concurrent_streams after this long.",
+    )
+    flush_interval_seconds: float = Field(
+        0.1, gt=0, description="Usage reports are persisted together at most this often."
+    )
+    accrual_interval_seconds: float = Field(
+        2.0, gt=0, description="How often the worker-seconds of each pool are accrued."
+    )
+
+    @model_validator(mode="after")
+    def _check_key_ids(self) -> TenancyConfig:
+        for name in self.key_limits:
+            if not KEY_ID_PATTERN.match(name):
+                raise ValueError(
+                    f"tenancy.key_limits: '{name[:4]}...' is not a key id: name keys by their "
+                    "id (python -m app.tenancy.keys), never by the key itself"
+                )
+        return self
+
+    def limits_for_key(self, key_id: str) -> Limits:
+        return self.key_limits.get(key_id, self.default_key_limits)
 
 
 class SecurityConfig(ClosedModel):
@@ -304,6 +395,7 @@ class AppConfig(ClosedModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     worker_heartbeat_seconds: float = Field(2.0, gt=0)
     drain_timeout_seconds: float = Field(
         600.0,

@@ -9,7 +9,9 @@ status, a contract error code, an optional offending parameter and an optional R
     ├── PayloadTooLarge (413 INPUT_TOO_LONG)
     ├── ModelNotFound (404 MODEL_NOT_FOUND)
     ├── RouteNotFound (404 not_found) / MethodNotAllowed (405 method_not_allowed)
-    ├── RateLimited (429 rate_limit_exceeded)
+    ├── RateLimited (429 rate_limit_exceeded: requests per minute)
+    │   ├── TokenRateLimited (429 token_rate_limit_exceeded)
+    │   └── ConcurrencyLimited (429 concurrency_limit_exceeded)
     ├── ModelLoadFailed (502 MODEL_LOAD_FAILED, never Retry-After)
     ├── Capacity errors (503 + Retry-After): Provisioning, ModelLoading, QueueFull,
     │   ResourceExhausted, WorkerUnavailable
@@ -125,6 +127,19 @@ class RateLimited(ServiceError):
     status = 429
     code = "rate_limit_exceeded"
     default_retry_after_s = 1.0
+
+
+class TokenRateLimited(RateLimited):
+    """A pool's or key's tokens per minute are used up (Retry-After: until enough leave the
+    window)."""
+
+    code = "token_rate_limit_exceeded"
+
+
+class ConcurrencyLimited(RateLimited):
+    """A pool or key already has its `concurrent_streams` requests in flight."""
+
+    code = "concurrency_limit_exceeded"
 
 
 class ModelLoadFailed(ServiceError):

@@ -50,9 +50,9 @@ def connect(app_name: str = DEFAULT_APP, *, timeout_s: float = CONNECT_TIMEOUT_S
     Ray job or task it is; in a plain script, `ray.init(address=...)` first or set RAY_ADDRESS).
     The config and deployment handles come from the application's ingress itself."""
     ingress = serve.get_app_handle(app_name)
-    plain, registry, generators = ingress.connection.remote().result(timeout_s=timeout_s)
+    plain, registry, generators, ledger = ingress.connection.remote().result(timeout_s=timeout_s)
     config = AppConfig.model_validate(plain)
-    return Client(app_name, config, ServeBackend(config, generators, registry))
+    return Client(app_name, config, ServeBackend(config, generators, registry, ledger))
 
 
 class _LoopThread:

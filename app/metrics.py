@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from app.errors import InternalError, ServiceError
 from app.protocol.generation import GenerationChunk, WireReply
@@ -166,6 +167,52 @@ AUTOSCALER_TARGET_REPLICAS = Gauge(
     ["profile"],
     registry=REGISTRY,
 )
+
+
+class UsageCollector:
+    """`poolserve_usage_*`: the TenantLedger's totals per (pool, model, key_id), and
+    worker-seconds per pool. Service-wide and exact (every ingress replica exports the same
+    numbers, read from the ledger at each scrape); labels are bounded by the pools, the
+    configured models and the configured API keys (by id)."""
+
+    COUNTS = {
+        "requests": "Requests that finished with a usage block.",
+        "prompt_tokens": "Prompt tokens of finished requests (as their usage blocks said).",
+        "cached_prompt_tokens": "Prompt tokens served from the prefix cache.",
+        "completion_tokens": "Completion tokens of finished requests (every candidate).",
+    }
+
+    def __init__(self) -> None:
+        self.report: Mapping[str, Any] | None = None
+
+    def update(self, report: Mapping[str, Any]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterable[Metric]:
+        report = self.report or {}
+        families = {
+            name: CounterMetricFamily(
+                f"{PREFIX}_usage_{name}", doc, labels=["pool", "model", "key_id"]
+            )
+            for name, doc in self.COUNTS.items()
+        }
+        for row in report.get("usage", ()):
+            labels = [str(row["pool"]), str(row["model"]), str(row["key_id"])]
+            for name, family in families.items():
+                family.add_metric(labels, float(row[name]))
+        held = CounterMetricFamily(
+            f"{PREFIX}_usage_worker_seconds",
+            "Worker-seconds each pool held (its assigned workers x time).",
+            labels=["pool"],
+        )
+        for pool, each in sorted((report.get("pools") or {}).items()):
+            held.add_metric([str(pool)], float(each.get("worker_seconds", 0.0)))
+        yield from families.values()
+        yield held
+
+
+USAGE = UsageCollector()
+REGISTRY.register(USAGE)
 
 
 def render() -> bytes:

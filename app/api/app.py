@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import generate, models, observe, openai_routes, pools
+from app.api import generate, models, observe, openai_routes, pools, usage
 from app.api.auth import ApiKeyMiddleware, Authenticator, route_path
 from app.api.backend import GenerationBackend
 from app.api.context import ApiContext
@@ -43,7 +43,7 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="poolserve", version=SIE_API_VERSION)
     app.state.context = ApiContext(config=config, backend=backend)
     app.state.authenticator = authenticator = Authenticator.from_config(config.security)
-    for module in (openai_routes, generate, models, pools, observe, dashboard, login):
+    for module in (openai_routes, generate, models, pools, usage, observe, dashboard, login):
         app.include_router(module.router)
 
     @app.exception_handler(ServiceError)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import ErrorShape, error_response
 from app.config import ApiKeys, SecurityConfig
 from app.errors import ServiceError
+from app.tenancy.keys import NO_KEY, key_id
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ SESSION_COOKIE = "poolserve_session"
 DASHBOARD_PUBLIC = frozenset({"/dashboard/login", "/dashboard/logout"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 REALM = 'Bearer realm="poolserve"'
+KEY_ID_STATE = "poolserve_key_id"
 
 
 class Unauthorized(ServiceError):
@@ -61,11 +63,19 @@ def route_tier(method: str, path: str, security: SecurityConfig) -> Tier:
         return "public" if security.metrics_public else "metrics"
     if path == "/health" and security.health_public:
         return "public"
+    if path == "/v1/usage":
+        return "admin"
     if path == "/v1/pools" or path.startswith("/v1/pools/"):
         return "api" if method in READ_METHODS else "admin"
     if path == "/dashboard" or path.startswith("/dashboard/"):
         return "dashboard"
     return "api"
+
+
+def request_key_id(request: Request) -> str:
+    """The id of the API key the request was authenticated with ('none' without keys)."""
+    state = request.scope.get("state") or {}
+    return str(state.get(KEY_ID_STATE, NO_KEY))
 
 
 def bearer_token(headers: Headers) -> bytes | None:
@@ -199,7 +209,9 @@ class Authenticator:
             if key and _matches(key, self._admin):
                 return None
             if key and _matches(key, self._api):
-                return Forbidden("pool changes (create, renew, delete) need an admin key")
+                return Forbidden(
+                    "pool changes (create, renew, delete) and usage reports need an admin key"
+                )
             return self._unauthorized(key)
         accepted = self._metrics if tier == "metrics" else self._api
         if not accepted:
@@ -281,8 +293,11 @@ class ApiKeyMiddleware:
         tier = route_tier(method, path, self.authenticator.security)
         headers = Headers(scope=scope)
         cookie = cookie_value(headers, SESSION_COOKIE) if tier == "dashboard" else None
-        error = self.authenticator.check(tier, bearer_token(headers), cookie)
+        token = bearer_token(headers)
+        error = self.authenticator.check(tier, token, cookie)
         if error is None:
+            if token:  # a valid key: usage and limits count it by its id, never by the key
+                scope.setdefault("state", {})[KEY_ID_STATE] = key_id(token)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

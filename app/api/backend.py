@@ -4,7 +4,7 @@ it with deployment handles (`app/deployments/ingress.py`), tests with a fake eng
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.pools.model import PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
@@ -39,4 +39,13 @@ class GenerationBackend(Protocol):
 
     async def delete_pool(self, name: str) -> bool:
         """Delete the pool and free its workers; False if there was none."""
+        ...
+
+    async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
+        """Usage per (pool, model, key id), per pool (with worker-seconds) and in total, since
+        `since` (unix seconds; None: since counting began), of one pool or all."""
+        ...
+
+    async def pool_usage(self, pool: str) -> dict[str, Any]:
+        """One pool's usage since counting began: totals, worker-seconds, per model, per key."""
         ...

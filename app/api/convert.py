@@ -26,6 +26,8 @@ from app.protocol.generation import GenerationRequest, SamplingOptions
 from app.protocol.sie import MAX_PROMPT_BYTES, GenerateRequest
 
 POOL_HEADER = "x-sie-pool"
+PRIORITY_HEADER = "x-vllm-priority"  # vLLM's own (it wins over the body's `priority` there too)
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 PROFILE_HEADER = "x-sie-machine-profile"
 MAX_LOGIT_BIAS_KEYS = 1024
 
@@ -61,6 +63,29 @@ def routing_from_headers(
             param="X-SIE-MACHINE-PROFILE",
         )
     return pool, profile
+
+
+def request_priority(headers: Mapping[str, str], body_value: Any = None) -> int | None:
+    """vLLM's request priority (lower is served earlier): its header, else the body's
+    `priority`; None: the pool's default applies."""
+    raw = headers.get(PRIORITY_HEADER)
+    param = "X-Vllm-Priority"
+    value: Any = body_value
+    if raw is not None:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise InvalidRequest(f"{param} must be an integer", param=param) from None
+    elif body_value is not None:
+        param = "priority"
+        if isinstance(body_value, bool) or not isinstance(body_value, int):
+            raise InvalidRequest("priority must be an integer", param=param)
+    if value is None:
+        return None
+    low, high = PRIORITY_RANGE
+    if not low <= value <= high:
+        raise InvalidRequest(f"{param} must be within [{low}, {high}]", param=param)
+    return int(value)
 
 
 def logit_bias(raw: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -160,4 +185,5 @@ def generate_request(
         routing_key=body.routing_key,
         prompt_cache_key=body.prompt_cache_key,
         lora_adapter=check_lora(config, model, body.lora_adapter),
+        priority=request_priority(headers),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.api.auth import request_key_id
 from app.api.context import ApiContext, read_json
 from app.api.convert import generate_request, model_from_path
 from app.api.errors import error_object
@@ -56,6 +58,7 @@ async def generate(model: str, request: Request) -> Response:
     model_id = model_from_path(model)
     body = GenerateRequest.model_validate(await read_json(request, context))
     generation = generate_request(context.config, model_id, body, request.headers)
+    generation = dataclasses.replace(generation, key_id=request_key_id(request))
     stream = await ChunkStream.open(context.backend, generation)
     headers = {"X-SIE-Request-ID": generation.request_id}
     if body.stream:

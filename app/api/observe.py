@@ -49,9 +49,23 @@ async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
             metrics.TALLY.update(status)
         except Exception as error:  # noqa: BLE001
             errors["autoscaler"] = f"{type(error).__name__}: {error}"
+    usage = None
+    usage_of = getattr(context.backend, "usage_report", None)
+    if usage_of is not None:
+        try:
+            usage = await usage_of(None, None)
+            metrics.USAGE.update(usage)
+        except Exception as error:  # noqa: BLE001
+            errors["usage"] = f"{type(error).__name__}: {error}"
     pool_states = None if pools is None else {p.name: p.state for p in pools}
     metrics.update_snapshot(workers, pool_states, time.time(), context.config.worker_stale_seconds)
-    return {"workers": workers, "pools": pools, "autoscaler": status, "errors": errors}
+    return {
+        "workers": workers,
+        "pools": pools,
+        "autoscaler": status,
+        "usage": usage,
+        "errors": errors,
+    }
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

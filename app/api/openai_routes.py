@@ -6,6 +6,7 @@ a 400 `unsupported_field` (the worker checks it against vLLM's own request model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from app.api.auth import request_key_id
 from app.api.context import ApiContext, read_json_bytes
-from app.api.convert import new_request_id, routing_from_headers
+from app.api.convert import new_request_id, request_priority, routing_from_headers
 from app.api.errors import as_service_error, error_object, parse_json_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
 from app.api.streaming import DONE_EVENT, SSE_HEADERS, ChunkStream, sse_event, with_keepalive
@@ -35,6 +37,7 @@ router = APIRouter()
 # Request headers vLLM's serving layer reads (X-Request-Id is set to ours on the worker).
 FORWARDED_HEADERS = ("x-session-id", "traceparent", "tracestate")
 ROUTING_TEXT_CHARS = 1 << 16
+UNMETERED = frozenset({"tokenize", "detokenize"})  # no generation: no limits, no usage
 # vLLM's request models are the schema; documented at https://docs.vllm.ai (OpenAI server)
 ANY_JSON_BODY = {
     "requestBody": {
@@ -168,6 +171,7 @@ def openai_request(
         routing_key=_text(body, "routing_key"),
         prompt_cache_key=_text(body, "prompt_cache_key"),
         lora_adapter=adapter,
+        priority=None if route in UNMETERED else request_priority(headers, body.get("priority")),
         openai=OpenAICall(
             route,
             body,
@@ -183,6 +187,7 @@ async def relay(request: Request, route: OpenAIRoute) -> Response:
     raw = await read_json_bytes(request, context)
     body = parse_json_object(raw)
     generation = openai_request(context.config, route, body, request.headers, len(raw))
+    generation = dataclasses.replace(generation, key_id=request_key_id(request))
     stream = await ChunkStream.open(context.backend, generation)
     headers = {"X-SIE-Request-ID": generation.request_id}
     first = stream.first[0] if stream.first else None

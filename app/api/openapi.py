@@ -64,7 +64,7 @@ def error_responses(shape: ErrorShape, *statuses: int) -> dict[int | str, dict[s
     return responses
 
 
-GENERATION_ERRORS = (400, 404, 413, 415, 500, 503)
+GENERATION_ERRORS = (400, 404, 413, 415, 429, 500, 503)
 STREAMED_OK: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A JSON body, or with `stream: true` server-sent events ending in "

@@ -6,6 +6,7 @@ sends `application/msgpack` on them)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,12 +25,25 @@ from app.pools.model import (
 )
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
 
 
 async def _body(context: ApiContext, record: PoolRecord) -> dict[str, Any]:
     workers = await context.backend.workers()
     urls = {w.worker_id: (f"serve://{w.deployment}/{w.worker_id}", w.profile) for w in workers}
-    return pool_body(record, urls)
+    body = pool_body(record, urls)
+    body["status"]["usage"] = await _usage(context, record.name)
+    return body
+
+
+async def _usage(context: ApiContext, pool: str) -> dict[str, Any] | None:
+    """The pool's usage from the TenantLedger; None (logged) when it cannot be read right now,
+    so reading a pool never fails on its accounting."""
+    try:
+        return await context.backend.pool_usage(pool)
+    except Exception:
+        logger.warning("usage of pool %s unavailable", pool, exc_info=True)
+        return None
 
 
 async def _default_pool(context: ApiContext) -> dict[str, Any]:
@@ -61,6 +75,7 @@ async def _default_pool(context: ApiContext) -> dict[str, Any]:
                 }
                 for w in workers
             ],
+            "usage": await _usage(context, DEFAULT_POOL),
         },
     }
 

@@ -45,6 +45,7 @@ async def dashboard_state(context: ApiContext) -> dict[str, Any]:
         "series": metrics.RECENT.series(now),
         "autoscaler": _autoscaler(autoscaler),
         "requests": _request_totals(now),
+        "usage": _usage(snapshot.get("usage"), pools),
         "problems": snapshot["errors"],
     }
 
@@ -105,6 +106,40 @@ def _pool_row(
         "assigned_workers": list(record.assigned_workers),
         "readiness": readiness,
     }
+
+
+def _usage(
+    report: dict[str, Any] | None, pools: list[PoolRecord] | None
+) -> list[dict[str, Any]] | None:
+    """One usage panel per pool (the default pool first): the TenantLedger's all-time totals
+    and worker-seconds, the pool's limits and default priority, and its top key ids."""
+    if report is None:
+        return None
+    specs = {record.name: record.spec for record in pools or []}
+    names = [DEFAULT_POOL, *sorted((set(report.get("pools", {})) | set(specs)) - {DEFAULT_POOL})]
+    rows = []
+    for name in names:
+        totals = report.get("pools", {}).get(name, {})
+        keys: dict[str, int] = {}
+        for row in report.get("usage", []):
+            if row["pool"] == name:
+                keys[row["key_id"]] = keys.get(row["key_id"], 0) + int(row["total_tokens"])
+        spec = specs.get(name)
+        rows.append(
+            {
+                "pool": name,
+                "requests": totals.get("requests", 0),
+                "prompt_tokens": totals.get("prompt_tokens", 0),
+                "cached_prompt_tokens": totals.get("cached_prompt_tokens", 0),
+                "completion_tokens": totals.get("completion_tokens", 0),
+                "worker_seconds": totals.get("worker_seconds", 0.0),
+                "limits": spec.limits.model_dump() if spec is not None else {},
+                "priority": spec.priority if spec is not None else 0,
+                "shared": spec.shared if spec is not None else False,
+                "top_keys": sorted(keys.items(), key=lambda kv: -kv[1])[:3],
+            }
+        )
+    return rows
 
 
 def _default_pool(context: ApiContext, workers: list[WorkerStatus]) -> dict[str, Any]:

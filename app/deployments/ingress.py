@@ -17,15 +17,25 @@ from app.api.app import create_app
 from app.api.observe import instrument
 from app.config import AppConfig
 from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
-from app.pools.model import PoolRecord, PoolSpec
+from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import Target, carry_over, choose_target, request_pool
+from app.tenancy.requests import (
+    tenant_pool,
+    terminal_stats,
+    ticket_for,
+    usage_record,
+    with_pool_defaults,
+)
+from app.tenancy.usage import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
+ADMIT_TIMEOUT_SECONDS = 2.0
+REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 GRPC_REQUEST_BYTES = (
     3 * 1024 * 1024
 )  # under Serve's 4 MiB replica gRPC message limit  # e.g. while the PoolAutoscaler replica restarts
@@ -41,8 +51,13 @@ class ServeBackend:
         config: AppConfig,
         generators: dict[str, DeploymentHandle[Any]],
         registry: DeploymentHandle[Any],
+        ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._config = config
+        self._ledger = ledger
+        self._open: set[str] = set()  # admitted requests in flight (their limit leases)
+        self._reports: set[asyncio.Task[None]] = set()
+        self._renewing: asyncio.Task[None] | None = None
         by_reference = config.streaming.transport == "object_refs"
         self._generators = {
             name: handle.options(stream=True, _by_reference=by_reference)
@@ -86,6 +101,101 @@ class ServeBackend:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Limits first (service-wide, before any engine work), then the worker's stream. When
+        the consumer closes it after the terminal batch (a buffered reply: before sending it;
+        a stream: after its last event), the usage goes to the TenantLedger, which counts it at
+        once (once per request id) and acknowledges it when durable; it is retried until then.
+        A stream cut before the end (its ingress died) is counted nowhere, as its client got
+        no usage block."""
+        await self.workers()
+        pool = tenant_pool(request)
+        if pool != DEFAULT_POOL and pool not in self._pools:
+            await self.workers(max_age_s=0.0)  # created since the snapshot: its limits apply
+        record = self._pools.get(pool)
+        request = with_pool_defaults(request, record)
+        admitted = await self._admit(request, record)
+        usage: UsageRecord | None = None
+        try:
+            async for batch in self._generate(request):
+                terminal = terminal_stats(batch)
+                if terminal is not None:
+                    usage = usage_record(request, terminal)
+                yield batch
+        finally:
+            if admitted or usage is not None:
+                self._finish(request.request_id, usage)
+
+    async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> bool:
+        """Ask the TenantLedger; raises its refusal (429). False: no limit applies (no round
+        trip), or the ledger is unreachable (fail open: limits are protection, not billing)."""
+        ticket = ticket_for(request, self._config, record)
+        if self._ledger is None or not ticket.subjects:
+            return False
+        try:
+            refusal = await asyncio.wait_for(
+                self._ledger.admit.remote(ticket), ADMIT_TIMEOUT_SECONDS
+            )
+        except Exception:
+            logger.warning("tenant ledger unreachable; admitting without limits", exc_info=True)
+            return False
+        if refusal is not None:
+            raise refusal
+        self._open.add(request.request_id)
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
+        return True
+
+    def _finish(self, request_id: str, usage: UsageRecord | None) -> None:
+        self._open.discard(request_id)
+        if self._ledger is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
+        """Tell the ledger, retrying until it acknowledges (it counts a request id once)."""
+        assert self._ledger is not None
+        delay = 0.5
+        for _ in range(REPORT_ATTEMPTS):
+            try:
+                await self._ledger.finish.remote(request_id, usage)
+                return
+            except Exception:
+                logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        logger.error("usage of request %s could not be reported: %s", request_id, usage)
+
+    async def _renew_forever(self) -> None:
+        """Keep this replica's admitted requests counted as in flight (their leases lapse if
+        this replica dies)."""
+        assert self._ledger is not None
+        interval = self._config.tenancy.stream_lease_seconds / 3
+        while self._open:
+            await asyncio.sleep(interval)
+            try:
+                await self._ledger.renew.remote(sorted(self._open))
+            except Exception:
+                logger.warning("renewing request leases failed", exc_info=True)
+
+    async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
+        if self._ledger is None:
+            raise ServiceError("usage accounting is not running in this deployment")
+        report: dict[str, Any] = await asyncio.wait_for(
+            self._ledger.report.remote(since, pool), SNAPSHOT_TIMEOUT_SECONDS
+        )
+        return report
+
+    async def pool_usage(self, pool: str) -> dict[str, Any]:
+        if self._ledger is None:
+            raise ServiceError("usage accounting is not running in this deployment")
+        usage: dict[str, Any] = await asyncio.wait_for(
+            self._ledger.pool_usage.remote(pool), SNAPSHOT_TIMEOUT_SECONDS
+        )
+        return usage
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         target = await self._target(request)
         response = cast(
             DeploymentResponseGenerator[list[GenerationChunk] | ServiceError],
@@ -196,16 +306,22 @@ class Ingress:
         config: dict[str, Any],
         registry: DeploymentHandle[Any],
         generators: dict[str, DeploymentHandle[Any]],
+        ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._config = AppConfig.model_validate(config)
-        self._backend = ServeBackend(self._config, generators, registry)
-        self._connection = (self._config.model_dump(mode="json"), registry, generators)
+        self._backend = ServeBackend(self._config, generators, registry, ledger)
+        self._connection = (self._config.model_dump(mode="json"), registry, generators, ledger)
 
     def connection(
         self,
-    ) -> tuple[dict[str, Any], DeploymentHandle[Any], dict[str, DeploymentHandle[Any]]]:
+    ) -> tuple[
+        dict[str, Any],
+        DeploymentHandle[Any],
+        dict[str, DeploymentHandle[Any]],
+        DeploymentHandle[Any] | None,
+    ]:
         """What `app.handles.connect` needs to build the same ServeBackend in a Ray job: the
-        config and this ingress's own registry and generator handles."""
+        config and this ingress's own registry, generator and tenant ledger handles."""
         return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -139,6 +139,7 @@ class VLLMAdapter(GenerationAdapter):
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             enable_prefix_caching=settings.enable_prefix_caching,
+            scheduling_policy=settings.scheduling_policy,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             **cpu_kv_cache(settings.cpu_kv_cache_gib, settings.extra_args),
             disable_log_stats=False,
@@ -318,6 +319,7 @@ class VLLMAdapter(GenerationAdapter):
             params,
             request.request_id,
             lora_request=self._lora_request(request.lora_adapter),
+            priority=request.priority or 0,
         )
         try:
             try:

@@ -18,6 +18,7 @@ from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
 from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
+from app.tenancy.fairshare import FairShare, Flow
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ def load_adapter_factory(import_path: str) -> AdapterFactory:
     module_name, _, attribute = import_path.partition(":")
     factory: AdapterFactory = getattr(importlib.import_module(module_name), attribute)
     return factory
+
+
+def flow_of(request: GenerationRequest) -> Flow:
+    """The request's fair-share flow at KV admission: its pool, priority and share weight."""
+    return Flow(request.pool or "default", request.priority or 0, request.share_weight)
 
 
 class Worker:
@@ -79,6 +85,10 @@ class Worker:
             max_waiting=self.config.kv.max_waiting_requests,
             max_wait_s=self.config.kv.max_wait_seconds,
             kv_dtype=adapter.kv_dtype,
+            fair=FairShare(
+                headroom_requests=self.config.kv.fair_share_headroom_requests,
+                active_s=self.config.kv.fair_share_active_seconds,
+            ),
         )
         self._states[model_id] = ModelStatus(model_id, "loaded")
         logger.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
@@ -113,7 +123,9 @@ class Worker:
         streaming = self.config.streaming
         self.active_requests += 1
         try:
-            replies = adapter.serve_openai(request.openai, request.request_id, admission)
+            replies = adapter.serve_openai(
+                request.openai, request.request_id, admission.for_flow(flow_of(request))
+            )
             batches = coalesce(
                 replies,
                 window_s=streaming.coalesce_window_ms / 1000,
@@ -149,7 +161,7 @@ class Worker:
             admission = self._admission[request.model]
             namespace = f"{request.lora_adapter or ''}\x1f"
             async with admission.reserve(
-                request.request_id, prompt_ids, budget, candidates, namespace
+                request.request_id, prompt_ids, budget, candidates, namespace, flow=flow_of(request)
             ):
                 batches = coalesce(
                     adapter.generate(request, prompt_ids),

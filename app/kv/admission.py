@@ -1,19 +1,22 @@
-"""Admission against the KV ledger: a request that fits now gets its handle at once; one that
-does not waits in a bounded FIFO queue; past the bound -> 503 QUEUE_FULL with Retry-After; one
-that could never fit -> 400 INPUT_TOO_LONG. The handle is freed on every path (completion,
-error, cancellation), and freeing wakes the queue."""
+"""Admission against the KV ledger: a request that fits now (and leaves the room fair share keeps
+for others: `app.tenancy.fairshare`) gets its handle at once; one that does not waits in a
+bounded queue served by priority, then by each pool's share; past the bound -> 503 QUEUE_FULL
+with Retry-After for the lowest-ranked waiter (the newcomer or a waiter it displaces); one that
+could never fit -> 400 INPUT_TOO_LONG. The handle is freed on every path (completion, error,
+cancellation), and freeing wakes the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 from app.errors import InputTooLong, QueueFull
 from app.kv.ledger import KVDemand, KVLedger
 from app.protocol.sagellm import KVAllocateParams, KVDType, KVHandle, KVLayout
+from app.tenancy.fairshare import FairShare, Flow, displaced, next_waiter
 
 
 @dataclass(slots=True)
@@ -21,17 +24,27 @@ class _Waiter:
     params: KVAllocateParams
     demand: KVDemand
     granted: asyncio.Future[KVHandle]
+    flow: Flow = field(default_factory=Flow)
 
 
 class KVAdmission:
     def __init__(
-        self, ledger: KVLedger, *, max_waiting: int, max_wait_s: float, kv_dtype: str = "float32"
+        self,
+        ledger: KVLedger,
+        *,
+        max_waiting: int,
+        max_wait_s: float,
+        kv_dtype: str = "float32",
+        fair: FairShare | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
         self._kv_dtype = kv_dtype
-        self._waiters: deque[_Waiter] = deque()
+        self.fair = fair or FairShare()
+        self._clock = clock
+        self._waiters: list[_Waiter] = []
 
     @property
     def waiting(self) -> int:
@@ -60,8 +73,11 @@ class KVAdmission:
         max_new_tokens: int,
         candidates: int = 1,
         namespace: str = "",
+        *,
+        flow: Flow | None = None,
     ) -> AsyncIterator[KVHandle]:
         ledger = self.ledger
+        flow = flow or Flow()
         demand = ledger.demand(prompt_token_ids, max_new_tokens, candidates, namespace)
         if not ledger.fits_ever(demand):
             raise InputTooLong(
@@ -70,13 +86,13 @@ class KVAdmission:
                 param="max_tokens",
             )
         params = self._params(request_id, len(prompt_token_ids) + candidates * max_new_tokens)
-        handle = ledger.allocate(params, demand) if not self._waiters else None
-        if handle is None:
-            handle = await self._wait(params, demand)
+        self.fair.arrived(flow, demand.blocks, self._clock())
+        handle = await self._wait(_Waiter(params, demand, _future(), flow))
         try:
             yield handle
         finally:
-            ledger.free(handle)
+            if ledger.free(handle):
+                self.fair.released(flow, demand.blocks)
             self._grant_waiters()
 
     def prefilled(self, request_id: str) -> None:
@@ -85,21 +101,46 @@ class KVAdmission:
         if self.ledger.prefilled(request_id):
             self._grant_waiters()
 
-    async def _wait(self, params: KVAllocateParams, demand: KVDemand) -> KVHandle:
-        if len(self._waiters) >= self.max_waiting:
+    def for_flow(self, flow: Flow) -> FlowAdmission:
+        """This admission as one request's engine calls see it: in its tenant's flow."""
+        return FlowAdmission(self, flow)
+
+    def _refuse_one(self, newcomer: _Waiter) -> None:
+        """The queue is full: refuse the newcomer, or the waiter it outranks."""
+        index = displaced([w.flow for w in self._waiters], newcomer.flow)
+        refusal = QueueFull(
+            f"{len(self._waiters)} requests are already waiting for KV space",
+            retry_after_s=self.retry_after_s(),
+        )
+        if index is None:
+            raise refusal
+        victim = self._waiters.pop(index)
+        victim.granted.set_exception(refusal)
+
+    async def _wait(self, waiter: _Waiter) -> KVHandle:
+        """Join the queue and let the policy hand out handles: this request's may come at once."""
+        if self._waiters and len(self._waiters) >= self.max_waiting:
+            self._refuse_one(waiter)
+        self._waiters.append(waiter)
+        self._grant_waiters()
+        if waiter.granted.done() and not waiter.granted.cancelled():
+            return waiter.granted.result()
+        if len(self._waiters) > self.max_waiting:
+            self._waiters.remove(waiter)
             raise QueueFull(
                 f"{len(self._waiters)} requests are already waiting for KV space",
                 retry_after_s=self.retry_after_s(),
             )
-        waiter = _Waiter(params, demand, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.granted), self.max_wait_s)
         except BaseException as error:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-            if waiter.granted.done():  # granted just as we gave up: give it back
-                self.ledger.free(waiter.granted.result())
+            granted = waiter.granted
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                # granted just as we gave up: give it back
+                if self.ledger.free(waiter.granted.result()):
+                    self.fair.released(waiter.flow, waiter.demand.blocks)
                 self._grant_waiters()
             else:
                 waiter.granted.cancel()
@@ -111,11 +152,48 @@ class KVAdmission:
             raise
 
     def _grant_waiters(self) -> None:
-        """Hand out handles in FIFO order while the head of the queue fits."""
+        """Hand out handles in the fair-share order while the next waiter may be admitted."""
+        ledger = self.ledger
+        now = self._clock()
         while self._waiters:
-            head = self._waiters[0]
-            handle = self.ledger.allocate(head.params, head.demand)
+            index = next_waiter([w.flow for w in self._waiters], self.fair)
+            assert index is not None
+            head = self._waiters[index]
+            new_blocks = ledger.new_blocks(head.demand)
+            if not self.fair.may_admit(
+                head.flow, new_blocks, ledger.free_blocks, ledger.total_blocks, now
+            ):
+                return
+            handle = ledger.allocate(head.params, head.demand)
             if handle is None:
                 return
-            self._waiters.popleft()
+            del self._waiters[index]
+            self.fair.admitted(head.flow, head.demand.blocks)
             head.granted.set_result(handle)
+
+
+def _future() -> asyncio.Future[KVHandle]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(frozen=True, slots=True)
+class FlowAdmission:
+    """A KVAdmission with the flow (pool, priority) of one request's engine calls bound."""
+
+    admission: KVAdmission
+    flow: Flow
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        max_new_tokens: int,
+        candidates: int = 1,
+        namespace: str = "",
+    ) -> contextlib.AbstractAsyncContextManager[KVHandle]:
+        return self.admission.reserve(
+            request_id, prompt_token_ids, max_new_tokens, candidates, namespace, flow=self.flow
+        )
+
+    def prefilled(self, request_id: str) -> None:
+        self.admission.prefilled(request_id)

@@ -2,7 +2,8 @@
 
     decide(snapshot, config, now) -> Decision(targets, assignments, states, reasons)
 
-1. Pools whose lease lapsed are `expired` and hold nothing.
+1. Pools whose lease lapsed are `expired` and hold nothing. Shared pools hold nothing either
+   (their requests run on their queue pool's workers): they are `active` while leased.
 2. Every (pool, profile) *wants* workers: the `gpus` requirement, the pool's share of
    `minimum_worker_count`, and demand (a recent request that found no worker -> at least one;
    busy workers -> one per `target_ongoing_requests`), never above `gpu_caps`. The default pool
@@ -105,6 +106,12 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
                 reasons.append(
                     f"pool '{record.name}' expired (not renewed for {record.lease_seconds:g} s); "
                     "its workers return to the default pool"
+                )
+        elif record.spec.shared:  # holds no workers: active while its lease holds
+            states[record.name] = "active"
+            if record.state != "active":
+                reasons.append(
+                    f"pool '{record.name}' active: shares the workers of '{record.spec.queue_pool}'"
                 )
         else:
             live.append(record)

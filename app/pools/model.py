@@ -9,10 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.config import AppConfig
+from app.config import AppConfig, Limits
 from app.errors import InvalidRequest, ServiceError
 
 DEFAULT_POOL = "default"
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
 PoolState = Literal["pending", "active", "expired"]
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -36,6 +38,12 @@ class PoolRequest(BaseModel):
     bundle: str | None = None
     minimum_worker_count: int | None = Field(None, ge=0)
     pinned_models: list[str] | None = None
+    # tenancy (poolserve's own, optional: the sie-sdk never sends them)
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    concurrent_streams: int | None = Field(None, gt=0)
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    shared: bool | None = None
 
 
 class PoolSpec(BaseModel):
@@ -50,6 +58,22 @@ class PoolSpec(BaseModel):
     bundle: str | None = None
     minimum_worker_count: int = 0
     pinned_models: tuple[str, ...] = ()
+    limits: Limits = Field(default_factory=Limits)
+    priority: int = 0
+    """Default request priority (vLLM's semantics: lower is served earlier)."""
+    shared: bool = False
+    """Holds no workers: its requests run on the workers of `queue_pool`, which it shares with
+    the other pools there in proportion to `gpus` (its `weight`)."""
+
+    @property
+    def weight(self) -> float:
+        """Fair-share weight at admission: the GPUs it asks for (at least 1)."""
+        return float(max(1, sum(self.gpus.values())))
+
+    @property
+    def worker_pool(self) -> str:
+        """The pool whose workers serve this pool's requests."""
+        return self.queue_pool if self.shared else self.name
 
     def profiles(self) -> list[str]:
         """The profiles this pool names (readiness or caps); empty: any profile."""
@@ -130,6 +154,14 @@ def spec_from_request(request: PoolRequest, config: AppConfig) -> PoolSpec:
         )
     pinned = tuple(_pinned(model, config) for model in request.pinned_models or [])
     queue_pool = normalize_name(request.queue_pool or DEFAULT_POOL)
+    if request.shared and queue_pool == name:
+        raise InvalidRequest("a shared pool needs another pool's workers", param="queue_pool")
+    if request.shared and (caps or minimum or pinned):
+        raise InvalidRequest(
+            "a shared pool holds no workers of its own: gpu_caps, minimum_worker_count and "
+            "pinned_models do not apply (its gpus are its share)",
+            param="shared",
+        )
     return PoolSpec(
         name=name,
         queue_pool=queue_pool,
@@ -138,6 +170,13 @@ def spec_from_request(request: PoolRequest, config: AppConfig) -> PoolSpec:
         bundle=request.bundle or None,
         minimum_worker_count=minimum,
         pinned_models=pinned,
+        limits=Limits(
+            requests_per_minute=request.requests_per_minute,
+            tokens_per_minute=request.tokens_per_minute,
+            concurrent_streams=request.concurrent_streams,
+        ),
+        priority=request.priority or 0,
+        shared=bool(request.shared),
     )
 
 
@@ -189,6 +228,7 @@ def pool_body(record: PoolRecord, worker_urls: dict[str, tuple[str, str]]) -> di
             "bundle": spec.bundle,
             "minimum_worker_count": spec.minimum_worker_count,
             "pinned_models": list(spec.pinned_models),
+            **spec_tenancy(spec),
         },
         "status": {
             "state": record.state,
@@ -197,6 +237,17 @@ def pool_body(record: PoolRecord, worker_urls: dict[str, tuple[str, str]]) -> di
             "last_renewed": record.last_renewed,
             "expires_at": record.expires_at(),
         },
+    }
+
+
+def spec_tenancy(spec: PoolSpec) -> dict[str, Any]:
+    """The spec's tenancy fields as the API shows them."""
+    return {
+        "requests_per_minute": spec.limits.requests_per_minute,
+        "tokens_per_minute": spec.limits.tokens_per_minute,
+        "concurrent_streams": spec.limits.concurrent_streams,
+        "priority": spec.priority,
+        "shared": spec.shared,
     }
 
 

@@ -88,6 +88,13 @@ class GenerationRequest:
     prompt_chars: int = 0
     """OpenAI routes: characters of the longest prompt text the call renders (0: not known, or
     the call asks vLLM to truncate). Others: `len(prompt)` is used."""
+    key_id: str | None = None
+    """The API key's id (never the key): usage and limits are counted per key id."""
+    priority: int | None = None
+    """vLLM's semantics: lower is served earlier (KV admission, and vLLM's scheduler); None:
+    the pool's default."""
+    share_weight: float = 1.0
+    """The pool's fair-share weight at KV admission (its `gpus`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,14 @@ def choose_target(
                 f"pool '{pool}' expired (its lease was not renewed); create it again",
                 param="X-SIE-Pool",
             )
+    worker_pool = pool
+    if record is not None and record.spec.shared:
+        worker_pool = record.spec.worker_pool
+        queue = (pools or {}).get(worker_pool)
+        if worker_pool != DEFAULT_POOL and (queue is None or queue.spec.shared):
+            worker_pool = DEFAULT_POOL  # its queue pool is gone: the base capacity serves it
+        if worker_pool != DEFAULT_POOL and queue is not None:
+            record = queue
     model = config.model(request.model)
     assert model is not None, "the ingress resolves the model first"
     allowed = [p for p in model.profiles if record is None or record.spec.allows(p)]
@@ -108,7 +116,7 @@ def choose_target(
     for profile_name in candidates:
         profile_config = config.profile(profile_name)
         assert profile_config is not None
-        group = [w for w in live if w.profile == profile_name and w.pool == pool]
+        group = [w for w in live if w.profile == profile_name and w.pool == worker_pool]
         loaded = {
             worker.worker_id: status.stats
             for worker in group
@@ -117,7 +125,7 @@ def choose_target(
         if loaded:
             check_prompt_fits(request, [stats for stats in loaded.values() if stats is not None])
             return Target(pool, profile_name, profile_config.deployment_name, tuple(loaded))
-        refusals.append(_why_not_ready(model.id, pool, profile_name, group, retry_after))
+        refusals.append(_why_not_ready(model.id, worker_pool, profile_name, group, retry_after))
     raise _most_hopeful(refusals)
 
 

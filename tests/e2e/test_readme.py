@@ -416,6 +416,25 @@ def check_pools_curl(block: Block, request: pytest.FixtureRequest) -> None:
         _pool_workers_back(base)
 
 
+def check_tenants_curl(block: Block, request: pytest.FixtureRequest) -> None:
+    """A shared pool with limits, one chat in it, then its usage: `/v1/usage` through
+    json.tool counts the one request, `status.usage.requests` prints 1, and /metrics has the
+    pool's `poolserve_usage_requests_total` line."""
+    base = _session(request).base_url
+    try:
+        code = localize(block.code, {LOCAL_API: base})
+        ran = run_bash(code).ok()
+        check_documented_outputs(code, ran.stdout)
+        usage = json_documents(ran.stdout.split("\n1\n")[0])[0]
+        assert usage["pools"]["team-a"]["requests"] == 1, usage
+        (row,) = usage["usage"]
+        assert row["pool"] == "team-a" and row["key_id"] == "none", row
+        assert row["completion_tokens"] >= 1 and row["prompt_tokens"] >= 1, row
+        assert '\npoolserve_usage_requests_total{key_id="none"' in ran.stdout, ran.stdout
+    finally:
+        httpx.delete(f"{base}/v1/pools/team-a", timeout=30)
+
+
 def check_handles(block: Block, request: pytest.FixtureRequest) -> None:
     """Inside a Ray task on the session cluster (as its comment says): a chat answer, then a
     stream of start, delta..., end events."""
@@ -487,6 +506,7 @@ RUN: dict[str, Check] = {
     "README.md > Use it > python 1": check_use_it_openai,
     "README.md > Pools > python 1": check_pools_sie,
     "README.md > Pools > bash 1": check_pools_curl,
+    "README.md > Tenants: usage, limits, priority > bash 1": check_tenants_curl,
     "README.md > Ray jobs through handles > python 1": check_handles,
     "README.md > Ray jobs through handles > bash 1": check_ray_job,
     # only `compare.py --help`: `make bench` and the compare run take 30 min and start vLLM

@@ -162,7 +162,7 @@ def test_serve_deploy_chat_job_and_shutdown(head: Head, tmp_path: Path) -> None:
     print(f"serve deploy -> healthy in {time.monotonic() - started:.1f} s")
     deployments = app["deployments"]
     assert isinstance(deployments, dict)
-    assert set(deployments) == {"Ingress", "PoolAutoscaler", "Generator-cpu"}
+    assert set(deployments) == {"Ingress", "PoolAutoscaler", "TenantLedger", "Generator-cpu"}
     assert all(d["status"] == "HEALTHY" for d in deployments.values())
 
     reply = httpx.post(

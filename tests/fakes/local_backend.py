@@ -1,12 +1,14 @@
 """GenerationBackend without Ray: one in-process Worker per profile, for API-layer tests.
 Pools live in a PoolBook; every change runs the real `decide` over these fixed workers (no
-scaling: the replica targets are recorded, not applied)."""
+scaling: the replica targets are recorded, not applied). Usage is counted in a UsageBook as the
+TenantLedger counts it (limits are the ledger's: not applied here)."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from app.config import AppConfig
 from app.engine.worker import Worker
@@ -17,6 +19,8 @@ from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import choose_target
+from app.tenancy.requests import terminal_stats, usage_record, with_pool_defaults
+from app.tenancy.usage import UsageBook
 
 
 class LocalBackend:
@@ -26,6 +30,7 @@ class LocalBackend:
         self.book = PoolBook()
         self.demand: dict[tuple[str, str], float] = {}
         self.clock = time.time
+        self.usage = UsageBook()
 
     async def start(self) -> None:
         for worker in self.workers_by_profile.values():
@@ -68,9 +73,14 @@ class LocalBackend:
             key = (str(error.extra["pool"]), str(error.extra["profile"]))
             self.demand[key] = self.clock()
             raise
+        request = with_pool_defaults(request, self.book.get(target.pool))
         batches = self.workers_by_profile[target.profile].stream(request)
         try:
             async for batch in batches:
+                terminal = terminal_stats(batch)
+                record = usage_record(request, terminal) if terminal is not None else None
+                if record is not None:
+                    self.usage.record(record, self.clock())
                 yield batch
         finally:
             await batches.aclose()
@@ -99,3 +109,9 @@ class LocalBackend:
         deleted = self.book.delete(name)
         self.settle()
         return deleted
+
+    async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
+        return self.usage.report(since, pool)
+
+    async def pool_usage(self, pool: str) -> dict[str, Any]:
+        return self.usage.pool_usage(pool)

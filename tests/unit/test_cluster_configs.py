@@ -146,7 +146,9 @@ def test_serve_config_builds_the_expected_deployments() -> None:
 
     config = app_config(load(SERVE_CONFIG))
     built = build_serve_app(build_app(serve_app(load(SERVE_CONFIG))["args"]), name="poolserve")
-    expected = {"Ingress", "PoolAutoscaler"} | {p.deployment_name for p in config.profiles}
+    expected = {"Ingress", "PoolAutoscaler", "TenantLedger"} | {
+        p.deployment_name for p in config.profiles
+    }
     assert {deployment.name for deployment in built.deployments} == expected
     for deployment in built.deployments:
         profile = next((p for p in config.profiles if p.deployment_name == deployment.name), None)

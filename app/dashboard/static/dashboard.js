@@ -124,6 +124,29 @@ function renderPools(state) {
     empty("No pools yet: create one with POST /v1/pools (or SIEClient.create_pool).")]));
 }
 
+function renderUsage(state) {
+  if (state.usage === null || state.usage === undefined) {
+    replace("usage", empty("Usage unavailable: " + (state.problems.usage || "unknown error")));
+    return;
+  }
+  const limit = (v) => (v === null || v === undefined ? "–" : String(v));
+  const rows = state.usage.map((u) => el("tr", { "data-usage-pool": u.pool }, [
+    el("td", {}, [el("strong", { text: u.pool }),
+      u.shared ? el("div", { class: "muted", text: "shared" }) : null]),
+    el("td", { class: "num", "data-field": "requests", text: u.requests }),
+    el("td", { class: "num", "data-field": "prompt_tokens", text: u.prompt_tokens }),
+    el("td", { class: "num", "data-field": "cached_prompt_tokens", text: u.cached_prompt_tokens }),
+    el("td", { class: "num", "data-field": "completion_tokens", text: u.completion_tokens }),
+    el("td", { class: "num", "data-field": "worker_seconds", text: u.worker_seconds.toFixed(0) }),
+    el("td", { class: "mono", text: `${limit(u.limits.requests_per_minute)} / ` +
+      `${limit(u.limits.tokens_per_minute)} / ${limit(u.limits.concurrent_streams)}` }),
+    el("td", { class: "num", text: u.priority }),
+    el("td", { class: "mono", text: u.top_keys.map(([k, t]) => `${k} ${t}`).join(", ") || "–" }),
+  ]));
+  replace("usage", table(["pool", "requests", "prompt tokens", "cached", "completion tokens",
+    "worker-s", "limits rpm / tpm / streams", "priority", "top keys (tokens)"], rows));
+}
+
 function kvBar(kv) {
   const total = kv.blocks_total || 0;
   const used = kv.blocks_used === null ? Math.round(total * kv.engine_usage) : kv.blocks_used;
@@ -290,7 +313,7 @@ function render(state) {
   const banner = document.getElementById("banner");
   banner.hidden = !problems.length;
   banner.textContent = problems.map(([k, v]) => `${k}: ${v}`).join(" · ");
-  for (const part of [renderTotals, renderPools, renderWorkers, renderLatency,
+  for (const part of [renderTotals, renderPools, renderUsage, renderWorkers, renderLatency,
     renderDecisions, renderErrors]) {
     try { part(state); } catch (error) { console.error(part.name, error); }
   }

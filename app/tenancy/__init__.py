@@ -1,0 +1,1 @@
+"""Pools as tenants: usage accounting, limits, and fair admission (pure decisions)."""

@@ -1,0 +1,92 @@
+"""Tenancy of one request: its pool's defaults (priority, share weight), its limit ticket, and the
+usage record of its terminal reply. Pure; the ingress's ServeBackend calls these."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from app.config import AppConfig, Limits
+from app.pools.model import DEFAULT_POOL, PoolRecord, normalize_name
+from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
+from app.tenancy.keys import NO_KEY
+from app.tenancy.limits import Ticket, estimate_tokens, subjects_for
+from app.tenancy.usage import UsageRecord
+
+UNMETERED_ROUTES = frozenset({"tokenize", "detokenize"})
+"""OpenAI routes that generate nothing: neither limited nor counted."""
+PRIORITY_HEADER = "x-vllm-priority"
+"""vLLM's own header for a request's priority (it wins over the body's `priority` there too)."""
+
+
+def metered(request: GenerationRequest) -> bool:
+    return request.openai is None or request.openai.route not in UNMETERED_ROUTES
+
+
+def tenant_pool(request: GenerationRequest) -> str:
+    return normalize_name(request.pool) if request.pool else DEFAULT_POOL
+
+
+def with_pool_defaults(request: GenerationRequest, record: PoolRecord | None) -> GenerationRequest:
+    """The request with its effective priority (its own, else its pool's default) and its
+    pool's share weight; an OpenAI call carries the priority to vLLM in vLLM's header."""
+    priority = request.priority
+    if priority is None:
+        priority = record.spec.priority if record is not None else 0
+    weight = record.spec.weight if record is not None else 1.0
+    call = request.openai
+    if call is not None:
+        headers = tuple((n, v) for n, v in call.headers if n.lower() != PRIORITY_HEADER)
+        call = dataclasses.replace(call, headers=(*headers, (PRIORITY_HEADER, str(priority))))
+    return dataclasses.replace(request, priority=priority, share_weight=weight, openai=call)
+
+
+def ticket_for(request: GenerationRequest, config: AppConfig, record: PoolRecord | None) -> Ticket:
+    """The limits that apply to the request (its pool's, its key's) and its token estimate."""
+    key_id = request.key_id or NO_KEY
+    if not metered(request):
+        return Ticket(request.request_id, (), 0)
+    pool_limits: Limits | None = record.spec.limits if record is not None else None
+    sampling = request.sampling
+    candidates = max(sampling.n, sampling.best_of or 0)
+    return Ticket(
+        request_id=request.request_id,
+        subjects=subjects_for(
+            tenant_pool(request), pool_limits, key_id, config.tenancy.limits_for_key(key_id)
+        ),
+        estimated_tokens=estimate_tokens(
+            len(request.prompt or ""),
+            sampling.max_new_tokens,
+            candidates,
+            config.tenancy.default_completion_tokens,
+        ),
+    )
+
+
+def terminal_stats(batch: Iterable[GenerationChunk | WireReply]) -> GenerationChunk | None:
+    """The terminal chunk of a batch (a generation's, or the stats of vLLM's last reply)."""
+    for item in batch:
+        if isinstance(item, WireReply):
+            if item.done and item.stats is not None:
+                return item.stats
+        elif item.done:
+            return item
+    return None
+
+
+def usage_record(request: GenerationRequest, terminal: GenerationChunk) -> UsageRecord | None:
+    """What the client's `usage` block says, or None when the request ended without one
+    (an error, a cancellation)."""
+    if not metered(request):
+        return None
+    if terminal.error_code or terminal.finish_reason in ("error", "cancelled"):
+        return None
+    return UsageRecord(
+        request_id=request.request_id,
+        pool=tenant_pool(request),
+        model=request.model,
+        key_id=request.key_id or NO_KEY,
+        prompt_tokens=terminal.prompt_tokens or 0,
+        cached_prompt_tokens=terminal.cached_tokens or 0,
+        completion_tokens=terminal.completion_tokens or 0,
+    )

@@ -1,0 +1,195 @@
+"""Fair KV admission (app/tenancy/fairshare.py through app/kv/admission.py): priority first,
+then each pool's share by weight, headroom kept for active light tenants and higher
+priorities, and a full queue that refuses the heaviest tenant's newest waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from app.errors import QueueFull
+from app.kv.admission import KVAdmission
+from app.kv.ledger import KVLedger
+from app.tenancy.fairshare import FairShare, Flow, displaced, next_waiter
+
+BLOCK = 16
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(blocks: int, max_waiting: int = 16, headroom: int = 2) -> KVAdmission:
+    return KVAdmission(
+        KVLedger(blocks, BLOCK),
+        max_waiting=max_waiting,
+        max_wait_s=5,
+        fair=FairShare(headroom_requests=headroom, active_s=10),
+        clock=Clock(),
+    )
+
+
+class Holder:
+    """Requests that hold their KV handle until released."""
+
+    def __init__(self, kv: KVAdmission) -> None:
+        self.kv = kv
+        self.order: list[str] = []
+        self.refused: list[str] = []
+        self._release: dict[str, asyncio.Event] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, flow: Flow, blocks: int = 1) -> None:
+        self._release[name] = asyncio.Event()
+        self.tasks.append(asyncio.create_task(self._run(name, flow, blocks)))
+
+    async def _run(self, name: str, flow: Flow, blocks: int) -> None:
+        try:
+            async with self.kv.reserve(name, [], blocks * BLOCK, flow=flow):
+                self.order.append(name)
+                await self._release[name].wait()
+        except QueueFull:
+            self.refused.append(name)
+
+    def release(self, name: str) -> None:
+        self._release[name].set()
+
+    async def settle(self) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def finish(self) -> None:
+        for event in self._release.values():
+            event.set()
+        await asyncio.gather(*self.tasks)
+
+
+HEAVY = Flow("heavy", 0, 1.0)
+LIGHT = Flow("light", 0, 1.0)
+
+
+def test_priority_then_pool_share_order_the_queue() -> None:
+    async def scenario() -> list[str]:
+        holder = Holder(admission(4, headroom=0))
+        for n in range(4):
+            holder.start(f"h{n}", HEAVY)
+        await holder.settle()
+        holder.start("h-wait", HEAVY)
+        holder.start("low", Flow("light", 5, 1.0))
+        holder.start("l-wait", LIGHT)
+        holder.start("urgent", Flow("heavy", -1, 1.0))
+        await holder.settle()
+        for name in ("h0", "h1", "h2"):
+            holder.release(name)
+            await holder.settle()
+        order = holder.order[4:]
+        await holder.finish()
+        return order
+
+    # urgent (priority -1) first; then light (it holds nothing, heavy holds 3); then heavy's
+    # own waiter; the priority-5 request last
+    assert asyncio.run(scenario()) == ["urgent", "l-wait", "h-wait"]
+
+
+def test_headroom_keeps_a_light_tenant_from_waiting_behind_a_heavy_backlog() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        holder = Holder(admission(10, headroom=2))
+        holder.start("l0", LIGHT)  # light is active
+        await holder.settle()
+        holder.release("l0")
+        await holder.settle()
+        for n in range(12):
+            holder.start(f"h{n}", HEAVY)
+        await holder.settle()
+        heavy_admitted = list(holder.order[1:])
+        holder.start("l1", LIGHT)
+        await holder.settle()
+        order = list(holder.order)
+        await holder.finish()
+        return heavy_admitted, order
+
+    heavy, order = asyncio.run(scenario())
+    assert len(heavy) == 8  # 10 blocks, 2 kept for the light tenant's next requests
+    assert order[-1] == "l1"  # admitted at once, no heavy request ended
+
+
+def test_an_idle_engine_admits_anything_that_fits() -> None:
+    fair = FairShare(headroom_requests=5, active_s=10)
+    fair.arrived(Flow("light", -1), 4, 0.0)
+    assert fair.reserved_for_others(HEAVY, 10, 1.0) == 20
+    assert fair.may_admit(HEAVY, 3, 10, 10, 1.0)  # the engine is empty
+    assert not fair.may_admit(HEAVY, 3, 9, 10, 1.0)
+    assert fair.reserved_for_others(HEAVY, 10, 20.0) == 0  # light went quiet
+    assert fair.may_admit(HEAVY, 3, 9, 10, 20.0)
+
+
+def test_same_priority_headroom_is_bounded_by_the_peers_share() -> None:
+    fair = FairShare(headroom_requests=2, active_s=10)
+    fair.arrived(LIGHT, 4, 0.0)
+    fair.arrived(HEAVY, 4, 0.0)
+    assert fair.reserved_for_others(HEAVY, 100, 1.0) == 8  # 2 requests of 4
+    fair.admitted(LIGHT, 48)
+    assert fair.reserved_for_others(HEAVY, 100, 1.0) == 2  # light's share is 50, it holds 48
+    fair.admitted(LIGHT, 10)
+    assert fair.reserved_for_others(HEAVY, 100, 1.0) == 0  # light is over its share
+    # a lower priority keeps room for every active higher one, its own pool's too, uncapped
+    assert fair.reserved_for_others(Flow("heavy", 1), 100, 1.0) == 16
+
+
+def test_a_full_queue_refuses_the_heavy_tenant() -> None:
+    async def scenario() -> Holder:
+        holder = Holder(admission(2, max_waiting=3, headroom=0))
+        holder.start("h0", HEAVY)
+        holder.start("h1", HEAVY)
+        await holder.settle()
+        for n in range(2, 5):
+            holder.start(f"h{n}", HEAVY)
+        await holder.settle()
+        holder.start("h5", HEAVY)  # the queue is full of heavy: the newcomer is refused
+        await holder.settle()
+        holder.start("l0", LIGHT)  # light displaces heavy's newest waiter
+        await holder.settle()
+        holder.release("h0")
+        await holder.settle()
+        await holder.finish()
+        return holder
+
+    holder = asyncio.run(scenario())
+    assert holder.refused == ["h5", "h4"]
+    assert holder.order[:3] == ["h0", "h1", "l0"]
+
+
+def test_displacement_and_next_waiter_rules() -> None:
+    waiting = [HEAVY, HEAVY, HEAVY, LIGHT]
+    assert displaced(waiting, LIGHT) == 2  # heavy's newest
+    assert displaced([HEAVY, HEAVY, LIGHT], LIGHT) is None  # it would be as loaded as heavy
+    assert displaced(waiting, HEAVY) is None
+    assert displaced([LIGHT], Flow("light", -1)) == 0  # a higher priority displaces
+    assert displaced([Flow("x", -1)], LIGHT) is None
+    assert displaced([Flow("big", 0, 4.0)] * 3, LIGHT) is None  # 3/4 per weight < 1
+    fair = FairShare()
+    fair.admitted(HEAVY, 4)
+    assert next_waiter([HEAVY, LIGHT], fair) == 1
+    assert next_waiter([], fair) is None
+
+
+@pytest.mark.parametrize("max_waiting", [0, 1])
+def test_no_queue_refuses_at_once(max_waiting: int) -> None:
+    async def scenario() -> list[str]:
+        holder = Holder(admission(1, max_waiting=max_waiting, headroom=0))
+        holder.start("a", HEAVY)
+        await holder.settle()
+        holder.start("b", HEAVY)
+        holder.start("c", HEAVY)
+        await holder.settle()
+        with contextlib.suppress(Exception):
+            await holder.finish()
+        return holder.refused
+
+    refused = asyncio.run(scenario())
+    assert refused == (["b", "c"] if max_waiting == 0 else ["c"])
