@@ -16,7 +16,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model sie-sdk serve stop test test-all soak bench bench-routing lint typecheck check clean
+.PHONY: install model sie-sdk serve stop test soak bench bench-routing lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +42,6 @@ stop:
 	$(PY) scripts/stack.py stop
 
 test: model
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-test-all: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
