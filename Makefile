@@ -42,6 +42,7 @@ stop:
 	$(PY) scripts/stack.py stop
 
 test: model
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
@@ -65,9 +66,11 @@ bench-routing: model
 	$(PY) benchmarks/stream_overhead.py
 	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
+# ruff, and import-linter for the layers of docs/architecture.md (contracts in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks
 	$(VENV)/bin/ruff format --check app tests scripts benchmarks
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -21,8 +21,8 @@ import openai
 import pytest
 import uvicorn
 
-from app.api.app import create_app
 from app.config import AppConfig
+from app.server import create_app
 from benchmarks.local_serve import free_port
 from tests.browser import open_page
 from tests.fakes.local_backend import LocalBackend
