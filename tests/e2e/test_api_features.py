@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 
+from benchmarks.sse import data, payloads
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -322,9 +323,8 @@ def test_native_stream_logprobs(stack: Stack) -> None:
         },
         timeout=60,
     ) as response:
-        events = [
-            json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")
-        ]
+        events, done = payloads(data(response))
+    assert done
     entries = [
         entry for event in events if not event["done"] for entry in event.get("logprobs", [])
     ]

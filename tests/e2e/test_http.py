@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from benchmarks.sse import data
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -91,9 +92,7 @@ def test_generate_sse(stack: Stack) -> None:
         timeout=60,
     ) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
+        events = list(data(response))
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert [c["seq"] for c in chunks] == list(range(len(chunks)))
@@ -143,8 +142,7 @@ def test_client_disconnect_aborts_the_engine_request(
     with httpx.stream(
         "POST", stack.base_url + path, json={**body, "stream": True}, timeout=60
     ) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))
+        assert next(data(response))
     assert stack.wait_idle(), f"engine still busy after disconnect: {stack.worker_status()}"
 
 

@@ -18,6 +18,7 @@ import pytest
 from app import metrics
 from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
+from benchmarks.sse import adata
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.integration
@@ -245,8 +246,8 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
                         "POST", "/v1/chat/completions", json=body, timeout=60
                     ) as response:
                         seen = 0
-                        async for line in response.aiter_lines():
-                            seen += line.startswith("data:")
+                        async for _ in adata(response):
+                            seen += 1
                             if seen >= stop_after:
                                 break
                 outcomes[mode] = outcomes.get(mode, 0) + 1

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import AppConfig
 from app.server import create_app
+from benchmarks.sse import DONE, parse
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"
@@ -43,14 +44,8 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 
 def sse(text: str) -> list[Any]:
-    events = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: ") :]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+    """The JSON payloads of a streamed body, `[DONE]` kept as it is."""
+    return [item if item == DONE else json.loads(item) for item in parse(text)]
 
 
 def test_buffered_chat(client: TestClient) -> None:
