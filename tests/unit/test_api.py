@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import AppConfig
+from app.api.models import gpus_of, tools_supported
+from app.config import AppConfig, ModelConfig
 from app.server import create_app
 from benchmarks.sse import DONE, parse
 from tests.fakes.local_backend import LocalBackend
@@ -293,6 +294,35 @@ def test_health_and_models(client: TestClient) -> None:
     assert [m["id"] for m in models["data"]] == [MODEL] and models["models"] == models["data"]
     assert client.get(f"/v1/models/{MODEL}").json()["state"] == "loaded"
     assert client.get("/v1/models/org/other").status_code == 404
+    # a CPU worker holds no GPU; no auto tool choice configured: tools are not offered
+    assert health["workers"][0]["gpu_count"] == 0 and health["cluster"]["gpu_count"] == 0
+    assert models["data"][0]["capabilities"]["tools"] is False
+
+
+@pytest.mark.parametrize(
+    ("openai", "tools"),
+    [
+        ({}, False),
+        ({"tool_call_parser": "hermes"}, False),
+        ({"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}, True),
+    ],
+)
+def test_tools_capability_follows_the_models_tool_settings(
+    openai: dict[str, object], tools: bool
+) -> None:
+    model = ModelConfig.model_validate({"id": MODEL, "openai": openai})
+    assert tools_supported(model) is tools
+
+
+@pytest.mark.parametrize(("num_gpus", "count"), [(0, 0), (0.5, 1), (1, 1), (4, 4)])
+def test_gpu_count_is_the_profiles_gpus(num_gpus: float, count: int) -> None:
+    config = AppConfig.model_validate(
+        {
+            "models": [{"id": MODEL, "profiles": ["p"]}],
+            "profiles": [{"name": "p", "num_gpus": num_gpus}],
+        }
+    )
+    assert gpus_of(config, "p") == count
 
 
 def test_nothing_is_left_running_after_requests(client: TestClient, backend: LocalBackend) -> None:
