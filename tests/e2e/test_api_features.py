@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import httpx
 import jsonschema
@@ -333,19 +334,31 @@ def test_native_stream_logprobs(stack: Stack) -> None:
 
 
 def test_buffered_request_abandoned_by_the_client_is_aborted(stack: Stack) -> None:
+    """The client gives up (2 s timeout) while the engine is generating for it (seen running,
+    with its KV handle); the engine must stop within seconds, not finish 1,500 tokens."""
+    outcome: dict[str, object] = {}
+
     def abandon() -> None:
         try:
-            httpx.post(
+            response = httpx.post(
                 stack.base_url + GENERATE_PATH,
                 json={"prompt": "Write a long story.", "max_new_tokens": 1500, "temperature": 0},
                 timeout=2,
             )
+            outcome["status"] = response.status_code
         except httpx.TimeoutException:
-            pass
+            outcome["timed_out"] = True
 
     thread = threading.Thread(target=abandon)
     thread.start()
+    busy = False
+    while thread.is_alive():
+        stats = stack.worker_status().model_state(REAL_MODEL).stats
+        busy = busy or (stats.running_requests > 0 and stats.kv_handles_open > 0)
+        time.sleep(0.1)
     thread.join()
+    assert outcome == {"timed_out": True}, outcome
+    assert busy, "the engine never ran the request: nothing was abandoned"
     assert stack.wait_idle(timeout_s=20), "the engine kept generating for a client that left"
 
 

@@ -52,7 +52,14 @@ def test_openai_streaming(client: openai.OpenAI) -> None:
             usage = chunk.usage
     assert "".join(pieces).strip()
     assert finish in ("stop", "length")
-    assert (usage is not None and usage.completion_tokens == 24) or finish == "stop"
+    assert usage is not None, "include_usage asked for a usage chunk"
+    if finish == "length":
+        assert usage.completion_tokens == 24
+    else:
+        assert 0 < usage.completion_tokens < 24
+    assert len([piece for piece in pieces if piece]) <= usage.completion_tokens
+    assert usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 def test_openai_errors(client: openai.OpenAI) -> None:
