@@ -1,7 +1,8 @@
 """A small deterministic engine for tests of the layers above the engine. The contract suite
-(tests/integration/test_adapter_contract.py) holds it to the same rules as the vLLM adapter.
-Its OpenAI routes imitate vLLM's wire shapes for chat and completions (one SSE event per token,
-usage when asked), enough for the layers above; vLLM's own layer is tested on the real engine."""
+(tests/integration/test_adapter_contract.py) compares its chunk sequences with the vLLM
+adapter's and its chat and completions replies with vLLM's OpenAI layer's (one SSE event per
+token, the last token with the finish reason, usage when asked); vLLM's layer itself is tested
+on the real engine."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from app.protocol.workers import EngineStats
 
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 512
+FINGERPRINT = "fake-engine"
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
 
 
@@ -153,6 +155,7 @@ class FakeAdapter(GenerationAdapter):
         prompt_ids = self.prompt_token_ids(request)
         budget = generation_budget(len(prompt_ids), limit, self.max_model_len, "prompt")
         kind = "chat.completion" if chat else "text_completion"
+        event_kind = "chat.completion.chunk" if chat else "text_completion"  # as vLLM names them
         head: dict[str, Any] = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "created": int(time.time()),
@@ -170,7 +173,13 @@ class FakeAdapter(GenerationAdapter):
                     choice["message"] = {"role": "assistant", "content": text}
                 else:
                     choice["text"] = text
-                payload = {**head, "object": kind, "choices": [choice], "usage": _usage(stats)}
+                payload = {
+                    **head,
+                    "object": kind,
+                    "choices": [choice],
+                    "system_fingerprint": FINGERPRINT,
+                    "usage": _usage(stats),
+                }
                 yield WireReply(json.dumps(payload).encode(), stream=False, done=True, stats=stats)
                 return
             if chat:  # vLLM's first chat event: the role, before any token
@@ -181,7 +190,7 @@ class FakeAdapter(GenerationAdapter):
                     "finish_reason": None,
                 }
                 yield WireReply(
-                    _event({**head, "object": f"{kind}.chunk", "choices": [role]}), stream=True
+                    _event({**head, "object": event_kind, "choices": [role]}), stream=True
                 )
             async for chunk in self.generate(request, prompt_ids):
                 if chunk.done:  # vLLM: the last token's text with the finish reason
@@ -192,10 +201,12 @@ class FakeAdapter(GenerationAdapter):
                         if chat
                         else {"text": chunk.text_delta}
                     )
-                    events = [{**head, "object": f"{kind}.chunk", "choices": [end]}]
+                    events = [{**head, "object": event_kind, "choices": [end]}]
                     options = body.get("stream_options") or {}
                     if options.get("include_usage"):
-                        events.append({**head, "choices": [], "usage": _usage(chunk)})
+                        usage = {"choices": [], "usage": _usage(chunk)}
+                        events.append({**head, "object": event_kind, **usage})
+                    events[-1]["system_fingerprint"] = FINGERPRINT  # vLLM: on the last event
                     data = b"".join(_event(e) for e in events) + b"data: [DONE]\n\n"
                     yield WireReply(data, stream=True, done=True, stats=chunk)
                     return
@@ -204,7 +215,7 @@ class FakeAdapter(GenerationAdapter):
                     {"delta": {"content": chunk.text_delta}} if chat else {"text": chunk.text_delta}
                 )
                 yield WireReply(
-                    _event({**head, "object": f"{kind}.chunk", "choices": [delta]}), stream=True
+                    _event({**head, "object": event_kind, "choices": [delta]}), stream=True
                 )
 
 

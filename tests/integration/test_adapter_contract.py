@@ -9,6 +9,7 @@ drops what may differ between engines (the words, how many tokens one engine ste
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -22,9 +23,11 @@ from app.errors import ServiceError
 from app.protocol.generation import (
     GenerationChunk,
     GenerationRequest,
+    OpenAICall,
     SamplingOptions,
     StructuredOutput,
 )
+from benchmarks.sse import DONE, parse
 from tests.conftest import FAKE_MODEL, REAL_MODEL, Stack
 
 pytestmark = pytest.mark.integration
@@ -192,6 +195,93 @@ def test_a_stop_string_ends_the_text_before_it_on_both_engines(stack: Stack) -> 
     assert {k: v for k, v in fake.items() if k not in ("terminal", "choices")} == {
         k: v for k, v in real.items() if k not in ("terminal", "choices")
     }
+
+
+# --- the OpenAI routes: the fake's imitation of vLLM's wire shapes (serve_openai)
+
+CHAT = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "ignore_eos": True}
+OPENAI_SCENARIOS = {
+    "chat-stream-usage": (
+        "chat",
+        {**CHAT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}},
+    ),
+    "chat-stream": ("chat", {**CHAT, "max_tokens": 6, "stream": True}),
+    "chat-buffered": ("chat", {**CHAT, "max_tokens": 6}),
+    "completion-stream-usage": (
+        "completion",
+        {
+            "prompt": PROMPT,
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    "completion-buffered": (
+        "completion",
+        {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    ),
+}
+
+
+def run_openai(stack: Stack, engine: str, route: str, body: dict[str, Any]) -> list[Any]:
+    """The wire events of one OpenAI-route call as the worker makes them (JSON payloads;
+    `[DONE]` kept), or the one JSON body of a buffered call."""
+    app, model = ENGINES[engine]
+    call = OpenAICall(route, {**body, "model": model})  # type: ignore[arg-type]
+    request = GenerationRequest(uuid.uuid4().hex, model, SamplingOptions(), openai=call)
+    handle = stack.handle("Generator-cpu", app).options(stream=True)
+    replies = [reply for batch in handle.generate.remote(request) for reply in batch]
+    data = b"".join(reply.data for reply in replies).decode()
+    if not replies[-1].stream:
+        return [json.loads(data)]
+    return [item if item == DONE else json.loads(item) for item in parse(data)]
+
+
+def without_nulls(value: Any) -> Any:
+    """vLLM writes every optional field, mostly as null; clients read null as absent."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
+
+
+def wire_shape(payloads: list[Any]) -> list[Any]:
+    """Each event's type and keys (and its choices' and deltas' keys, whether text or a finish
+    reason is there; nulls dropped), runs of equal events collapsed: what a client's parser
+    meets, without the words."""
+
+    def one(payload: Any) -> Any:
+        if payload == DONE:
+            return DONE
+        payload = without_nulls(payload)
+        choices = tuple(
+            (
+                tuple(sorted(choice)),
+                tuple(sorted(choice.get("delta") or choice.get("message") or {})),
+                bool((choice.get("delta") or choice.get("message") or {}).get("content"))
+                or bool(choice.get("text")),
+                choice.get("finish_reason") is not None,
+            )
+            for choice in payload.get("choices", [])
+        )
+        usage = tuple(sorted(payload["usage"])) if payload.get("usage") else None
+        return (payload.get("object"), tuple(sorted(payload)), choices, usage)
+
+    return [key for key, _ in groupby(one(payload) for payload in payloads)]
+
+
+@pytest.mark.parametrize("scenario", OPENAI_SCENARIOS)
+def test_the_fakes_openai_replies_have_vllms_wire_shape(stack: Stack, scenario: str) -> None:
+    route, body = OPENAI_SCENARIOS[scenario]
+    fake = run_openai(stack, "fake", route, body)
+    real = run_openai(stack, "vllm", route, body)
+    assert wire_shape(fake) == wire_shape(real), f"fake: {fake}\nvllm: {real}"
+
+
+# --- the comparison itself (no Ray)
 
 
 def _reference() -> list[GenerationChunk]:
