@@ -252,7 +252,7 @@ class _Choice:
         if cut is not None:
             combined, self.finish_reason = combined[: max(cut, len(self.text))], "stop"
         delta, self.text = combined[len(self.text) :], combined
-        if self.finish_reason is None and self.tokens == self.budget:
+        if self.finish_reason is None and self.tokens >= self.budget:
             self.finish_reason = "length"
         return delta, token
 
