@@ -16,7 +16,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model sie-sdk serve stop test test-all soak bench bench-routing lint typecheck check clean
+.PHONY: install model sie-sdk serve stop test soak bench bench-routing lint typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +42,7 @@ stop:
 	$(PY) scripts/stack.py stop
 
 test: model
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-test-all: model
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
@@ -68,9 +66,11 @@ bench-routing: model
 	$(PY) benchmarks/stream_overhead.py
 	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
+# ruff, and import-linter for the layers of docs/architecture.md (contracts in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks
 	$(VENV)/bin/ruff format --check app tests scripts benchmarks
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy

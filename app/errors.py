@@ -4,7 +4,6 @@ status, a contract error code, an optional offending parameter and an optional R
     ServiceError (500 inference_error)
     ├── InvalidRequest (400 invalid_request)
     │   ├── UnsupportedField (400 unsupported_field)
-    │   ├── ContextExceeded (400 context_exceeded)
     │   └── InputTooLong (400 INPUT_TOO_LONG)
     ├── PayloadTooLarge (413 INPUT_TOO_LONG)
     ├── ModelNotFound (404 MODEL_NOT_FOUND)
@@ -14,7 +13,7 @@ status, a contract error code, an optional offending parameter and an optional R
     │   └── ConcurrencyLimited (429 concurrency_limit_exceeded)
     ├── ModelLoadFailed (502 MODEL_LOAD_FAILED, never Retry-After)
     ├── Capacity errors (503 + Retry-After): Provisioning, ModelLoading, QueueFull,
-    │   ResourceExhausted, WorkerUnavailable
+    │   WorkerUnavailable
     ├── GenerationCancelled (503 generation_cancelled)
     └── InternalError (500 internal_error, carries a request id)
 
@@ -84,10 +83,6 @@ class UnsupportedField(InvalidRequest):
 
     def __init__(self, param: str, message: str | None = None) -> None:
         super().__init__(message or f"'{param}' is not supported", param=param)
-
-
-class ContextExceeded(InvalidRequest):
-    code = "context_exceeded"
 
 
 class ModelPathInvalid(InvalidRequest):
@@ -169,10 +164,6 @@ class CapacityError(ServiceError):
     status = 503
     code = "RESOURCE_EXHAUSTED"
     default_retry_after_s = 5.0
-
-
-class ResourceExhausted(CapacityError):
-    code = "RESOURCE_EXHAUSTED"
 
 
 class Provisioning(CapacityError):

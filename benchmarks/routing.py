@@ -33,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_serve import start_local_serve, stop_local_serve
+from benchmarks.sse import DONE, adata
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WORDS = (
@@ -121,10 +122,10 @@ async def chat(
             outcome.retry_after = response.headers.get("retry-after")
             outcome.latency_s = time.perf_counter() - started
             return outcome
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for item in adata(response):
+            if item == DONE:
                 continue
-            event = json.loads(line[6:])
+            event = json.loads(item)
             if "error" in event:
                 outcome.status, outcome.code = 599, event["error"].get("code")
                 continue

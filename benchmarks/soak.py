@@ -34,6 +34,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: E402
+from benchmarks.sse import DONE, adata  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_DURATION_S = 1800.0
@@ -198,16 +199,14 @@ async def one_request(
                 return float(retry_after or 1) * rng.uniform(1.0, 2.0)
             return 0.0
         first = None
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
+        async for item in adata(response):
             if first is None:
                 first = time.monotonic() - started
                 tally.ttft_s.append(first)
-            if line == "data: [DONE]":
+            if item == DONE:
                 tally.completed += 1
                 break
-            event = json.loads(line[len("data: ") :])
+            event = json.loads(item)
             if "error" in event:
                 tally.in_band_errors[event["error"].get("code", "?")] += 1
         tally.latency_s.append(time.monotonic() - started)

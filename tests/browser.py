@@ -1,6 +1,6 @@
 """Headless Chromium (Debian's `chromium`) driven over the DevTools protocol, for the dashboard
-tests. Installs Chromium with apt-get when it is missing; skips (with the reason) only if that
-fails."""
+tests. Installs Chromium with apt-get when it is missing; if that fails the test fails under CI
+and skips (saying why) in a local run (`tests.needs.missing`)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import ROOT
+from tests.needs import missing
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
@@ -41,12 +41,12 @@ FLAGS = [
 
 
 def ensure_chromium() -> str:
-    """The Chromium binary; installs Debian's package when missing, or skips saying why."""
+    """The Chromium binary; installs Debian's package when missing (`missing` otherwise)."""
     if os.access(CHROMIUM, os.X_OK):
         return CHROMIUM
     apt = shutil.which("apt-get")
     if apt is None:
-        pytest.skip("chromium is not installed and apt-get is not available to install it")
+        missing("chromium is not installed and apt-get is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     started = time.monotonic()
     install = [apt, "install", "-y", "-q", "chromium"]
@@ -55,7 +55,7 @@ def ensure_chromium() -> str:
         subprocess.run([apt, "update", "-q"], env=env, capture_output=True, timeout=600)
         result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
     if result.returncode != 0 or not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"cannot install chromium with apt-get: {result.stderr.strip()[-400:]}")
+        missing(f"cannot install chromium with apt-get: {result.stderr.strip()[-400:]}")
     print(f"installed chromium in {time.monotonic() - started:.1f} s")
     return CHROMIUM
 

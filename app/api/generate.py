@@ -124,6 +124,4 @@ class GenerateStreamFormatter:
     def error(self, error: ServiceError) -> dict[str, Any]:
         self.finished = True
         body = error_object(error, "sie")
-        if error.retry_after_s is not None and error.code == "RESOURCE_EXHAUSTED":
-            body["retry_after_s"] = int(min(60, max(1, error.retry_after_s)))
         return self._event("", True, finish_reason="error", error=body)

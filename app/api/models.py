@@ -4,6 +4,7 @@ pools with their state and workers), `GET /v1/models` (OpenAI `data` + SIE `mode
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -34,6 +35,21 @@ def kv_fields(worker: WorkerStatus) -> dict[str, Any]:
     }
 
 
+def gpus_of(config: AppConfig, profile_name: str) -> int:
+    """The GPUs a worker of this profile holds (its `num_gpus`, a fraction counting as one);
+    0 for a CPU worker."""
+    profile = config.profile(profile_name)
+    return math.ceil(profile.num_gpus) if profile is not None else 0
+
+
+def tools_supported(model: ModelConfig) -> bool:
+    """Requests with `tools` default to `tool_choice: auto`, which vLLM serves only with
+    `enable_auto_tool_choice` and a `tool_call_parser` in the model's `openai` settings."""
+    return bool(
+        model.openai.get("enable_auto_tool_choice") and model.openai.get("tool_call_parser")
+    )
+
+
 def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> HealthResponse:
     entries = []
     for worker in workers:
@@ -46,7 +62,7 @@ def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> Hea
                 name=worker.worker_id,
                 url=f"serve://{worker.deployment}/{worker.worker_id}",
                 gpu=worker.profile,
-                gpu_count=1,
+                gpu_count=gpus_of(config, worker.profile),
                 ready_gpu_slots=1 if healthy and not loading else 0,
                 healthy=healthy,
                 queue_depth=worker.active_requests,
@@ -75,7 +91,7 @@ def health_of(config: AppConfig, workers: list[WorkerStatus], now: float) -> Hea
         status=status,
         cluster=HealthCluster(
             worker_count=len(entries),
-            gpu_count=len(entries),
+            gpu_count=sum(entry.gpu_count for entry in entries),
             models_loaded=sum(1 for model in models if model.state == "loaded"),
         ),
         configured_gpu_types=[profile.name for profile in config.profiles],
@@ -132,7 +148,7 @@ def model_info(model: ModelConfig, summary: HealthModel) -> dict[str, Any]:
         "capabilities": {
             "streaming": True,
             "grammar": ["json_schema", "regex", "ebnf"],
-            "tools": True,
+            "tools": tools_supported(model),
             "lora_adapters": sorted(model.lora_adapters),
         },
         "worker_count": summary.worker_count,

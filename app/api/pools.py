@@ -1,7 +1,7 @@
 """SIE pool routes: `POST /v1/pools` (create, or update + renew), `GET /v1/pools`,
 `GET|DELETE /v1/pools/{name}`, `POST /v1/pools/{name}/renew`. Names are case-insensitive.
 Errors render as `{"detail": {"message", "code", ...}}` (the shape the sie-sdk parses; see
-`app.api.app.shape_for`). Bodyless calls are accepted whatever their Content-Type (the SDK
+`app.server.shape_for`). Bodyless calls are accepted whatever their Content-Type (the SDK
 sends `application/msgpack` on them)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Structured outputs and tools on the wire -> the engine's constrained decoding: the limits the
-contract puts on schemas and grammars, response_format, `grammar`, tools and tool_choice."""
+"""The native route's `grammar` -> the engine's constrained decoding, within the limits the
+contract puts on schemas and grammars (the OpenAI routes' response_format and tools are vLLM's)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ingress deployment: the FastAPI app of `app/api`, backed by Serve deployment handles."""
+"""Ingress deployment: the FastAPI app of `app/server.py`, backed by Serve deployment handles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from app.api.app import create_app
 from app.api.observe import instrument
 from app.config import AppConfig
 from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
@@ -21,6 +20,7 @@ from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import Target, carry_over, choose_target, request_pool
+from app.server import create_app
 from app.tenancy.requests import (
     tenant_pool,
     terminal_stats,

@@ -24,7 +24,6 @@ from app.protocol.sagellm import (
 _ERROR_CODES = {
     "invalid_request": ErrorCode.INVALID_ARGUMENT,
     "unsupported_field": ErrorCode.INVALID_ARGUMENT,
-    "context_exceeded": ErrorCode.INVALID_ARGUMENT,
     "input_too_long": ErrorCode.INVALID_ARGUMENT,
     "resource_exhausted": ErrorCode.RESOURCE_EXHAUSTED,
     "queue_full": ErrorCode.RESOURCE_EXHAUSTED,

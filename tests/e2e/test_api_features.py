@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
+from benchmarks.sse import data, payloads
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -137,19 +139,64 @@ def test_required_tool_choice_streams_announcement_then_arguments(client: openai
     jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
 
 
-def test_auto_tools_answer_is_well_formed_either_way(client: openai.OpenAI) -> None:
-    """A 135M model may or may not call the tool; whatever it does must be well-formed."""
+# SmolLM2-135M never calls a tool on its own (tool_choice auto answers in prose), so the auto
+# path is driven by making the model write a hermes tool call: vLLM's `structured_outputs`
+# constrains the text, and the configured `hermes` parser must turn it into a tool call.
+HERMES_CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}
+FORCE_HERMES_CALL = {
+    "structured_outputs": {
+        "regex": re.escape(f"<tool_call>\n{json.dumps(HERMES_CALL)}\n</tool_call>")
+    }
+}
+LOOSE_WEATHER = {  # not strict: vLLM adds no schema constraint of its own to auto tool choice
+    "type": "function",
+    "function": {k: v for k, v in WEATHER["function"].items() if k != "strict"},
+}
+
+
+def test_auto_tool_choice_parses_the_models_hermes_call(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
-        model=REAL_MODEL, messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0
+        model=REAL_MODEL,
+        messages=ASK,
+        tools=[LOOSE_WEATHER],
+        max_tokens=100,
+        temperature=0,
+        extra_body=FORCE_HERMES_CALL,
     )
     choice = completion.choices[0]
-    if choice.message.tool_calls:
-        assert choice.finish_reason == "tool_calls"
-        for call in choice.message.tool_calls:
-            assert call.function.name == "get_weather"
-            json.loads(call.function.arguments)
-    else:
-        assert choice.finish_reason in ("stop", "length") and choice.message.content is not None
+    assert choice.finish_reason == "tool_calls", choice
+    assert not choice.message.content, "the tool-call markup leaked into the content"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == HERMES_CALL["arguments"]
+
+
+def test_auto_tool_call_arguments_stream_in_pieces(client: openai.OpenAI) -> None:
+    """With the hermes parser the call is announced once (id, name), then its arguments arrive
+    as several deltas that concatenate to the JSON (what the README says)."""
+    stream = client.chat.completions.create(
+        model=REAL_MODEL,
+        messages=ASK,
+        tools=[LOOSE_WEATHER],
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+        extra_body=FORCE_HERMES_CALL,
+    )
+    announced, pieces, finish = [], [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert not choice.delta.content or "<tool_call>" not in choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                if delta.id:
+                    announced.append((delta.id, delta.function.name))
+                if delta.function and delta.function.arguments:
+                    pieces.append(delta.function.arguments)
+    assert finish == "tool_calls"
+    assert [name for _, name in announced] == ["get_weather"]
+    assert len(pieces) > 1, pieces
+    assert json.loads("".join(pieces)) == HERMES_CALL["arguments"]
 
 
 def test_tool_results_in_history_are_accepted(client: openai.OpenAI) -> None:
@@ -322,9 +369,8 @@ def test_native_stream_logprobs(stack: Stack) -> None:
         },
         timeout=60,
     ) as response:
-        events = [
-            json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")
-        ]
+        events, done = payloads(data(response))
+    assert done
     entries = [
         entry for event in events if not event["done"] for entry in event.get("logprobs", [])
     ]
@@ -333,19 +379,31 @@ def test_native_stream_logprobs(stack: Stack) -> None:
 
 
 def test_buffered_request_abandoned_by_the_client_is_aborted(stack: Stack) -> None:
+    """The client gives up (2 s timeout) while the engine is generating for it (seen running,
+    with its KV handle); the engine must stop within seconds, not finish 1,500 tokens."""
+    outcome: dict[str, object] = {}
+
     def abandon() -> None:
         try:
-            httpx.post(
+            response = httpx.post(
                 stack.base_url + GENERATE_PATH,
                 json={"prompt": "Write a long story.", "max_new_tokens": 1500, "temperature": 0},
                 timeout=2,
             )
+            outcome["status"] = response.status_code
         except httpx.TimeoutException:
-            pass
+            outcome["timed_out"] = True
 
     thread = threading.Thread(target=abandon)
     thread.start()
+    busy = False
+    while thread.is_alive():
+        stats = stack.worker_status().model_state(REAL_MODEL).stats
+        busy = busy or (stats.running_requests > 0 and stats.kv_handles_open > 0)
+        time.sleep(0.1)
     thread.join()
+    assert outcome == {"timed_out": True}, outcome
+    assert busy, "the engine never ran the request: nothing was abandoned"
     assert stack.wait_idle(timeout_s=20), "the engine kept generating for a client that left"
 
 

@@ -2,7 +2,8 @@
 protocol) against the running stack: a pool created over HTTP appears, a worker's KV bar appears
 and moves under traffic, the latency charts fill in. Screenshots go to artifacts/.
 
-Chromium comes from `tests.browser` (installed with apt-get when missing)."""
+Chromium comes from `tests.browser` (installed with apt-get when missing); one that cannot be
+installed fails the test under CI and skips it in a local run."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from benchmarks.sse import data
 from tests.conftest import FAKE_MODEL, Stack, fake_app_args
 
 pytestmark = pytest.mark.e2e
@@ -147,9 +148,8 @@ def victim_handles(faults: FaultApp) -> int:
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[float, str]]:
     """(arrival time, data) of each SSE data event."""
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            yield time.monotonic(), line[len("data: ") :]
+    for item in data(response):
+        yield time.monotonic(), item
 
 
 def test_generator_sigkill_mid_stream_errors_in_band_and_recovers(faults: FaultApp) -> None:

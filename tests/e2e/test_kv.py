@@ -49,8 +49,12 @@ def test_ledger_holds_the_whole_budget_and_covers_the_engine(stack: Stack) -> No
     try:
         assert next(iter(response))
         busy = wait_for(stack, lambda w: w["kv_handles_open"] == 1 and w["kv_engine_usage"] > 0)
-        block = 128
-        assert busy["kv_blocks_used"] >= math.ceil((len(prompt.split()) + MAX_NEW) / block)
+        block = stack.worker_status().model_state(REAL_MODEL).stats.kv_block_size_tokens
+        prompt_tokens = httpx.post(
+            stack.base_url + "/tokenize", json={"model": REAL_MODEL, "prompt": prompt}, timeout=10
+        ).json()["count"]
+        # one handle, no shared prefix: the prompt and the whole budget, in the engine's blocks
+        assert busy["kv_blocks_used"] == math.ceil((prompt_tokens + MAX_NEW) / block)
         engine_blocks = busy["kv_engine_usage"] * busy["kv_blocks_total"]
         assert busy["kv_blocks_used"] >= engine_blocks, (
             "the ledger must never under-count the engine"

@@ -47,6 +47,7 @@ import pytest
 import yaml
 
 from benchmarks.local_serve import free_port
+from benchmarks.sse import parse, payloads
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import ROOT, Stack, fake_app_args
 
@@ -357,8 +358,8 @@ def check_use_it_curl(block: Block, request: pytest.FixtureRequest) -> None:
     check_documented_outputs(block.code, ran.stdout)
     reply, end = json.JSONDecoder().raw_decode(ran.stdout)  # curl -s: no newline after it
     assert reply["object"] == "chat.completion", reply
-    events = [line[6:] for line in ran.stdout[end:].splitlines() if line.startswith("data: ")]
-    chunks = [json.loads(event) for event in events if event != "[DONE]"]
+    events = parse(ran.stdout[end:])
+    chunks, _ = payloads(events)
     assert "".join(chunk.get("text_delta", "") for chunk in chunks).strip(), events
     assert chunks[-1]["done"] and not any(chunk["done"] for chunk in chunks[:-1]), events
 

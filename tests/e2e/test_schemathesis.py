@@ -30,8 +30,8 @@ CASES: Counter[str] = Counter()
 def service_document() -> dict[str, Any]:
     """The `fake` app's OpenAPI document, built by the same factory the Ingress serves (the
     test checks below that it equals what /fake/openapi.json returns)."""
-    from app.api.app import create_app
     from app.config import AppConfig
+    from app.server import create_app
 
     return create_app(AppConfig.model_validate(fake_app_args()), None).openapi()  # type: ignore[arg-type]
 

@@ -21,11 +21,12 @@ import openai
 import pytest
 import uvicorn
 
-from app.api.app import create_app
 from app.config import AppConfig
+from app.server import create_app
 from benchmarks.local_serve import free_port
 from tests.browser import open_page
 from tests.fakes.local_backend import LocalBackend
+from tests.needs import missing
 from tests.sie import SIEFailure, run_sie
 
 pytestmark = pytest.mark.e2e
@@ -178,7 +179,7 @@ def test_pool_changes_need_the_admin_key_over_http(server: Server) -> None:
 
 def curl(*arguments: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        missing("curl is not installed")
     command = ["curl", "-sS", "--max-time", "10", *arguments]
     return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
 

@@ -33,6 +33,7 @@ import pytest
 
 from benchmarks.local_serve import free_port
 from benchmarks.serve_host import BASE_ENV  # the environment the benchmark gives bare vLLM
+from benchmarks.sse import parse, payloads
 from tests.conftest import REAL_MODEL, Stack, real_app_args
 
 pytestmark = pytest.mark.e2e
@@ -552,26 +553,12 @@ class Reply:
     text: str = ""
 
 
-def parse_sse(text: str) -> tuple[list[Any], bool]:
-    events: list[Any] = []
-    done = False
-    for line in text.splitlines():
-        if not line.startswith("data:"):
-            continue  # `event:` lines, `:` keepalive comments, blank separators
-        payload = line[len("data:") :].strip()
-        if payload == "[DONE]":
-            done = True
-        else:
-            events.append(json.loads(payload))
-    return events, done
-
-
 def send(client: httpx.Client, case: Case, body: dict[str, Any] | None = None) -> Reply:
     response = client.post(case.path, json=case.body if body is None else body)
     reply = Reply(response.status_code, response.headers, text=response.text)
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         reply.stream = True
-        reply.events, reply.done = parse_sse(response.text)
+        reply.events, reply.done = payloads(parse(response.text))
     else:
         reply.body = response.json()
     return reply

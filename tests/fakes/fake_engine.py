@@ -1,7 +1,8 @@
 """A small deterministic engine for tests of the layers above the engine. The contract suite
-(tests/integration/test_adapter_contract.py) holds it to the same rules as the vLLM adapter.
-Its OpenAI routes imitate vLLM's wire shapes for chat and completions (one SSE event per token,
-usage when asked), enough for the layers above; vLLM's own layer is tested on the real engine."""
+(tests/integration/test_adapter_contract.py) compares its chunk sequences with the vLLM
+adapter's and its chat and completions replies with vLLM's OpenAI layer's (one SSE event per
+token, the last token with the finish reason, usage when asked); vLLM's layer itself is tested
+on the real engine."""
 
 from __future__ import annotations
 
@@ -9,22 +10,26 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.config import ModelConfig
 from app.engine.base import Admission, GenerationAdapter, StreamTimer, generation_budget
 from app.errors import InvalidRequest, ModelLoading
 from app.protocol.generation import (
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     OpenAICall,
     SamplingOptions,
+    StructuredOutput,
     WireReply,
 )
 from app.protocol.workers import EngineStats
 
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 512
+FINGERPRINT = "fake-engine"
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")
 
 
@@ -65,33 +70,58 @@ class FakeAdapter(GenerationAdapter):
     async def generate(
         self, request: GenerationRequest, prompt_token_ids: list[int]
     ) -> AsyncIterator[GenerationChunk]:
+        """The vLLM adapter's chunk shapes (tests/integration/test_adapter_contract.py compares
+        them): each step one token of every unfinished choice; n = 1: the step that ends the
+        generation is the terminal chunk (its text, token and logprobs included); n > 1: each
+        choice's last chunk carries that choice's finish reason, the terminal only totals."""
         if not self.loaded:
             raise ModelLoading(f"model '{self.model_id}' is loading")
+        sampling = request.sampling
+        if sampling.n > 1 and sampling.temperature == 0:
+            raise InvalidRequest(f"n must be 1 when using greedy sampling, got {sampling.n}")
         prompt_tokens = len(prompt_token_ids)
         budget = generation_budget(
-            prompt_tokens, request.sampling.max_new_tokens, self.max_model_len, "prompt"
+            prompt_tokens, sampling.max_new_tokens, self.max_model_len, "prompt"
         )
+        forced = constrained_text(sampling.structured)
+        choices = [_Choice(index, budget, sampling.stop, forced) for index in range(sampling.n)]
+        top_n = sampling.top_logprobs if sampling.logprobs else None
         timer = StreamTimer()
         self.active.add(request.request_id)
         finished = False
-        text = ""
         try:
-            for index in range(budget):
+            while any(choice.finish_reason is None for choice in choices):
                 await asyncio.sleep(self.token_delay_s)  # 0 still yields, like a real engine
-                word = WORDS[index % len(WORDS)] + " "
-                text += word
-                stop = next((s for s in request.sampling.stop if s in text), None)
-                if stop is not None:
-                    finished = True
-                    yield timer.terminal(
-                        "stop", prompt_tokens=prompt_tokens, completion_tokens=index + 1
+                for choice in [c for c in choices if c.finish_reason is None]:
+                    text, token = choice.step()
+                    chunk = GenerationChunk(
+                        text_delta=text,
+                        is_first=bool(text) and timer.saw_text(),
+                        token_ids=(token.id,),
+                        choice_index=choice.index,
+                        logprobs=None if top_n is None else (_logprob(token, top_n),),
+                        finish_reason=choice.finish_reason,
                     )
-                    return
-                yield GenerationChunk(
-                    text_delta=word, is_first=timer.saw_text(), token_ids=(index,)
-                )
+                    if len(choices) == 1 and choice.finish_reason is not None:
+                        finished = True
+                        yield replace(
+                            chunk,
+                            done=True,
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=choice.tokens,
+                            cached_tokens=0,
+                            ttft_ms=timer.ttft_ms(),
+                            tpot_ms=timer.tpot_ms(choice.tokens),
+                        )
+                        return
+                    yield chunk
             finished = True
-            yield timer.terminal("length", prompt_tokens=prompt_tokens, completion_tokens=budget)
+            yield timer.terminal(
+                "stop",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=sum(choice.tokens for choice in choices),
+                cached_tokens=0,
+            )
         finally:
             self.active.discard(request.request_id)
             if not finished:
@@ -125,6 +155,7 @@ class FakeAdapter(GenerationAdapter):
         prompt_ids = await self.prompt_token_ids(request)
         budget = generation_budget(len(prompt_ids), limit, self.max_model_len, "prompt")
         kind = "chat.completion" if chat else "text_completion"
+        event_kind = "chat.completion.chunk" if chat else "text_completion"  # as vLLM names them
         head: dict[str, Any] = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "created": int(time.time()),
@@ -143,7 +174,13 @@ class FakeAdapter(GenerationAdapter):
                     choice["message"] = {"role": "assistant", "content": text}
                 else:
                     choice["text"] = text
-                payload = {**head, "object": kind, "choices": [choice], "usage": _usage(stats)}
+                payload = {
+                    **head,
+                    "object": kind,
+                    "choices": [choice],
+                    "system_fingerprint": FINGERPRINT,
+                    "usage": _usage(stats),
+                }
                 yield WireReply(json.dumps(payload).encode(), stream=False, done=True, stats=stats)
                 return
             if chat:  # vLLM's first chat event: the role, before any token
@@ -154,18 +191,24 @@ class FakeAdapter(GenerationAdapter):
                     "finish_reason": None,
                 }
                 yield WireReply(
-                    _event({**head, "object": f"{kind}.chunk", "choices": [role]}), stream=True
+                    _event({**head, "object": event_kind, "choices": [role]}), stream=True
                 )
             async for chunk in self.generate(request, prompt_ids):
                 admission.prefilled(request_id)
-                if chunk.done:
+                if chunk.done:  # vLLM: the last token's text with the finish reason
                     stats = chunk
                     end: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}
-                    end.update({"delta": {}} if chat else {"text": ""})
-                    events = [{**head, "object": f"{kind}.chunk", "choices": [end]}]
+                    end.update(
+                        {"delta": {"content": chunk.text_delta}}
+                        if chat
+                        else {"text": chunk.text_delta}
+                    )
+                    events = [{**head, "object": event_kind, "choices": [end]}]
                     options = body.get("stream_options") or {}
                     if options.get("include_usage"):
-                        events.append({**head, "choices": [], "usage": _usage(chunk)})
+                        usage = {"choices": [], "usage": _usage(chunk)}
+                        events.append({**head, "object": event_kind, **usage})
+                    events[-1]["system_fingerprint"] = FINGERPRINT  # vLLM: on the last event
                     data = b"".join(_event(e) for e in events) + b"data: [DONE]\n\n"
                     yield WireReply(data, stream=True, done=True, stats=chunk)
                     return
@@ -174,8 +217,78 @@ class FakeAdapter(GenerationAdapter):
                     {"delta": {"content": chunk.text_delta}} if chat else {"text": chunk.text_delta}
                 )
                 yield WireReply(
-                    _event({**head, "object": f"{kind}.chunk", "choices": [delta]}), stream=True
+                    _event({**head, "object": event_kind, "choices": [delta]}), stream=True
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    id: int
+    text: str
+
+
+EOS = _Token(0, "")
+
+
+class _Choice:
+    """One candidate: WORDS from its own offset (or the constrained text, then EOS), cut at the
+    first stop string as vLLM cuts it (the text before it; the token that completed it)."""
+
+    def __init__(self, index: int, budget: int, stop: tuple[str, ...], forced: str | None) -> None:
+        self.index, self.budget, self.stop, self.forced = index, budget, stop, forced
+        self.text = ""
+        self.tokens = 0
+        self.finish_reason: FinishReason | None = None
+
+    def step(self) -> tuple[str, _Token]:
+        """The next token and the text it adds; sets `finish_reason` when the choice ends."""
+        if self.forced is not None:
+            token = _Token(self.tokens + 1, self.forced) if self.tokens == 0 else EOS
+            self.finish_reason = "stop" if token is EOS else None
+        else:
+            word = WORDS[(self.tokens + self.index) % len(WORDS)] + " "
+            token = _Token(sum(map(ord, word)) % 50_000, word)
+        self.tokens += 1
+        combined = self.text + token.text
+        cut = min((p for p in (combined.find(s) for s in self.stop) if p >= 0), default=None)
+        if cut is not None:
+            combined, self.finish_reason = combined[: max(cut, len(self.text))], "stop"
+        delta, self.text = combined[len(self.text) :], combined
+        if self.finish_reason is None and self.tokens >= self.budget:
+            self.finish_reason = "length"
+        return delta, token
+
+
+def constrained_text(structured: StructuredOutput | None) -> str | None:
+    """What constrained decoding makes the fake say: the shortest match of a regex (from
+    hypothesis, which generates strings from regexes), `{}` for any JSON object; other kinds
+    are refused rather than ignored."""
+    if structured is None:
+        return None
+    if structured.kind == "json_object":
+        return "{}"
+    if structured.kind == "regex" and structured.spec is not None:
+        from hypothesis import find, settings, strategies
+
+        pattern = strategies.from_regex(structured.spec, fullmatch=True)
+        return find(pattern, lambda _: True, settings=settings(database=None))
+    raise InvalidRequest(f"the fake engine does not constrain output to {structured.kind}")
+
+
+def _logprob(token: _Token, top_n: int) -> dict[str, Any]:
+    """vLLM's entry shape: the chosen token first among its alternatives."""
+    alternatives = [token.text, *(word + " " for word in WORDS if word + " " != token.text)]
+    return {
+        **_logprob_entry(token.text, -0.25),
+        "top_logprobs": [
+            _logprob_entry(text, -0.25 * (rank + 1))
+            for rank, text in enumerate(alternatives[:top_n])
+        ],
+    }
+
+
+def _logprob_entry(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _event(payload: dict[str, Any]) -> bytes:

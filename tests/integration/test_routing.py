@@ -18,6 +18,7 @@ import pytest
 from app import metrics
 from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
+from benchmarks.sse import adata
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.integration
@@ -244,11 +245,14 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
                     async with client.stream(
                         "POST", "/v1/chat/completions", json=body, timeout=60
                     ) as response:
-                        seen = 0
-                        async for line in response.aiter_lines():
-                            seen += line.startswith("data:")
-                            if seen >= stop_after:
-                                break
+                        if response.status_code != 200:  # a refusal: a JSON body, no events
+                            await response.aread()
+                        else:
+                            seen = 0
+                            async for _ in adata(response):
+                                seen += 1
+                                if seen >= stop_after:
+                                    break
                 outcomes[mode] = outcomes.get(mode, 0) + 1
             except httpx.TimeoutException:
                 outcomes["timed_out"] = outcomes.get("timed_out", 0) + 1

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
-from app.config import AppConfig
+from app.api.models import gpus_of, tools_supported
+from app.config import AppConfig, ModelConfig
+from app.server import create_app
+from benchmarks.sse import DONE, parse
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"
@@ -43,14 +45,8 @@ def chat(**fields: Any) -> dict[str, Any]:
 
 
 def sse(text: str) -> list[Any]:
-    events = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: ") :]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+    """The JSON payloads of a streamed body, `[DONE]` kept as it is."""
+    return [item if item == DONE else json.loads(item) for item in parse(text)]
 
 
 def test_buffered_chat(client: TestClient) -> None:
@@ -119,7 +115,12 @@ def test_buffered_generate(client: TestClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert (body["model"], body["text"], body["finish_reason"]) == (MODEL, "alpha beta ", "length")
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 2,
+        "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},  # engines report cached tokens, even 0
+    }
     assert body["ttft_ms"] >= 0
 
 
@@ -293,6 +294,35 @@ def test_health_and_models(client: TestClient) -> None:
     assert [m["id"] for m in models["data"]] == [MODEL] and models["models"] == models["data"]
     assert client.get(f"/v1/models/{MODEL}").json()["state"] == "loaded"
     assert client.get("/v1/models/org/other").status_code == 404
+    # a CPU worker holds no GPU; no auto tool choice configured: tools are not offered
+    assert health["workers"][0]["gpu_count"] == 0 and health["cluster"]["gpu_count"] == 0
+    assert models["data"][0]["capabilities"]["tools"] is False
+
+
+@pytest.mark.parametrize(
+    ("openai", "tools"),
+    [
+        ({}, False),
+        ({"tool_call_parser": "hermes"}, False),
+        ({"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}, True),
+    ],
+)
+def test_tools_capability_follows_the_models_tool_settings(
+    openai: dict[str, object], tools: bool
+) -> None:
+    model = ModelConfig.model_validate({"id": MODEL, "openai": openai})
+    assert tools_supported(model) is tools
+
+
+@pytest.mark.parametrize(("num_gpus", "count"), [(0, 0), (0.5, 1), (1, 1), (4, 4)])
+def test_gpu_count_is_the_profiles_gpus(num_gpus: float, count: int) -> None:
+    config = AppConfig.model_validate(
+        {
+            "models": [{"id": MODEL, "profiles": ["p"]}],
+            "profiles": [{"name": "p", "num_gpus": num_gpus}],
+        }
+    )
+    assert gpus_of(config, "p") == count
 
 
 def test_nothing_is_left_running_after_requests(client: TestClient, backend: LocalBackend) -> None:

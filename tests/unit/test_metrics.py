@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import metrics
-from app.api.app import create_app
 from app.api.observe import RequestMetrics, instrument
 from app.api.streaming import ChunkStream
 from app.config import AppConfig
 from app.protocol.generation import GenerationRequest, SamplingOptions
+from app.server import create_app
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"

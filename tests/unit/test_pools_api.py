@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.app import create_app
 from app.config import AppConfig
+from app.server import create_app
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"

@@ -1,4 +1,6 @@
-"""The HTTP application: routers, one exception mapping, and common response headers."""
+"""The HTTP application: the API's and the dashboard's routers, one exception mapping, and
+common response headers. It sits above `app/api` and `app/dashboard`, so the API needs no
+dashboard import (the dashboard uses the API's auth and context)."""
 
 from __future__ import annotations
 
