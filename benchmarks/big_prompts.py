@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from benchmarks.sse import adata  # noqa: E402
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MIB = 1024 * 1024
 
@@ -83,9 +85,7 @@ async def stream_forever(
                     await asyncio.sleep(float(response.headers.get("retry-after", "1")))
                     continue
                 last: float | None = None
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
+                async for _ in adata(response):
                     now = time.perf_counter()
                     if last is not None and not stop.is_set():
                         gaps.gaps.append(now - last)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from benchmarks.sse import DONE, adata
+
 MAX_RETRIES = 120  # one request's 429/503 retries before it counts as failed
 
 
@@ -182,15 +184,13 @@ class ClosedLoop:
         first = None
         done = False
         error = None
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        async for item in adata(response):
+            if item == DONE:
                 done = True
                 break
             if first is None:
                 first = time.monotonic() - started
-            event = json.loads(line[len("data: ") :])
+            event = json.loads(item)
             if "error" in event:
                 error = str(event["error"].get("code"))
         if done and error is None:
