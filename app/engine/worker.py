@@ -13,7 +13,13 @@ from dataclasses import replace
 from app.config import AppConfig, ModelConfig
 from app.engine.base import GenerationAdapter, generation_budget
 from app.engine.coalesce import coalesce
-from app.errors import InputTooLong, ModelLoadFailed, ModelLoading, ModelNotFound
+from app.errors import (
+    InputTooLong,
+    ModelLoadFailed,
+    ModelLoading,
+    ModelNotFound,
+    WorkerUnavailable,
+)
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
 from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
@@ -98,6 +104,8 @@ class Worker:
         if adapter is None:
             raise ModelNotFound(model_id)
         status = self._states[model_id]
+        if adapter.dead:
+            raise WorkerUnavailable(f"the engine of model '{model_id}' on this worker failed")
         if status.state == "loading":
             raise ModelLoading(f"model '{model_id}' is loading")
         if status.state == "failed":
@@ -208,6 +216,10 @@ class Worker:
             kv_handles_open=admission.ledger.open_handles,
             kv_waiting=admission.waiting,
         )
+
+    def dead_engines(self) -> list[str]:
+        """Models whose loaded engine failed for good."""
+        return [model_id for model_id, adapter in self._adapters.items() if adapter.dead]
 
     async def shutdown(self) -> None:
         for adapter in self._adapters.values():

