@@ -485,7 +485,7 @@ async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
         started = time.perf_counter()
         first = 0.0
         count = 0
-        async for chunk in adapter.generate(request, adapter.prompt_token_ids(request)):
+        async for chunk in adapter.generate(request, await adapter.prompt_token_ids(request)):
             if chunk.text_delta and not first:
                 first = time.perf_counter() - started
             count += len(chunk.token_ids)

@@ -257,7 +257,7 @@ def serve_fake_http(port: int) -> None:
                 max_new_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 16
             ),
         )
-        chunks = adapter.generate(request, adapter.prompt_token_ids(request))
+        chunks = adapter.generate(request, await adapter.prompt_token_ids(request))
         if not body.get("stream"):
             text = "".join([chunk.text_delta async for chunk in chunks])
             return JSONResponse({"choices": [{"index": 0, "message": {"content": text}}]})
