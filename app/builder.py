@@ -47,9 +47,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(plain, registry)
     )
     generators = {
-        profile.name: _generator(profile, config).bind(
-            config.for_workers(profile.name).model_dump(mode="json"), profile.name, registry
-        )
+        profile.name: _generator(profile, config).bind(plain, profile.name, registry)
         for profile in config.profiles
     }
     return (

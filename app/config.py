@@ -449,19 +449,3 @@ class AppConfig(ClosedModel):
 
     def models_for_profile(self, name: str) -> list[ModelConfig]:
         return [model for model in self.models if name in model.profiles]
-
-    def for_workers(self, profile: str) -> AppConfig:
-        """What a worker of `profile` reads, the rest left at its defaults: the Generator's
-        init args, so a change elsewhere (ingress, pools, routing, other profiles or models)
-        redeploys without restarting this profile's engines."""
-        models = self.models_for_profile(profile)
-        if not models:  # a profile without models: nothing to keep running
-            return self
-        return AppConfig(
-            models=[model.model_copy(update={"profiles": [profile]}) for model in models],
-            profiles=[MachineProfile(name=profile)],
-            streaming=self.streaming,
-            kv=self.kv,
-            worker_heartbeat_seconds=self.worker_heartbeat_seconds,
-            engine_adapter=self.engine_adapter,
-        )

@@ -51,33 +51,6 @@ def test_bad_config_is_refused(args: dict) -> None:  # type: ignore[type-arg]
         AppConfig.model_validate(args)
 
 
-def test_a_change_outside_what_workers_read_keeps_their_init_args() -> None:
-    """Serve restarts a replica whose init args change: the Generator gets only what its
-    workers read, so such a redeploy keeps the engines serving."""
-    base = {
-        "models": [
-            {"id": "org/a", "profiles": ["cpu"]},
-            {"id": "org/b", "profiles": ["cpu", "l4"]},
-        ],
-        "profiles": [{"name": "cpu"}, {"name": "l4", "num_gpus": 1}],
-    }
-
-    def worker_args(**changes: object) -> dict[str, object]:
-        return AppConfig.model_validate({**base, **changes}).for_workers("cpu").model_dump()
-
-    unchanged = worker_args()
-    assert [m["id"] for m in unchanged["models"]] == ["org/a", "org/b"]  # type: ignore[index]
-    assert worker_args(ingress={"num_replicas": 2}) == unchanged
-    assert worker_args(pools={"control_interval_seconds": 3}) == unchanged
-    assert worker_args(drain_timeout_seconds=60) == unchanged
-    assert (
-        worker_args(profiles=[{"name": "cpu", "max_replicas": 4}, {"name": "l4", "num_gpus": 2}])
-        == unchanged
-    )
-    assert worker_args(kv={"max_waiting_requests": 3}) != unchanged
-    assert worker_args(models=[{"id": "org/a", "profiles": ["cpu"]}]) != unchanged
-
-
 def test_rollout_surge_defaults_to_a_spare_worker_only_without_gpus() -> None:
     config = AppConfig.model_validate(
         {
