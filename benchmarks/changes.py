@@ -10,7 +10,7 @@ Scenarios (default: all, in this order):
 - pool-delete: a pool gets a worker of its own (a second engine), 4 of the clients stream through
   it, and it is deleted mid-stream; its worker returns to the default pool and, after the
   scale-down cooldown, is stopped while the default pool's clients stream on it.
-- drain-node: on a cluster of its own (a head without CPUs for workers, two 1-CPU worker nodes),
+- drain-node: on a cluster of its own (`cluster/local-cluster.sh`: a head and two cpu nodes),
   `ray drain-node` the node that hosts the Generator, as KubeRay and the cluster autoscaler do.
 
 The first three run against a running `make serve` stack (API on 127.0.0.1:8000, Ray dashboard
@@ -43,8 +43,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.closed_loop import ClosedLoop, LoopResult  # noqa: E402
-from benchmarks.local_serve import free_port  # noqa: E402
-from scripts.stack import ENV, process_tree, stop_processes  # noqa: E402
+from scripts.stack import ENV  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BIN = Path(sys.executable).parent
@@ -182,55 +181,49 @@ async def pool_delete(stack: Stack, clients: int) -> dict[str, Any]:
 
 
 async def drain_node(clients: int) -> dict[str, Any]:
-    """Own cluster: head (no CPUs for workers), two 1-CPU nodes; drain the Generator's node."""
-    gcs, dashboard_port, api_port = free_port(), free_port(), free_port()
-    temp_dir = Path(tempfile.mkdtemp(prefix="pschg-", dir="/tmp"))
-    env = {**ENV, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-    env["RAY_DASHBOARD_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    ray = str(BIN / "ray")
-    run = lambda *cmd: subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)  # noqa: E731
+    """A cluster of its own (`cluster/local-cluster.sh`: a head and two cpu worker nodes on
+    127.0.0.1, the cpu profile bound to them by its `profile:cpu` resource); drain the node that
+    hosts the Generator."""
+    config = base_config()
+    config["applications"][0]["args"]["profiles"][0]["resources"] = {"profile:cpu": 1}
+    script = str(ROOT / "cluster" / "local-cluster.sh")
+    env = {**ENV, "RAY_ADDRESS": "127.0.0.1:6390"}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(config, handle)
+
+    def run(*command: str) -> str:
+        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)}: {result.stdout}\n{result.stderr}")
+        return result.stdout
+
     try:
-        run(
-            ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--num-cpus=0", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        )  # fmt: skip
-        for _ in range(2):
-            run(
-                ray,
-                "start",
-                f"--address=127.0.0.1:{gcs}",
-                "--num-cpus=1",
-                "--node-ip-address=127.0.0.1",
-            )
-        config = base_config()
-        config["http_options"]["port"] = api_port
-        args = config["applications"][0]["args"]
-        args["profiles"][0]["max_replicas"] = 1
-        stack = Stack(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{dashboard_port}", env)
+        run(script, "start", "--config", handle.name, "--nodes-per-profile", "2")
+        stack = Stack("http://127.0.0.1:8000", "http://127.0.0.1:8275", env)
         stack.deploy(config)
         await stack.settled(workers=1)
         node = stack.health()["workers"][0]["node_id"]
         loop = ClosedLoop(stack.api, MODEL, clients=clients, max_tokens=64)
 
         async def change() -> None:
-            drain = [
-                ray, "drain-node", f"--address=127.0.0.1:{gcs}", "--node-id", node,
-                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "benchmark",
-                "--deadline-remaining-seconds", "600",
-            ]  # fmt: skip
-            await asyncio.to_thread(run, *drain)
-            while stack.health()["workers"][0]["node_id"] == node or not all(
-                w["state"] == "ready" for w in stack.health()["workers"]
-            ):
+            await asyncio.to_thread(
+                run, str(BIN / "ray"), "drain-node", "--address=127.0.0.1:6390",
+                "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message", "benchmarks/changes.py", "--deadline-remaining-seconds", "600",
+            )  # fmt: skip
+            while True:
+                workers = (await asyncio.to_thread(stack.health))["workers"]
+                moved = [w for w in workers if w["node_id"] != node and w["state"] == "ready"]
+                if moved and all(w["node_id"] != node for w in workers):
+                    break
                 await asyncio.sleep(2)
             await stack.settled(workers=1)
 
         took = await under_load([loop], change, after_s=10)
         return row("ray drain-node of the Generator's node", loop.result, took)
     finally:
-        pattern = f"127.0.0.1:{gcs}"
-        stop_processes(process_tree(lambda cmd: pattern in cmd or str(temp_dir) in cmd))
+        os.unlink(handle.name)
+        subprocess.run([script, "stop"], env=env, cwd=ROOT, capture_output=True, check=False)
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
