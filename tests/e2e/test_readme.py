@@ -538,6 +538,11 @@ SKIPPED: dict[str, str] = {
     "docs/reliability.md > The overload soak > bash 1": (
         "`make soak`: 10 to 30 min on a Ray cluster of its own"
     ),
+    "docs/reliability.md > Changing the running service > bash 1": (
+        "`benchmarks/changes.py`: ~10 min of load with engine reloads on `make serve`'s fixed "
+        "ports and a multi-node cluster of its own; tests/e2e/test_changes_under_load.py runs "
+        "the redeploy case"
+    ),
 }
 
 

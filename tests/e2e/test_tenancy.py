@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from app.tenancy.keys import key_id
-from tests.conftest import FAKE_MODEL, ROOT, _wait_ready
+from tests.conftest import FAKE_MODEL, Stack, _wait_ready
 from tests.sie import SIERunner
 
 pytestmark = pytest.mark.e2e
@@ -113,27 +113,12 @@ def app_args(keys_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
-    import ray
+def tenancy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
     from ray import serve
-    from ray.serve.context import _get_global_client
 
     from app.builder import build_app
-    from benchmarks.local_serve import free_port
 
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}},
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    client = _get_global_client()
-    assert client is not None
-    base = f"http://127.0.0.1:{client.http_config.port}/{APP}"
+    base = f"{stack.base_url}/{APP}"
     args = app_args(tmp_path_factory.mktemp("keys"))
     serve.run(
         build_app(args),
@@ -148,9 +133,6 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
     finally:
         with contextlib.suppress(Exception):
             serve.delete(APP)
-        if owned:
-            serve.shutdown()
-            ray.shutdown()
 
 
 def _wait_ready_keyed(base: str, timeout_s: float = 300) -> None:

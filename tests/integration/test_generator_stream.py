@@ -82,13 +82,21 @@ def test_fast_tokens_are_coalesced_into_few_ray_objects(stack: Stack) -> None:
     assert len(batches) < 100, f"{len(batches)} Ray objects for 400 tokens"
 
 
-def test_a_worker_outside_the_chosen_ones_refuses_in_band(stack: Stack) -> None:
-    """The ingress names the workers of the request's pool; any other replica answers with a
-    retryable WorkerUnavailable as the stream's only item and starts nothing."""
+def test_a_worker_of_another_pool_refuses_in_band_one_of_the_pool_serves(stack: Stack) -> None:
+    """The ingress names the workers of the request's pool. A replica assigned to another pool
+    answers with a retryable WorkerUnavailable as the stream's only item and starts nothing;
+    one of the request's pool that the ingress did not name (it replaced a draining one since
+    the ingress looked) serves it."""
+    import dataclasses
+
     from app.errors import WorkerUnavailable
 
     handle = stack.handle("Generator-cpu", "fake").options(stream=True)
-    items = list(handle.generate.remote(request(FAKE_MODEL, 8), workers=("another-worker",)))
+    other_pool = dataclasses.replace(request(FAKE_MODEL, 8), pool="eval")
+    items = list(handle.generate.remote(other_pool, workers=("another-worker",)))
     assert len(items) == 1 and isinstance(items[0], WorkerUnavailable), items
     assert items[0].status == 503
     assert stack.worker_status("fake").active_requests == 0
+    same_pool = list(handle.generate.remote(request(FAKE_MODEL, 8), workers=("another-worker",)))
+    chunks = [chunk for batch in same_pool for chunk in batch]
+    assert chunks and chunks[-1].done and chunks[-1].finish_reason == "length", same_pool
