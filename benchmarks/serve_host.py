@@ -75,6 +75,32 @@ def engine_settings() -> dict[str, Any]:
     }
 
 
+def scheduler_kwargs() -> dict[str, Any]:
+    """The scheduler arguments poolserve's adapter gives vLLM beyond serve_config's engine block
+    (its defaults: priority scheduling, chunked prefill off on CPU), so that every system of the
+    comparison runs the same engine."""
+    from app.config import AppConfig
+    from app.engine.vllm_adapter import chunked_prefill
+
+    engine = AppConfig.model_validate(serve_config_app()["args"]).models[0].engine
+    return {
+        "scheduling_policy": engine.scheduling_policy,
+        **chunked_prefill(engine.enable_chunked_prefill, engine.max_model_len, engine.extra_args),
+    }
+
+
+def scheduler_flags() -> list[str]:
+    """`scheduler_kwargs` as `vllm serve` flags."""
+    flags: list[str] = []
+    for name, value in scheduler_kwargs().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def engine_env() -> dict[str, str]:
     return {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": f"{engine_settings()['cpu_kv_cache_gib']:g}"}
 
@@ -155,6 +181,7 @@ def start_vllm(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
     ]
     if settings["enforce_eager"]:
         command.append("--enforce-eager")
+    command += scheduler_flags()
     log = (log_dir / "vllm-server.log").open("wb")
     env = {**os.environ, **engine_env(), "VLLM_CACHE_ROOT": str(log_dir / "vllm-cache")}
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)
@@ -192,6 +219,7 @@ def start_rayllm(port: int) -> None:
             "max_model_len": settings["max_model_len"],
             "max_num_seqs": settings["max_num_seqs"],
             "enable_prefix_caching": settings["enable_prefix_caching"],
+            **scheduler_kwargs(),
         },
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         runtime_env={"env_vars": engine_env()},

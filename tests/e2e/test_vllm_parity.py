@@ -32,7 +32,10 @@ import httpx
 import pytest
 
 from benchmarks.local_serve import free_port
-from benchmarks.serve_host import BASE_ENV  # the environment the benchmark gives bare vLLM
+from benchmarks.serve_host import (
+    BASE_ENV,  # the environment the benchmark gives bare vLLM
+    scheduler_flags,
+)
 from benchmarks.sse import parse, payloads
 from tests.conftest import REAL_MODEL, Stack, real_app_args
 
@@ -752,6 +755,7 @@ def vllm_command(port: int) -> list[str]:
         str(engine["max_num_seqs"]),
         "--kv-cache-memory-bytes",
         str(int(engine["cpu_kv_cache_gib"] * 2**30)),
+        *scheduler_flags(),  # as our adapter sets them (priority, chunked prefill off on CPU)
     ]
     if model.get("lora_adapters"):  # the stack's engine runs with LoRA on: so does this one
         from app.engine.demo_lora import resolve_lora_source
