@@ -259,7 +259,10 @@ class TenancyConfig(ClosedModel):
         "stops counting against concurrent_streams after this long.",
     )
     flush_interval_seconds: float = Field(
-        0.1, gt=0, description="Usage reports are persisted together at most this often."
+        1.0,
+        gt=0,
+        description="Usage changes are persisted at least this often; a report that waits is "
+        "written as soon as the previous write ends (group commit).",
     )
     accrual_interval_seconds: float = Field(
         2.0, gt=0, description="How often the worker-seconds of each pool are accrued."

@@ -35,6 +35,7 @@ SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
 ADMIT_TIMEOUT_SECONDS = 2.0
+COUNT_TIMEOUT_SECONDS = 2.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 GRPC_REQUEST_BYTES = (
     3 * 1024 * 1024
@@ -101,12 +102,13 @@ class ServeBackend:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
-        """Limits first (service-wide, before any engine work), then the worker's stream. When
-        the consumer closes it after the terminal batch (a buffered reply: before sending it;
-        a stream: after its last event), the usage goes to the TenantLedger, which counts it at
-        once (once per request id) and acknowledges it when durable; it is retried until then.
-        A stream cut before the end (its ingress died) is counted nowhere, as its client got
-        no usage block."""
+        """Limits first (service-wide, before any engine work), then the worker's stream. The
+        terminal batch (it carries the usage) is passed on only once the TenantLedger has
+        counted it (once per request id), so no client holds a usage block the ledger lacks;
+        then the report is repeated until the ledger has it durable. A request that ends
+        without usage (failed, or cut because its ingress died before the end) is not counted;
+        one whose ingress dies between the count and the reply's last bytes is (its tokens
+        were generated)."""
         await self.workers()
         pool = tenant_pool(request)
         if pool != DEFAULT_POOL and pool not in self._pools:
@@ -120,6 +122,7 @@ class ServeBackend:
                 terminal = terminal_stats(batch)
                 if terminal is not None:
                     usage = usage_record(request, terminal)
+                    await self._count(request.request_id, usage)
                 yield batch
         finally:
             if admitted or usage is not None:
@@ -145,24 +148,41 @@ class ServeBackend:
             self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
         return True
 
+    async def _count(self, request_id: str, usage: UsageRecord | None) -> None:
+        """The ledger counts it before the client sees it (if this fails, `_finish` retries)."""
+        if self._ledger is None or usage is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self._ledger.count.remote(request_id, usage), COUNT_TIMEOUT_SECONDS
+            )
+        except Exception:
+            logger.warning("usage of %s not counted yet; retrying", request_id, exc_info=True)
+
     def _finish(self, request_id: str, usage: UsageRecord | None) -> None:
+        """Tell the ledger now, in this tick, before the reply's last bytes leave this replica
+        (a buffered reply is sent after this; a stream's last event just was), so that a
+        replica killed in between has almost no window to lose or add a request's usage."""
         self._open.discard(request_id)
         if self._ledger is None:
             return
-        task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
+        first = self._ledger.finish.remote(request_id, usage)
+        task = asyncio.get_running_loop().create_task(self._report(request_id, usage, first))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
-        """Tell the ledger, retrying until it acknowledges (it counts a request id once)."""
+    async def _report(self, request_id: str, usage: UsageRecord | None, first: Any) -> None:
+        """Wait for the ledger's acknowledgement (the report is durable), retrying until then
+        (it counts a request id once)."""
         assert self._ledger is not None
         delay = 0.5
         for _ in range(REPORT_ATTEMPTS):
             try:
-                await self._ledger.finish.remote(request_id, usage)
+                await (first or self._ledger.finish.remote(request_id, usage))
                 return
             except Exception:
                 logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)
+            first = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
         logger.error("usage of request %s could not be reported: %s", request_id, usage)

@@ -2,10 +2,12 @@
 book. Every ingress replica asks it to admit a request (limits hold for the whole service, not
 per replica) and tells it when the request ended, with the usage its client was sent.
 
-- Usage reports carry the request id: a retried report counts once. A report is acknowledged
-  after it is persisted to Ray's GCS key-value store (written together every
-  `tenancy.flush_interval_seconds`), so a restart of this replica, of an ingress or of the
-  PoolAutoscaler loses nothing acknowledged, and an ingress retries what was not.
+- Usage reports carry the request id: a retried report counts once. The ingress has a
+  request counted (`count`, answered on receipt) before its client can see the usage block,
+  then reports it again (`finish`), answered once persisted to Ray's GCS key-value
+  store (group commit: written as soon as the previous write ends, at least every
+  `tenancy.flush_interval_seconds`), so a restart of this replica, of an ingress or of the PoolAutoscaler loses nothing
+  acknowledged, and an ingress retries what was not.
 - Worker-seconds: every `tenancy.accrual_interval_seconds` it reads the PoolAutoscaler's
   snapshot and accrues each pool's live assigned workers x the time since the last accrual.
 - Limits live in memory (a restart starts the windows afresh); requests in flight are leased
@@ -88,6 +90,7 @@ class TenantLedger:
         self._limits = LimitBook(tenancy.limit_window_seconds, tenancy.stream_lease_seconds)
         self._unsaved: list[asyncio.Future[None]] = []
         self._dirty = False
+        self._waiting = asyncio.Event()  # a report waits to be persisted: write now
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_forever()),
@@ -107,20 +110,25 @@ class TenantLedger:
 
     # --- usage -------------------------------------------------------------------------------
 
-    async def finish(self, request_id: str, usage: UsageRecord | None) -> None:
-        """The request ended; `usage` is what its client was sent (None: nothing, e.g. it
-        failed). Counted (once) and its limits released at once, so a read that arrives after
-        it sees it; returns once the usage is durable (the ingress retries until then)."""
+    def count(self, request_id: str, usage: UsageRecord | None) -> bool:
+        """The request ended; `usage` is what its client is about to be sent (None: nothing,
+        e.g. it failed). Counted (once) and its limits released at once, so a read that arrives
+        after it sees it. True: not yet persisted (`finish` waits for that)."""
         now = time.time()
         self._limits.finish(request_id, usage.tokens if usage else None, now)
         if usage is None:
-            return
+            return False
         if self._usage.record(usage, now):
             self._dirty = True
-        elif not self._dirty:
-            return  # counted and saved already (a retried report)
+        return self._dirty
+
+    async def finish(self, request_id: str, usage: UsageRecord | None) -> None:
+        """`count`, then return once the usage is durable (the ingress retries until then)."""
+        if not self.count(request_id, usage):
+            return  # nothing to count, or counted and saved already (a retried report)
         saved = asyncio.get_running_loop().create_future()
         self._unsaved.append(saved)
+        self._waiting.set()
         await saved
 
     def report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
@@ -132,7 +140,9 @@ class TenantLedger:
     async def _flush_forever(self) -> None:
         interval = self._config.tenancy.flush_interval_seconds
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waiting.wait(), interval)
+            self._waiting.clear()
             if not self._dirty:
                 continue
             waiting, self._unsaved = self._unsaved, []
