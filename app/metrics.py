@@ -4,7 +4,8 @@ Request metrics come from the ingress (`app.api.observe.RequestMetrics`, a pure 
 and from the chunk stream (`StreamWatch`, hooked into `app.api.streaming.ChunkStream`). Worker,
 KV, pool and autoscaler gauges are set from the same snapshot `/health` renders, each time
 `/metrics` or the dashboard feed is read. Labels are bounded: route templates (never raw paths),
-status and error codes, profiles, pools, worker (replica) ids. Times are in seconds.
+status and error codes, profiles, pools, worker (replica) ids. Times are in seconds. What the
+dashboard shows beyond these (recent percentiles, recent errors) is kept in `app.history`.
 
 Serving-layer times are measured at the ingress (request arrival -> chunk arrival); engine times
 are what the engine reports on the terminal chunk (`ttft_ms`, `tpot_ms`). Their difference before
@@ -15,9 +16,7 @@ replica's queue, i.e. our framework's share.
 from __future__ import annotations
 
 import contextvars
-import math
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from app.errors import InternalError, ServiceError
+from app.history import RECENT, Sample
 from app.protocol.generation import GenerationChunk, WireReply
 from app.protocol.workers import WorkerStatus
 
@@ -157,7 +157,7 @@ ROUTING_PREFIX_BLOCKS = Counter(
 )
 AUTOSCALER_DECISIONS = Counter(
     f"{PREFIX}_autoscaler_decisions",
-    "Pool autoscaler decisions seen by this ingress, by kind.",
+    "Pool autoscaler decisions seen by this ingress, by kind (app.pools.decide.DecisionKind).",
     ["kind"],
     registry=REGISTRY,
 )
@@ -272,85 +272,6 @@ def record_disconnect(route: str) -> None:
 
 
 # --- streams ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One finished generation, for the dashboard's recent percentiles and tokens/s."""
-
-    at: float
-    ttft_s: float | None
-    tpot_s: float | None
-    engine_ttft_s: float | None
-    engine_tpot_s: float | None
-    tokens: int
-
-
-class RecentWindow:
-    """The last finished generations and error codes (bounded), for the dashboard."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.samples: deque[Sample] = deque(maxlen=size)
-        self.errors: deque[tuple[float, str]] = deque(maxlen=size)
-
-    def series(self, now: float, span_s: float = 300.0, step_s: float = 15.0) -> dict[str, Any]:
-        """Per `step_s` bucket over the last `span_s`: p50/p99 of TTFT/TPOT (ms) and tokens/s."""
-        buckets = int(span_s // step_s)
-        start = now - buckets * step_s
-        grouped: list[list[Sample]] = [[] for _ in range(buckets)]
-        for sample in self.samples:
-            if sample.at >= start:
-                grouped[min(buckets - 1, int((sample.at - start) // step_s))].append(sample)
-        rows = []
-        for index, group in enumerate(grouped):
-            ttft = [s.ttft_s * 1000 for s in group if s.ttft_s is not None]
-            tpot = [s.tpot_s * 1000 for s in group if s.tpot_s is not None]
-            rows.append(
-                {
-                    "at": start + (index + 1) * step_s,
-                    "requests": len(group),
-                    "ttft_p50_ms": percentile(ttft, 50),
-                    "ttft_p99_ms": percentile(ttft, 99),
-                    "tpot_p50_ms": percentile(tpot, 50),
-                    "tpot_p99_ms": percentile(tpot, 99),
-                    "tokens_per_s": sum(s.tokens for s in group) / step_s,
-                }
-            )
-        return {"step_s": step_s, "points": rows}
-
-    def summary(self, now: float, span_s: float = 300.0) -> dict[str, Any]:
-        recent = [s for s in self.samples if s.at >= now - span_s]
-
-        def pick(attr: str) -> list[float]:
-            return [getattr(s, attr) * 1000 for s in recent if getattr(s, attr) is not None]
-
-        return {
-            "span_s": span_s,
-            "requests": len(recent),
-            "tokens": sum(s.tokens for s in recent),
-            **{
-                f"{name}_p{q}_ms": percentile(pick(attr), q)
-                for name, attr in (
-                    ("ttft", "ttft_s"),
-                    ("tpot", "tpot_s"),
-                    ("engine_ttft", "engine_ttft_s"),
-                    ("engine_tpot", "engine_tpot_s"),
-                )
-                for q in (50, 99)
-            },
-        }
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None when there is nothing to rank."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-RECENT = RecentWindow()
 
 
 class StreamWatch:
@@ -518,8 +439,8 @@ def update_snapshot(
 
 
 class DecisionTally:
-    """Counts autoscaler decisions from its reason history (polled; each step's reasons share
-    one timestamp, so a watermark on it counts every reason once)."""
+    """Counts autoscaler decisions by the `kind` of each entry of its reason history (polled;
+    each step's reasons share one timestamp, so a watermark on it counts every reason once)."""
 
     def __init__(self) -> None:
         self.seen_until = float("-inf")
@@ -529,32 +450,11 @@ class DecisionTally:
         for entry in status.get("reasons", []):
             at = float(entry.get("at", 0.0))
             if at > self.seen_until:
-                AUTOSCALER_DECISIONS.labels(decision_kind(str(entry.get("reason", "")))).inc()
+                AUTOSCALER_DECISIONS.labels(str(entry.get("kind", "other"))).inc()
                 newest = max(newest, at)
         self.seen_until = newest
         for profile, target in (status.get("replicas") or {}).items():
             AUTOSCALER_TARGET_REPLICAS.labels(str(profile)).set(int(target))
-
-
-def decision_kind(reason: str) -> str:
-    """A bounded label for one of `app.pools.decide`'s reason strings."""
-    if " expired " in reason:
-        return "pool_expired"
-    if "capacity exhausted" in reason:
-        return "capacity_exhausted"
-    if "keeping" in reason and "cooldown" in reason:
-        return "scale_down_held"
-    if " -> pool " in reason or reason.endswith("-> default pool"):
-        return "worker_assigned"
-    if reason.startswith("pool '") and (" active:" in reason or " pending:" in reason):
-        return "pool_state"
-    if " workers (" in reason and " -> " in reason:
-        before, _, after = reason.partition(": ")[2].partition(" -> ")
-        try:
-            return "scale_up" if int(after.split()[0]) > int(before) else "scale_down"
-        except (ValueError, IndexError):
-            return "scale"
-    return "other"
 
 
 TALLY = DecisionTally()

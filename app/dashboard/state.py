@@ -10,6 +10,7 @@ from app import metrics
 from app.api.context import ApiContext
 from app.api.models import health_of
 from app.api.observe import refresh_snapshot
+from app.history import RECENT
 from app.pools.model import DEFAULT_POOL, PoolRecord
 from app.protocol.workers import WorkerStatus
 
@@ -41,8 +42,8 @@ async def dashboard_state(context: ApiContext) -> dict[str, Any]:
         "cluster": _totals(worker_rows, pools),
         "pools": pool_rows,
         "workers": worker_rows,
-        "latency": metrics.RECENT.summary(now),
-        "series": metrics.RECENT.series(now),
+        "latency": RECENT.summary(now),
+        "series": RECENT.series(now),
         "autoscaler": _autoscaler(autoscaler),
         "requests": _request_totals(now),
         "usage": _usage(snapshot.get("usage"), pools),
@@ -215,7 +216,7 @@ def collapse_repeats(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "at": entry.get("at"),
             "first_at": entry.get("at"),
             "reason": reason,
-            "kind": metrics.decision_kind(reason),
+            "kind": str(entry.get("kind", "other")),
             "repeats": 1,
         }
         collapsed.append(row)
@@ -236,7 +237,7 @@ def _request_totals(now: float, span_s: float = 300.0) -> dict[str, Any]:
             if code != metrics.NO_CODE:
                 errors[code] = errors.get(code, 0.0) + sample.value
     recent: dict[str, int] = {}
-    for at, code in metrics.RECENT.errors:
+    for at, code in RECENT.errors:
         if at >= now - span_s:
             recent[code] = recent.get(code, 0) + 1
     return {

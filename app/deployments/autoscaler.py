@@ -33,7 +33,7 @@ from ray.serve.context import _get_global_client
 
 from app.config import AppConfig, MachineProfile
 from app.pools.book import PoolBook
-from app.pools.decide import Decision, Snapshot, WorkerView, decide
+from app.pools.decide import Decision, Reason, Snapshot, WorkerView, decide
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.workers import WorkerStatus
 
@@ -97,7 +97,7 @@ class PoolAutoscaler:
         self._capacity: dict[str, int | None] = {}
         self._load_capacity: dict[str, int | None] = {}
         self._capacity_at = float("-inf")
-        self._history: deque[tuple[float, str]] = deque(maxlen=HISTORY_LENGTH)
+        self._history: deque[tuple[float, Reason]] = deque(maxlen=HISTORY_LENGTH)
         self._events: deque[ScaleEvent] = deque(maxlen=HISTORY_LENGTH)
         self._readiness: dict[str, str] = {}
         self._scaler_error: str | None = None
@@ -199,7 +199,10 @@ class PoolAutoscaler:
             "load_capacity": dict(self._load_capacity),
             "restored": self._restored,
             "scaler_error": self._scaler_error,
-            "reasons": [{"at": at, "reason": reason} for at, reason in self._history],
+            "reasons": [
+                {"at": at, "kind": reason.kind, "reason": reason.text}
+                for at, reason in self._history
+            ],
             "scale_events": [dataclasses.asdict(event) for event in self._events],
         }
 
@@ -245,7 +248,9 @@ class PoolAutoscaler:
             for status in silent:
                 if status.deployment == deployment and status.worker_id not in present:
                     self._workers.pop(status.worker_id, None)
-                    reason = f"worker {status.worker_id} forgotten: Serve no longer runs it"
+                    reason = Reason(
+                        "other", f"worker {status.worker_id} forgotten: Serve no longer runs it"
+                    )
                     logger.info("pool autoscaler: %s", reason)
                     self._history.append((now, reason))
 

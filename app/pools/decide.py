@@ -25,12 +25,38 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from app.config import AppConfig
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolState
 from app.protocol.workers import WorkerStatus
 
 UNBOUNDED = 1 << 30
+
+DecisionKind = Literal[
+    "scale_up",
+    "scale_down",
+    "scale_down_held",
+    "capacity_exhausted",
+    "worker_assigned",
+    "pool_state",
+    "pool_expired",
+    "other",
+]
+"""What a reason is about: the `kind` label of `poolserve_autoscaler_decisions_total` and of the
+dashboard's decisions ("other": e.g. a worker the autoscaler forgot because Serve stopped it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One thing a decision did and why: a bounded `kind` for metrics and the dashboard, and the
+    sentence people read in logs, /health and the dashboard."""
+
+    kind: DecisionKind
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +112,7 @@ class Decision:
     assignments: dict[str, str]
     states: dict[str, PoolState]
     shrink_since: dict[str, float]
-    reasons: tuple[str, ...]
+    reasons: tuple[Reason, ...]
     granted: dict[str, dict[str, int]] = field(default_factory=dict)
     """pool -> profile -> workers granted (after caps and cluster capacity)."""
     readiness: dict[str, str] = field(default_factory=dict)
@@ -94,7 +120,7 @@ class Decision:
 
 
 def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
-    reasons: list[str] = []
+    reasons: list[Reason] = []
     cooldown = config.pools.scale_down_cooldown_seconds
     shrink_since: dict[str, float] = {}
     states: dict[str, PoolState] = {}
@@ -104,14 +130,21 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
             states[record.name] = "expired"
             if record.state != "expired":
                 reasons.append(
-                    f"pool '{record.name}' expired (not renewed for {record.lease_seconds:g} s); "
-                    "its workers return to the default pool"
+                    Reason(
+                        "pool_expired",
+                        f"pool '{record.name}' expired (not renewed for {record.lease_seconds:g} "
+                        "s); its workers return to the default pool",
+                    )
                 )
         elif record.spec.shared:  # holds no workers: active while its lease holds
             states[record.name] = "active"
             if record.state != "active":
                 reasons.append(
-                    f"pool '{record.name}' active: shares the workers of '{record.spec.queue_pool}'"
+                    Reason(
+                        "pool_state",
+                        f"pool '{record.name}' active: shares the workers of "
+                        f"'{record.spec.queue_pool}'",
+                    )
                 )
         else:
             live.append(record)
@@ -209,19 +242,26 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
         targets[profile] = target
         if short:
             reasons.append(
-                f"{profile}: capacity exhausted (the cluster fits {upper} workers): "
-                + ", ".join(short)
+                Reason(
+                    "capacity_exhausted",
+                    f"{profile}: capacity exhausted (the cluster fits {upper} workers): "
+                    + ", ".join(short),
+                )
             )
         if target != current:
             parts = [f"{pool} {g[profile]}" for pool, g in granted.items() if g.get(profile)]
             why = ", ".join(parts) or "nothing wants workers"
-            reasons.append(f"{profile}: {current} -> {target} workers ({why})")
+            kind: DecisionKind = "scale_up" if target > current else "scale_down"
+            reasons.append(Reason(kind, f"{profile}: {current} -> {target} workers ({why})"))
         elif desired < current and profile in shrink_since:
             left_s = cooldown - (now - shrink_since[profile])
             if snapshot.shrink_since.get(profile) is None:
                 reasons.append(
-                    f"{profile}: keeping {current} workers (want {desired}) "
-                    f"until the {cooldown:g} s cooldown ends in {left_s:.0f} s"
+                    Reason(
+                        "scale_down_held",
+                        f"{profile}: keeping {current} workers (want {desired}) "
+                        f"until the {cooldown:g} s cooldown ends in {left_s:.0f} s",
+                    )
                 )
 
     # 5. assignments
@@ -247,13 +287,23 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
             for worker in free[:need]:
                 assignments[worker.worker_id] = record.name
                 counts[record.name] += 1
-                reasons.append(f"worker {worker.worker_id} ({profile}) -> pool '{record.name}'")
+                reasons.append(
+                    Reason(
+                        "worker_assigned",
+                        f"worker {worker.worker_id} ({profile}) -> pool '{record.name}'",
+                    )
+                )
         for worker in workers:
             if worker.worker_id not in assignments:
                 assignments[worker.worker_id] = DEFAULT_POOL
                 previous = snapshot.assignments.get(worker.worker_id, DEFAULT_POOL)
                 if previous != DEFAULT_POOL:
-                    reasons.append(f"worker {worker.worker_id} ({profile}) -> default pool")
+                    reasons.append(
+                        Reason(
+                            "worker_assigned",
+                            f"worker {worker.worker_id} ({profile}) -> default pool",
+                        )
+                    )
 
     # 6. readiness
     readiness: dict[str, str] = {}
@@ -277,7 +327,7 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
         detail = ", ".join(missing) if missing else "requirement met"
         readiness[record.name] = detail
         if state != record.state:
-            reasons.append(f"pool '{record.name}' {state}: {detail}")
+            reasons.append(Reason("pool_state", f"pool '{record.name}' {state}: {detail}"))
 
     return Decision(
         targets=targets,

@@ -14,6 +14,7 @@ from app import metrics
 from app.api.observe import RequestMetrics, instrument
 from app.api.streaming import ChunkStream
 from app.config import AppConfig
+from app.history import percentile
 from app.protocol.generation import GenerationRequest, SamplingOptions
 from app.server import create_app
 from tests.fakes.local_backend import LocalBackend
@@ -164,8 +165,12 @@ def test_metrics_route_exports_workers_kv_and_pools(
     assert client.post("/v1/pools", json={"name": "bench", "gpus": {"cpu": 1}}).status_code == 200
     backend.status = {
         "reasons": [
-            {"at": 10.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
-            {"at": 10.0, "reason": "worker local-cpu (cpu) -> pool 'bench'"},
+            {"at": 10.0, "kind": "scale_up", "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
+            {
+                "at": 10.0,
+                "kind": "worker_assigned",
+                "reason": "worker local-cpu (cpu) -> pool 'bench'",
+            },
         ],
         "replicas": {"cpu": 2},
     }
@@ -226,30 +231,10 @@ def test_dashboard_without_autoscaler_says_so() -> None:
     assert state["workers"][0]["state"] == "loading"  # never started: an honest state
 
 
-@pytest.mark.parametrize(
-    ("reason", "kind"),
-    [
-        ("cpu: 1 -> 2 workers (default 1, bench 1)", "scale_up"),
-        ("cpu: 2 -> 1 workers (default 1)", "scale_down"),
-        ("worker abc (cpu) -> pool 'bench'", "worker_assigned"),
-        ("worker abc (cpu) -> default pool", "worker_assigned"),
-        ("pool 'bench' active: requirement met", "pool_state"),
-        ("pool 'bench' expired (not renewed for 1200 s); its workers return", "pool_expired"),
-        (
-            "cpu: capacity exhausted (the cluster fits 2 workers): pool 'x' gets 0 of 1",
-            "capacity_exhausted",
-        ),
-        ("cpu: keeping 2 workers (want 1) until the 60 s cooldown ends in 60 s", "scale_down_held"),
-    ],
-)
-def test_decision_kinds(reason: str, kind: str) -> None:
-    assert metrics.decision_kind(reason) == kind
-
-
 def test_percentile_nearest_rank() -> None:
-    assert metrics.percentile([], 50) is None
-    assert metrics.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert metrics.percentile(list(map(float, range(1, 101))), 99) == 99.0
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(map(float, range(1, 101))), 99) == 99.0
 
 
 def test_unhandled_error_counts_as_internal_error() -> None:
@@ -273,10 +258,11 @@ def test_dashboard_collapses_repeated_decisions() -> None:
     from app.dashboard.state import collapse_repeats
 
     reasons = [
-        {"at": 1.0, "reason": "worker w (cpu) -> pool 'bench'"},
-        {"at": 1.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
-        {"at": 2.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
-        {"at": 3.0, "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"},
+        {"at": 1.0, "kind": "worker_assigned", "reason": "worker w (cpu) -> pool 'bench'"},
+        *(
+            {"at": at, "kind": "scale_up", "reason": "cpu: 1 -> 2 workers (default 1, bench 1)"}
+            for at in (1.0, 2.0, 3.0)
+        ),
     ]
     rows = collapse_repeats(reasons)
     assert [(r["kind"], r["repeats"], r["first_at"], r["at"]) for r in rows] == [

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.config import AppConfig
-from app.pools.decide import Decision, Snapshot, WorkerView, decide
+from app.pools.decide import Decision, Reason, Snapshot, WorkerView, decide
 from app.pools.model import PoolRecord, PoolSpec
 
 NOW = 10_000.0
@@ -82,7 +82,7 @@ def test_scale_from_zero_on_demand_and_never_above_cap() -> None:
     assert quiet.targets["l4"] == 0
     wanted = run(snap(record, demand={("lazy", "l4"): NOW - 1}))
     assert wanted.targets["l4"] == 1
-    assert any("l4: 0 -> 1" in reason for reason in wanted.reasons)
+    assert Reason("scale_up", "l4: 0 -> 1 workers (lazy 1)") in wanted.reasons
     busy = [worker("w1", "l4", active=50)]
     capped = run(
         snap(record, workers=busy, assignments={"w1": "lazy"}, replicas={"l4": 1}),
@@ -147,7 +147,9 @@ def test_capacity_exhaustion_grants_oldest_pools_first() -> None:
     assert decision.targets["l4"] == 3
     assert decision.granted["older"]["l4"] == 2
     assert decision.granted["newer"]["l4"] == 1
-    assert any("capacity exhausted" in r and "'newer' gets 1 of 2" in r for r in decision.reasons)
+    assert any(
+        r.kind == "capacity_exhausted" and "'newer' gets 1 of 2" in r.text for r in decision.reasons
+    )
 
 
 def test_profile_max_replicas_bounds_the_target() -> None:
@@ -168,7 +170,7 @@ def test_scale_down_waits_for_the_cooldown() -> None:
     first = run(snap(workers=workers, replicas={"cpu": 2}))
     assert first.targets["cpu"] == 2
     assert first.shrink_since == {"cpu": NOW}
-    assert any("cooldown" in reason for reason in first.reasons)
+    assert any(r.kind == "scale_down_held" and "cooldown" in r.text for r in first.reasons)
     later = run(
         snap(workers=workers, replicas={"cpu": 2}, shrink_since=first.shrink_since), NOW + 59
     )
@@ -177,7 +179,7 @@ def test_scale_down_waits_for_the_cooldown() -> None:
         snap(workers=workers, replicas={"cpu": 2}, shrink_since=first.shrink_since), NOW + 60
     )
     assert done.targets["cpu"] == 1
-    assert any("cpu: 2 -> 1" in reason for reason in done.reasons)
+    assert any(r.kind == "scale_down" and "cpu: 2 -> 1" in r.text for r in done.reasons)
 
 
 def test_scale_up_is_immediate_and_resets_the_cooldown() -> None:
@@ -303,7 +305,10 @@ def test_expired_pool_releases_its_workers_and_target() -> None:
     assert decision.states["old"] == "expired"
     assert decision.assignments["g1"] == "default"
     assert decision.targets["l4"] == 0
-    assert any("pool 'old' expired" in reason for reason in decision.reasons)
+    assert any(
+        r.kind == "pool_expired" and "pool 'old' expired" in r.text for r in decision.reasons
+    )
+    assert Reason("worker_assigned", "worker g1 (l4) -> default pool") in decision.reasons
 
 
 def test_lease_boundary() -> None:
@@ -315,7 +320,7 @@ def test_lease_boundary() -> None:
 def test_every_change_has_a_reason() -> None:
     decision = run(snap(pool("p", gpus={"l4": 1})))
     assert decision.targets["l4"] == 1
-    assert decision.reasons and all(isinstance(r, str) and r for r in decision.reasons)
+    assert decision.reasons and all(isinstance(r, Reason) and r.text for r in decision.reasons)
 
 
 def test_cluster_fit_counts_one_cpu_engine_per_node_under_load() -> None:
@@ -326,3 +331,17 @@ def test_cluster_fit_counts_one_cpu_engine_per_node_under_load() -> None:
     assert _fits(cpu, nodes) == 6  # resources alone: 4 + 2 one-CPU workers
     assert _fits(cpu, nodes, gainful=True) == 2  # one CPU engine per node adds compute
     assert _fits(l4, nodes) == _fits(l4, nodes, gainful=True) == 2  # a GPU each
+
+
+def test_reasons_carry_the_kind_metrics_count() -> None:
+    record = pool("p", gpus={"cpu": 1})
+    decision = run(snap(record, workers=[worker("c1", "cpu")], replicas={"cpu": 1}))
+    assert decision.reasons == (
+        Reason("scale_up", "cpu: 1 -> 2 workers (default 1, p 1)"),
+        Reason("worker_assigned", "worker c1 (cpu) -> pool 'p'"),
+        Reason("pool_state", "pool 'p' active: requirement met"),
+    )
+    shared = pool("s", shared=True, queue_pool="p")
+    assert Reason("pool_state", "pool 's' active: shares the workers of 'p'") in (
+        run(snap(record, shared)).reasons
+    )
