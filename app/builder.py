@@ -15,6 +15,7 @@ from app.config import AppConfig, MachineProfile
 from app.deployments.autoscaler import PoolAutoscaler
 from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
+from app.deployments.ray_private import start_with_zero_replicas
 from app.deployments.router import ROUTER_PATH
 from app.deployments.tenancy import TenantLedger
 
@@ -79,9 +80,6 @@ def _generator(profile: MachineProfile, config: AppConfig) -> Deployment:
             request_routing_stats_period_s=config.routing.stats_period_seconds,  # type: ignore[arg-type]
         ),
     )
-    if profile.num_replicas == 0:
-        # Serve's API refuses 0 replicas at deploy time (only its external scaler may set 0),
-        # but the deployment config allows it: start the profile empty, scaled from zero by
-        # the PoolAutoscaler.
-        deployment._deployment_config.num_replicas = 0
+    if profile.num_replicas == 0:  # scaled from zero by the PoolAutoscaler
+        start_with_zero_replicas(deployment)
     return deployment

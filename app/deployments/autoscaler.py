@@ -1,16 +1,18 @@
 """PoolAutoscaler deployment (one replica): the worker registry, the single writer of pool
 state, and the control loop.
 
-- Registry: every Generator replica reports its WorkerStatus every few seconds; the reply is
-  the pool that worker is assigned to (how assignments reach workers). The ingress reads
-  `routing_snapshot()` (workers with their assigned pool, and the pools).
+- Registry (`app.deployments.workers`): every Generator replica reports its WorkerStatus every
+  few seconds; the reply is the pool that worker is assigned to (how assignments reach
+  workers). The ingress reads `routing_snapshot()` (workers with their assigned pool, and the
+  pools).
 - Pools: create/update/renew/delete go through here and are persisted to Ray's GCS key-value
-  store before the call returns, so a restart of this replica loses nothing.
-- Control loop: every `pools.control_interval_seconds` (and at once after a pool change or a
-  request that found no worker) it runs the pure `app.pools.decide.decide` and applies the
-  replica target per profile through Serve's external scaling API (the application must be
+  store (`app.deployments.pool_store`) before the call returns, so a restart of this replica
+  loses nothing.
+- Control loop (here): every `pools.control_interval_seconds` (and at once after a pool change
+  or a request that found no worker) it runs the pure `app.pools.decide.decide` and applies
+  the replica target per profile through Serve's external scaling API (the application must be
   deployed with `external_scaler_enabled: true`; without it targets stay at `num_replicas` and
-  the reason says so).
+  the reason says so), reached through `app.deployments.ray_private`.
 """
 
 from __future__ import annotations
@@ -19,52 +21,29 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray import serve
 from ray.exceptions import RayError
-from ray.experimental import internal_kv
-from ray.serve._private.common import DeploymentID, ReplicaState
-from ray.serve.context import _get_global_client
 
 from app.config import AppConfig, MachineProfile
+from app.deployments.pool_store import GcsStore
+from app.deployments.ray_private import set_replica_target
+from app.deployments.workers import WorkerRegistry
 from app.pools.book import PoolBook
+from app.pools.capacity import workers_that_fit
 from app.pools.decide import Decision, Reason, Snapshot, WorkerView, decide
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.workers import WorkerStatus
 
 logger = logging.getLogger("ray.serve")
 
-FORGET_AFTER_SECONDS = 120.0
-SILENT_HEARTBEATS = 3
-"""A worker silent this many heartbeat intervals is looked up among Serve's replicas."""
-GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
-KV_NAMESPACE = "poolserve"
 CAPACITY_REFRESH_SECONDS = 5.0
-UNBOUNDED_PER_NODE = 1 << 30
 HISTORY_LENGTH = 200
-REGISTRY_WARMUP_HEARTBEATS = 1.25
-
-
-class GcsStore:
-    """The pool book as one JSON value in Ray's GCS key-value store (survives actor restarts;
-    lives as long as the cluster's GCS)."""
-
-    def __init__(self, app_name: str) -> None:
-        self.key = f"pools/{app_name}"
-
-    def load(self) -> PoolBook | None:
-        raw = internal_kv._internal_kv_get(self.key, namespace=KV_NAMESPACE)
-        return PoolBook.model_validate_json(raw) if raw else None
-
-    def save(self, book: PoolBook) -> None:
-        internal_kv._internal_kv_put(
-            self.key, book.model_dump_json(), overwrite=True, namespace=KV_NAMESPACE
-        )
 
 
 @dataclasses.dataclass
@@ -91,7 +70,6 @@ class PoolAutoscaler:
         self._book = loaded or PoolBook(
             replicas={p.name: p.num_replicas for p in self._config.profiles}
         )
-        self._workers: dict[str, WorkerStatus] = {}
         self._demand: dict[tuple[str, str], float] = {}
         self._shrink_since: dict[str, float] = {}
         self._capacity: dict[str, int | None] = {}
@@ -106,8 +84,8 @@ class PoolAutoscaler:
         self._wake = asyncio.Event()
         grace = self._config.pools.startup_grace_seconds
         started = time.time()
-        self._registry_full_at = started + REGISTRY_WARMUP_HEARTBEATS * (
-            self._config.worker_heartbeat_seconds
+        self._registry = WorkerRegistry(
+            self._app_name, self._config.worker_heartbeat_seconds, started
         )
         self._decide_after = started + (
             grace if grace is not None else 3 * self._config.worker_heartbeat_seconds
@@ -125,30 +103,21 @@ class PoolAutoscaler:
 
     def report(self, status: WorkerStatus) -> str:
         """A worker's heartbeat; the reply is the pool it is assigned to."""
-        self._workers[status.worker_id] = status
+        self._registry.report(status)
         self._note_reached(time.time())
         return self._book.assignments.get(status.worker_id, DEFAULT_POOL)
 
     def forget(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+        self._registry.forget(worker_id)
 
     def workers(self) -> list[WorkerStatus]:
         """Every known worker, `pool` being its current assignment."""
-        cutoff = time.time() - FORGET_AFTER_SECONDS
-        for worker_id in [w for w, s in self._workers.items() if s.reported_at < cutoff]:
-            del self._workers[worker_id]
-        return [
-            dataclasses.replace(s, pool=self._book.assignments.get(w, DEFAULT_POOL))
-            for w, s in self._workers.items()
-        ]
+        return self._registry.known(self._book.assignments)
 
     async def routing_snapshot(self) -> tuple[list[WorkerStatus], dict[str, PoolRecord]]:
-        """A registry that just started (a redeploy) knows only the workers that reported
-        since: the first snapshots wait for a round of heartbeats, so that a new ingress does
-        not turn requests away from a service that is running."""
-        warming = self._registry_full_at - time.time()
-        if warming > 0:
-            await asyncio.sleep(warming)
+        """The first snapshots of a registry that just started wait for a round of heartbeats,
+        so that a new ingress does not turn requests away from a service that is running."""
+        await self._registry.wait_until_full()
         return self.workers(), dict(self._book.pools)
 
     def note_demand(self, pool: str, profile: str) -> None:
@@ -226,39 +195,14 @@ class PoolAutoscaler:
     def _may_decide(self, now: float) -> bool:
         if now < self._decide_after:
             return False
-        waiting = [w for w in self._book.assignments if w not in self._workers]
+        waiting = [w for w in self._book.assignments if w not in self._registry.statuses]
         return not waiting or now >= self._decide_after_latest
-
-    async def _forget_gone_workers(self, now: float) -> None:
-        """Drop silent workers whose replica Serve no longer runs (SIGKILLed, lost with their
-        node): they never said goodbye, and their KV ledgers died with them."""
-        silent_after = SILENT_HEARTBEATS * self._config.worker_heartbeat_seconds
-        silent = [s for s in self._workers.values() if now - s.reported_at > silent_after]
-        client = _get_global_client()
-        if not silent or client is None:
-            return
-        for deployment in {s.deployment for s in silent}:
-            try:
-                details = await client._controller.get_deployment_details.remote(
-                    self._app_name, deployment
-                )
-            except RayError:
-                continue
-            present = {r.replica_id for r in details.replicas if r.state not in GONE_STATES}
-            for status in silent:
-                if status.deployment == deployment and status.worker_id not in present:
-                    self._workers.pop(status.worker_id, None)
-                    reason = Reason(
-                        "other", f"worker {status.worker_id} forgotten: Serve no longer runs it"
-                    )
-                    logger.info("pool autoscaler: %s", reason)
-                    self._history.append((now, reason))
 
     async def _control_once(self) -> None:
         now = time.time()
-        await self._forget_gone_workers(now)
+        self._record(now, await self._registry.forget_gone(now))
         stale = self._config.worker_stale_seconds
-        live = [WorkerView.of(s) for s in self._workers.values() if now - s.reported_at <= stale]
+        live = [WorkerView.of(s) for s in self._registry.live(now, stale)]
         replicas = {
             p.name: self._book.replicas.get(p.name, p.num_replicas) for p in self._profiles()
         }
@@ -277,9 +221,7 @@ class PoolAutoscaler:
         self._readiness = decision.readiness
         window = self._config.pools.demand_window_seconds
         self._demand = {k: t for k, t in self._demand.items() if now - t <= window}
-        for reason in decision.reasons:
-            logger.info("pool autoscaler: %s", reason)
-            self._history.append((now, reason))
+        self._record(now, decision.reasons)
         applied = await self._apply_targets(decision, replicas, now)
         if self._book.apply(dataclasses.replace(decision, targets=applied)):
             self._store.save(self._book)
@@ -295,12 +237,7 @@ class PoolAutoscaler:
                 continue
             event = ScaleEvent(profile.name, replicas[profile.name], target, now)
             try:
-                client = _get_global_client()
-                assert client is not None
-                controller = client._controller
-                await controller.update_deployment_replicas.remote(
-                    DeploymentID(name=profile.deployment_name, app_name=self._app_name), target
-                )
+                await set_replica_target(self._app_name, profile.deployment_name, target)
             except RayError as error:
                 cause = getattr(error, "cause", None) or error
                 event.error = f"{type(cause).__name__}: {cause}"
@@ -316,16 +253,17 @@ class PoolAutoscaler:
         self._applied_once = True
         return applied
 
+    def _record(self, now: float, reasons: Sequence[Reason]) -> None:
+        for reason in reasons:
+            logger.info("pool autoscaler: %s", reason)
+            self._history.append((now, reason))
+
     def _note_reached(self, now: float) -> None:
         stale = self._config.worker_stale_seconds
         for event in self._events:
             if event.reached_at is not None or event.applied_at is None:
                 continue
-            live = sum(
-                1
-                for s in self._workers.values()
-                if s.profile == event.profile and now - s.reported_at <= stale
-            )
+            live = sum(1 for s in self._registry.live(now, stale) if s.profile == event.profile)
             if (event.target >= event.previous and live >= event.target) or (
                 event.target < event.previous and live <= event.target
             ):
@@ -340,33 +278,9 @@ class PoolAutoscaler:
         if now - self._capacity_at < CAPACITY_REFRESH_SECONDS:
             return self._capacity
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
-        self._capacity = {p.name: _fits(p, nodes) for p in self._profiles()}
-        self._load_capacity = {p.name: _fits(p, nodes, gainful=True) for p in self._profiles()}
+        self._capacity = {p.name: workers_that_fit(p, nodes) for p in self._profiles()}
+        self._load_capacity = {
+            p.name: workers_that_fit(p, nodes, gainful=True) for p in self._profiles()
+        }
         self._capacity_at = now
         return self._capacity
-
-
-def _fits(
-    profile: MachineProfile, nodes: list[dict[str, float]], gainful: bool = False
-) -> int | None:
-    """How many workers of `profile` the nodes can place; `gainful`: only those that add
-    compute. A worker without GPUs runs a CPU engine whose OpenMP threads bind to every core
-    of its node (VLLM_CPU_NUM_OF_RESERVED_CPU=0), so a second one on that node shares the same
-    cores and halves both: measured 102 vs 172 tok/s at 32 streams on 2 cores."""
-    per_node = 1 if gainful and not profile.num_gpus else UNBOUNDED_PER_NODE
-    need: dict[str, float] = {"CPU": profile.num_cpus, "GPU": profile.num_gpus}
-    if profile.memory_bytes:
-        need["memory"] = float(profile.memory_bytes)
-    if profile.accelerator_type:
-        need[f"accelerator_type:{profile.accelerator_type}"] = 0.001
-    need.update(profile.resources)
-    need = {name: amount for name, amount in need.items() if amount > 0}
-    if not need:
-        return len(nodes) if per_node == 1 else None
-    total = 0
-    for resources in nodes:
-        fit = min(
-            math.floor(resources.get(name, 0.0) / amount + 1e-9) for name, amount in need.items()
-        )
-        total += min(fit, per_node)
-    return total

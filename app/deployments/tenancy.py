@@ -24,10 +24,10 @@ from collections import Counter
 from typing import Any
 
 from ray import serve
-from ray.experimental import internal_kv
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
+from app.deployments.ray_private import internal_kv
 from app.errors import ServiceError
 from app.pools.model import DEFAULT_POOL
 from app.tenancy.limits import LimitBook, Ticket

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from app.config import AppConfig
+from app.pools.capacity import workers_that_fit
 from app.pools.decide import Decision, Reason, Snapshot, WorkerView, decide
 from app.pools.model import PoolRecord, PoolSpec
 
@@ -324,13 +325,11 @@ def test_every_change_has_a_reason() -> None:
 
 
 def test_cluster_fit_counts_one_cpu_engine_per_node_under_load() -> None:
-    from app.deployments.autoscaler import _fits
-
     cpu, l4 = CONFIG.profiles[0], CONFIG.profiles[1]
     nodes = [{"CPU": 4.0}, {"CPU": 2.0, "GPU": 2.0}]
-    assert _fits(cpu, nodes) == 6  # resources alone: 4 + 2 one-CPU workers
-    assert _fits(cpu, nodes, gainful=True) == 2  # one CPU engine per node adds compute
-    assert _fits(l4, nodes) == _fits(l4, nodes, gainful=True) == 2  # a GPU each
+    assert workers_that_fit(cpu, nodes) == 6  # resources alone: 4 + 2 one-CPU workers
+    assert workers_that_fit(cpu, nodes, gainful=True) == 2  # one CPU engine per node adds compute
+    assert workers_that_fit(l4, nodes) == workers_that_fit(l4, nodes, gainful=True) == 2
 
 
 def test_reasons_carry_the_kind_metrics_count() -> None:

@@ -1,0 +1,67 @@
+"""Every private Ray API poolserve uses, and nothing else: a Ray upgrade that moves one breaks
+here and in tests/unit/test_ray_private.py, not somewhere in the deployments. Checked against
+ray[serve]==2.60.0 (the pin of pyproject.toml), which has no public API for these jobs:
+
+- Ray's GCS key-value store (`ray.experimental.internal_kv`): the pool book and the tenancy
+  ledger's usage outlive their replicas;
+- the Serve controller (`ray.serve.context._get_global_client()._controller`): set a
+  deployment's replica target (the external scaler of `external_scaler_enabled: true`) and read
+  which replicas Serve still runs;
+- a deployment that starts with 0 replicas (`Deployment._deployment_config`), which
+  `Deployment.options(num_replicas=0)` refuses.
+"""
+
+from __future__ import annotations
+
+from ray.experimental import internal_kv
+from ray.serve._private.common import DeploymentID, ReplicaState
+from ray.serve.context import _get_global_client
+from ray.serve.deployment import Deployment
+
+__all__ = [
+    "GONE_STATES",
+    "internal_kv",  # app/deployments/tenancy.py calls its _internal_kv_{get,put,del,list}
+    "kv_get",
+    "kv_put",
+    "running_replica_ids",
+    "set_replica_target",
+    "start_with_zero_replicas",
+]
+
+GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
+"""Replica states of a replica Serve no longer runs."""
+
+
+def kv_get(key: str, namespace: str) -> bytes | None:
+    value: bytes | None = internal_kv._internal_kv_get(key, namespace=namespace)
+    return value
+
+
+def kv_put(key: str, value: str | bytes, namespace: str) -> None:
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace=namespace)
+
+
+async def running_replica_ids(app_name: str, deployment: str) -> set[str] | None:
+    """The ids of the replicas Serve runs (or starts) for a deployment; None when there is no
+    Serve controller to ask. A failed controller call raises its RayError."""
+    client = _get_global_client()
+    if client is None:
+        return None
+    details = await client._controller.get_deployment_details.remote(app_name, deployment)
+    return {r.replica_id for r in details.replicas if r.state not in GONE_STATES}
+
+
+async def set_replica_target(app_name: str, deployment: str, target: int) -> None:
+    """Serve's external scaler: the deployment's replica count becomes `target` (refused with a
+    RayError unless the application is deployed with `external_scaler_enabled: true`)."""
+    client = _get_global_client()
+    assert client is not None
+    await client._controller.update_deployment_replicas.remote(
+        DeploymentID(name=deployment, app_name=app_name), target
+    )
+
+
+def start_with_zero_replicas(deployment: Deployment) -> None:
+    """Serve's API refuses 0 replicas at deploy time (only its external scaler may set 0), but
+    the deployment config allows it: the deployment starts empty, scaled from zero later."""
+    deployment._deployment_config.num_replicas = 0

@@ -1,0 +1,76 @@
+"""The PoolAutoscaler's worker registry: the last heartbeat (WorkerStatus) of every Generator
+replica, in memory (a restarted registry hears from every live worker within a heartbeat)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+
+from ray.exceptions import RayError
+
+from app.deployments.ray_private import running_replica_ids
+from app.pools.decide import Reason
+from app.pools.model import DEFAULT_POOL
+from app.protocol.workers import WorkerStatus
+
+FORGET_AFTER_SECONDS = 120.0
+SILENT_HEARTBEATS = 3
+"""A worker silent this many heartbeat intervals is looked up among Serve's replicas."""
+WARMUP_HEARTBEATS = 1.25
+
+
+class WorkerRegistry:
+    def __init__(self, app_name: str, heartbeat_seconds: float, started: float) -> None:
+        self._app_name = app_name
+        self._heartbeat_seconds = heartbeat_seconds
+        self.statuses: dict[str, WorkerStatus] = {}
+        """worker id -> its last heartbeat."""
+        self._full_at = started + WARMUP_HEARTBEATS * heartbeat_seconds
+
+    def report(self, status: WorkerStatus) -> None:
+        self.statuses[status.worker_id] = status
+
+    def forget(self, worker_id: str) -> None:
+        self.statuses.pop(worker_id, None)
+
+    def known(self, assignments: Mapping[str, str]) -> list[WorkerStatus]:
+        """Every worker heard from within FORGET_AFTER_SECONDS, `pool` being its assignment."""
+        cutoff = time.time() - FORGET_AFTER_SECONDS
+        for worker_id in [w for w, s in self.statuses.items() if s.reported_at < cutoff]:
+            del self.statuses[worker_id]
+        return [
+            dataclasses.replace(s, pool=assignments.get(w, DEFAULT_POOL))
+            for w, s in self.statuses.items()
+        ]
+
+    def live(self, now: float, stale_seconds: float) -> list[WorkerStatus]:
+        return [s for s in self.statuses.values() if now - s.reported_at <= stale_seconds]
+
+    async def wait_until_full(self) -> None:
+        """A registry that just started (a redeploy) knows only the workers that reported
+        since: wait for a round of heartbeats."""
+        warming = self._full_at - time.time()
+        if warming > 0:
+            await asyncio.sleep(warming)
+
+    async def forget_gone(self, now: float) -> list[Reason]:
+        """Drop silent workers whose replica Serve no longer runs (SIGKILLed, lost with their
+        node): they never said goodbye, and their KV ledgers died with them."""
+        silent_after = SILENT_HEARTBEATS * self._heartbeat_seconds
+        silent = [s for s in self.statuses.values() if now - s.reported_at > silent_after]
+        reasons: list[Reason] = []
+        for deployment in {s.deployment for s in silent}:
+            try:
+                present = await running_replica_ids(self._app_name, deployment)
+            except RayError:
+                continue
+            if present is None:  # no Serve controller to ask
+                break
+            for status in silent:
+                if status.deployment == deployment and status.worker_id not in present:
+                    self.statuses.pop(status.worker_id, None)
+                    text = f"worker {status.worker_id} forgotten: Serve no longer runs it"
+                    reasons.append(Reason("other", text))
+        return reasons

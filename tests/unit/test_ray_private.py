@@ -1,0 +1,118 @@
+"""The private Ray APIs of app/deployments/ray_private.py are still where and what it expects
+(checked against ray[serve]==2.60.0; this fails when an upgrade moves one), and no other module
+of app/ reaches for a private Ray API. Imports Ray only: no cluster is started."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+from ray import serve
+
+from app.deployments import ray_private
+
+APP = Path(__file__).resolve().parents[2] / "app"
+PRIVATE_MODULE = APP / "deployments" / "ray_private.py"
+
+
+def parameters(function: object) -> list[str]:
+    return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
+
+
+def test_internal_kv_functions_take_what_we_pass() -> None:
+    from ray.experimental import internal_kv
+
+    assert ray_private.internal_kv is internal_kv
+    assert parameters(internal_kv._internal_kv_get)[:2] == ["key", "namespace"]
+    assert parameters(internal_kv._internal_kv_put)[:4] == [
+        "key",
+        "value",
+        "overwrite",
+        "namespace",
+    ]
+    assert {"key", "namespace"} <= set(parameters(internal_kv._internal_kv_del))
+    assert parameters(internal_kv._internal_kv_list)[:2] == ["prefix", "namespace"]
+
+
+def test_deployment_id_and_replica_states() -> None:
+    from ray.serve._private.common import DeploymentID, ReplicaState
+
+    deployment_id = DeploymentID(name="Generator-cpu", app_name="poolserve")
+    assert (deployment_id.name, deployment_id.app_name) == ("Generator-cpu", "poolserve")
+    assert ray_private.GONE_STATES == {ReplicaState.STOPPING, ReplicaState.STOPPED}
+    assert {"RUNNING", "STARTING"} <= {state.name for state in ReplicaState}
+
+
+def test_serve_controller_client_and_the_calls_we_make() -> None:
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve._private.controller import ServeController
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import DeploymentDetails, ReplicaDetails
+
+    assert parameters(_get_global_client) == ["raise_if_no_controller_running"]
+    assert "self._controller" in inspect.getsource(ServeControllerClient.__init__)
+    assert parameters(ServeController.get_deployment_details) == [
+        "self",
+        "app_name",
+        "deployment_name",
+    ]
+    assert inspect.signature(ServeController.get_deployment_details).return_annotation in (
+        DeploymentDetails,
+        "DeploymentDetails",
+    )
+    assert "replicas" in DeploymentDetails.model_fields
+    assert {"replica_id", "state"} <= set(ReplicaDetails.model_fields)
+    assert parameters(ServeController.update_deployment_replicas) == [
+        "self",
+        "deployment_id",
+        "target_num_replicas",
+    ]
+
+
+def test_a_deployment_can_start_with_zero_replicas() -> None:
+    class Idle:
+        pass
+
+    deployment = serve.deployment(Idle).options(name="Idle", num_replicas=1)
+    ray_private.start_with_zero_replicas(deployment)
+    assert deployment._deployment_config.num_replicas == 0
+
+
+def private_ray_uses(path: Path) -> list[str]:
+    """Imports of a private Ray module or name in one source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ray"):
+            module = node.module or ""
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            module, names = "", [alias.name for alias in node.names if alias.name.startswith("ray")]
+        else:
+            continue
+        dotted = [f"{module}.{name}" if module else name for name in names]
+        found += [
+            name
+            for name in dotted
+            if any(part.startswith("_") for part in name.split("."))
+            or name.startswith("ray.experimental")
+        ]
+    return found
+
+
+def test_no_other_module_imports_a_private_ray_api() -> None:
+    offenders = {
+        str(path.relative_to(APP.parent)): uses
+        for path in sorted(APP.rglob("*.py"))
+        if path != PRIVATE_MODULE and (uses := private_ray_uses(path))
+    }
+    assert offenders == {}, "import them through app/deployments/ray_private.py"
+
+
+def test_the_scan_sees_the_private_module() -> None:
+    assert set(private_ray_uses(PRIVATE_MODULE)) == {
+        "ray.experimental.internal_kv",
+        "ray.serve._private.common.DeploymentID",
+        "ray.serve._private.common.ReplicaState",
+        "ray.serve.context._get_global_client",
+    }
