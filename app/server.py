@@ -17,14 +17,15 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import generate, models, observe, openai_routes, pools, usage
-from app.api.auth import ApiKeyMiddleware, Authenticator, route_path
-from app.api.backend import GenerationBackend
-from app.api.context import ApiContext
+from app.api.auth import ApiKeyMiddleware
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
 from app.config import AppConfig
 from app.dashboard import login
 from app.dashboard import routes as dashboard
 from app.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, ServiceError
+from app.web.auth import Authenticator, route_path
+from app.web.backend import GenerationBackend
+from app.web.context import ApiContext
 
 SIE_API_VERSION = "0.10.1"
 OPENAI_PREFIXES = (

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.api.auth import request_key_id
-from app.api.context import ApiContext, read_json
+from app.api.body import read_json
 from app.api.convert import generate_request, model_from_path
 from app.api.errors import error_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses, json_body
@@ -17,6 +17,7 @@ from app.api.streaming import ChunkStream, sse_response
 from app.errors import GenerationCancelled, GenerationFailed, ServiceError
 from app.protocol.generation import GenerationChunk, GenerationResult
 from app.protocol.sie import GenerateRequest
+from app.web.context import ApiContext
 
 router = APIRouter()
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -16,8 +14,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.context import ApiContext
 from app.errors import InternalError
+from app.web.context import ApiContext
+from app.web.snapshot import refresh_snapshot
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
@@ -27,45 +26,6 @@ def instrument(app: FastAPI) -> FastAPI:
     """Add the request metrics middleware (outermost: it sees every response)."""
     app.add_middleware(RequestMetrics)
     return app
-
-
-async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
-    """Move the worker/KV/pool/autoscaler gauges to the backend's current snapshot; returns what
-    it read (workers, pools, autoscaler status) and what could not be read (`errors`)."""
-    errors: dict[str, str] = {}
-    workers = await context.backend.workers()
-    pools = None
-    try:
-        pools = await context.backend.list_pools()
-    except Exception as error:  # noqa: BLE001 - reported on the dashboard, not raised
-        errors["pools"] = f"{type(error).__name__}: {error}"
-    status = None
-    status_of = getattr(context.backend, "autoscaler_status", None)
-    if status_of is None:
-        errors["autoscaler"] = "this backend does not expose the pool autoscaler's decisions"
-    else:
-        try:
-            status = await status_of()
-            metrics.TALLY.update(status)
-        except Exception as error:  # noqa: BLE001
-            errors["autoscaler"] = f"{type(error).__name__}: {error}"
-    usage = None
-    usage_of = getattr(context.backend, "usage_report", None)
-    if usage_of is not None:
-        try:
-            usage = await usage_of(None, None)
-            metrics.USAGE.update(usage)
-        except Exception as error:  # noqa: BLE001
-            errors["usage"] = f"{type(error).__name__}: {error}"
-    pool_states = None if pools is None else {p.name: p.state for p in pools}
-    metrics.update_snapshot(workers, pool_states, time.time(), context.config.worker_stale_seconds)
-    return {
-        "workers": workers,
-        "pools": pools,
-        "autoscaler": status,
-        "usage": usage,
-        "errors": errors,
-    }
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.auth import request_key_id
-from app.api.context import ApiContext, read_json_bytes
+from app.api.body import read_json_bytes
 from app.api.convert import new_request_id, request_priority, routing_from_headers
 from app.api.errors import as_service_error, error_object, parse_json_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
@@ -31,6 +31,7 @@ from app.protocol.generation import (
     SamplingOptions,
     WireReply,
 )
+from app.web.context import ApiContext
 
 router = APIRouter()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.context import ApiContext, read_json
+from app.api.body import read_json
 from app.api.openapi import error_responses, json_body
 from app.errors import InvalidRequest, PoolNotFound
 from app.pools.model import (
@@ -23,6 +23,7 @@ from app.pools.model import (
     pool_list_item,
     spec_from_request,
 )
+from app.web.context import ApiContext
 
 router = APIRouter()
 logger = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 from fastapi.responses import StreamingResponse
 
-from app.api.backend import GenerationBackend
 from app.api.errors import as_service_error
 from app.errors import ServiceError
 from app.metrics import StreamWatch
 from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.web.backend import GenerationBackend
 
 DONE_EVENT = b"data: [DONE]\n\n"
 KEEPALIVE_EVENT = b": keep-alive\n\n"

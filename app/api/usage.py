@@ -11,10 +11,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.context import ApiContext
 from app.api.openapi import error_responses
 from app.errors import InvalidRequest, PoolNotFound
 from app.pools.model import DEFAULT_POOL, normalize_name
+from app.web.context import ApiContext
 
 router = APIRouter()
 

@@ -1,6 +1,6 @@
 """The dashboard's sign-in. A browser cannot send `Authorization: Bearer` when it loads a page, so
 `POST /dashboard/login` trades a valid API key for an HttpOnly, SameSite=Strict session cookie
-(see `app.api.auth`), accepted on the dashboard's routes only; `POST /dashboard/logout` drops it.
+(see `app.web.auth`), accepted on the dashboard's routes only; `POST /dashboard/logout` drops it.
 Failed sign-ins are throttled per client address (429 with Retry-After)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import Scope
 
-from app.api.auth import REALM, SESSION_COOKIE, Authenticator, Unauthorized
-from app.api.context import read_body
 from app.errors import RateLimited
+from app.web.auth import REALM, SESSION_COOKIE, Authenticator, Unauthorized
+from app.web.context import read_body
 
 router = APIRouter()
 TEMPLATE = (Path(__file__).resolve().parent / "static" / "login.html").read_text(encoding="utf-8")

@@ -10,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from app.api.auth import SESSION_COOKIE
-from app.api.context import ApiContext
 from app.dashboard.state import dashboard_state
 from app.errors import RouteNotFound
+from app.web.auth import SESSION_COOKIE
+from app.web.context import ApiContext
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent / "static"

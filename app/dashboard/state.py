@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 from app import metrics
-from app.api.context import ApiContext
-from app.api.models import health_of
-from app.api.observe import refresh_snapshot
 from app.history import RECENT
 from app.pools.model import DEFAULT_POOL, PoolRecord
 from app.protocol.workers import WorkerStatus
+from app.web.context import ApiContext
+from app.web.health import health_of
+from app.web.snapshot import refresh_snapshot
 
 RECENT_DECISIONS = 30
 

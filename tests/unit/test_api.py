@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.models import gpus_of, tools_supported
+from app.api.models import tools_supported
 from app.config import AppConfig, ModelConfig
 from app.server import create_app
+from app.web.health import gpus_of
 from benchmarks.sse import DONE, parse
 from tests.fakes.local_backend import LocalBackend
 

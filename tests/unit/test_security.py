@@ -16,9 +16,9 @@ import yaml
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from app.api.auth import SESSION_COOKIE, Authenticator, SignInThrottle, route_path, route_tier
 from app.config import AppConfig, SecurityConfig
 from app.server import create_app
+from app.web.auth import SESSION_COOKIE, Authenticator, SignInThrottle, route_path, route_tier
 from tests.fakes.local_backend import LocalBackend
 
 MODEL = "org/fake-model"

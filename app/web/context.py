@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 
-from app.api.backend import GenerationBackend
-from app.api.errors import parse_json_object
 from app.config import AppConfig
-from app.errors import PayloadTooLarge, UnsupportedMediaType
+from app.errors import PayloadTooLarge
+from app.web.backend import GenerationBackend
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +36,3 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     return bytes(body)
-
-
-async def read_json_bytes(request: Request, context: ApiContext) -> bytes:
-    """The body of a JSON request, within the size limit (not parsed yet)."""
-    content_type = request.headers.get("content-type", "application/json").lower()
-    if "json" not in content_type:
-        raise UnsupportedMediaType(f"content-type must be application/json, not '{content_type}'")
-    return await read_body(request, context.config.ingress.max_body_bytes)
-
-
-async def read_json(request: Request, context: ApiContext) -> dict[str, Any]:
-    return parse_json_object(await read_json_bytes(request, context))
