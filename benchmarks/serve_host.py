@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,17 @@ def serve_config_app() -> dict[str, Any]:
     return app
 
 
-def engine_settings() -> dict[str, Any]:
-    """The engine block of serve_config.yaml's first model, with this module's defaults."""
-    engine: dict[str, Any] = serve_config_app()["args"]["models"][0]["engine"]
+def bench_model() -> dict[str, Any]:
+    """serve_config.yaml's first model: the one every system of the comparison serves."""
+    model: dict[str, Any] = serve_config_app()["args"]["models"][0]
+    return model
+
+
+def engine_settings(engine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An engine block (default: serve_config.yaml's first model's), with this module's
+    defaults."""
+    if engine is None:
+        engine = bench_model()["engine"]
     return {
         "dtype": engine.get("dtype", "float32"),
         "enforce_eager": engine.get("enforce_eager", True),
@@ -155,8 +164,11 @@ def wait_ready(base_url: str, model: str, child: subprocess.Popen[bytes] | None 
     sys.exit(f"{base_url} not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-def start_vllm(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
-    settings = engine_settings()
+def vllm_command(port: int, model: Mapping[str, Any]) -> list[str]:
+    """Bare vLLM's OpenAI server for one entry of AppConfig's `models` (serve_config.yaml's or
+    the test stack's): its engine block and the scheduler arguments our adapter gives vLLM,
+    plus its LoRA adapters and OpenAI front-end options when the entry has them."""
+    settings = engine_settings(model.get("engine", {}))
     command = [
         sys.executable,
         "-m",
@@ -164,7 +176,7 @@ def start_vllm(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
         "--model",
         str(default_model_dir()),
         "--served-model-name",
-        MODEL_ID,
+        str(model["id"]),
         "--host",
         "127.0.0.1",
         "--port",
@@ -178,10 +190,34 @@ def start_vllm(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
         "--enable-prefix-caching"
         if settings["enable_prefix_caching"]
         else "--no-enable-prefix-caching",
+        # as our adapter sizes it (VLLM_CPU_KVCACHE_SPACE, when set, overrides it)
+        "--kv-cache-memory-bytes",
+        str(int(settings["cpu_kv_cache_gib"] * 2**30)),
     ]
     if settings["enforce_eager"]:
         command.append("--enforce-eager")
-    command += scheduler_flags()
+    command += scheduler_flags()  # as our adapter sets them (priority, chunked prefill off on CPU)
+    if model.get("lora_adapters"):  # our engine runs with LoRA on: so does this one
+        from app.engine.demo_lora import resolve_lora_source
+
+        command += ["--enable-lora", "--max-lora-rank", str(model.get("max_lora_rank", 8))]
+        command += ["--max-loras", str(len(model["lora_adapters"])), "--lora-modules"]
+        command += [
+            f"{name}={resolve_lora_source(source)}"
+            for name, source in sorted(model["lora_adapters"].items())
+        ]
+    openai = model.get("openai") or {}
+    if openai.get("enable_auto_tool_choice"):
+        command.append("--enable-auto-tool-choice")
+    if openai.get("tool_call_parser"):
+        command += ["--tool-call-parser", openai["tool_call_parser"]]
+    return command
+
+
+def start_vllm(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+    model = bench_model()
+    # the engine only: the benchmark sends no tools and names no LoRA adapter
+    command = vllm_command(port, {"id": model["id"], "engine": model["engine"]})
     log = (log_dir / "vllm-server.log").open("wb")
     env = {**os.environ, **engine_env(), "VLLM_CACHE_ROOT": str(log_dir / "vllm-cache")}
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)

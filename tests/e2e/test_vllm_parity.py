@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import pytest
 from benchmarks.local_serve import free_port
 from benchmarks.serve_host import (
     BASE_ENV,  # the environment the benchmark gives bare vLLM
-    scheduler_flags,
+    vllm_command,
 )
 from benchmarks.sse import parse, payloads
 from tests.conftest import REAL_MODEL, Stack, real_app_args
@@ -728,52 +727,6 @@ def compare(case: Case, ours: Reply, theirs: Reply) -> None:
 # --- bare vLLM
 
 
-def vllm_command(port: int) -> list[str]:
-    """`vllm serve` with the session stack's engine settings (tests/conftest.py)."""
-    from app.engine.default_model import default_model_dir
-
-    model = real_app_args()["models"][0]
-    engine = model["engine"]
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(default_model_dir()),
-        "--served-model-name",
-        model["id"],
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        str(engine["max_model_len"]),
-        "--max-num-seqs",
-        str(engine["max_num_seqs"]),
-        "--kv-cache-memory-bytes",
-        str(int(engine["cpu_kv_cache_gib"] * 2**30)),
-        *scheduler_flags(),  # as our adapter sets them (priority, chunked prefill off on CPU)
-    ]
-    if model.get("lora_adapters"):  # the stack's engine runs with LoRA on: so does this one
-        from app.engine.demo_lora import resolve_lora_source
-
-        command += ["--enable-lora", "--max-lora-rank", str(model.get("max_lora_rank", 8))]
-        command += ["--max-loras", str(len(model["lora_adapters"])), "--lora-modules"]
-        command += [
-            f"{name}={resolve_lora_source(source)}"
-            for name, source in sorted(model["lora_adapters"].items())
-        ]
-    openai = model.get("openai", {})
-    if openai.get("enable_auto_tool_choice"):
-        command.append("--enable-auto-tool-choice")
-    if openai.get("tool_call_parser"):
-        command += ["--tool-call-parser", openai["tool_call_parser"]]
-    return command
-
-
 @pytest.fixture(scope="module")
 def vllm_process(
     tmp_path_factory: pytest.TempPathFactory,
@@ -786,7 +739,7 @@ def vllm_process(
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the legacy GiB variable would override the flag
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            vllm_command(port),
+            vllm_command(port, real_app_args()["models"][0]),  # the stack's model
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
