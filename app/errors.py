@@ -7,6 +7,7 @@ status, a contract error code, an optional offending parameter and an optional R
     │   └── InputTooLong (400 INPUT_TOO_LONG)
     ├── PayloadTooLarge (413 INPUT_TOO_LONG)
     ├── ModelNotFound (404 MODEL_NOT_FOUND)
+    ├── Unauthorized (401 invalid_api_key) / Forbidden (403 permission_denied)
     ├── RouteNotFound (404 not_found) / MethodNotAllowed (405 method_not_allowed)
     ├── RateLimited (429 rate_limit_exceeded: requests per minute)
     │   ├── TokenRateLimited (429 token_rate_limit_exceeded)
@@ -106,6 +107,20 @@ class ModelNotFound(ServiceError):
         super().__init__(
             f"model '{model}' is not served here", param="model", extra={"model": model}
         )
+
+
+class Unauthorized(ServiceError):
+    """401: no key, or a key that is not valid here (the openai SDK's AuthenticationError)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    """403: a valid key without the rights the route needs (pool changes need an admin key)."""
+
+    status = 403
+    code = "permission_denied"
 
 
 class RouteNotFound(ServiceError):

@@ -11,13 +11,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ErrorShape, error_response
+from app.errors import Forbidden
 from app.tenancy.keys import NO_KEY, key_id
 from app.web.auth import (
     READ_METHODS,
     REALM,
     SESSION_COOKIE,
     Authenticator,
-    Forbidden,
     bearer_token,
     cookie_value,
     route_path,

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import Scope
 
-from app.errors import RateLimited
-from app.web.auth import REALM, SESSION_COOKIE, Authenticator, Unauthorized
+from app.errors import RateLimited, Unauthorized
+from app.web.auth import REALM, SESSION_COOKIE, Authenticator
 from app.web.context import read_body
 
 router = APIRouter()

@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from app.config import ApiKeys, SecurityConfig
-from app.errors import ServiceError
+from app.errors import Forbidden, ServiceError, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,6 @@ SESSION_COOKIE = "poolserve_session"
 DASHBOARD_PUBLIC = frozenset({"/dashboard/login", "/dashboard/logout"})
 READ_METHODS = frozenset({"GET", "HEAD"})
 REALM = 'Bearer realm="poolserve"'
-
-
-class Unauthorized(ServiceError):
-    """401: no key, or a key that is not valid here (the openai SDK's AuthenticationError)."""
-
-    status = 401
-    code = "invalid_api_key"
-
-
-class Forbidden(ServiceError):
-    """403: a valid key without the rights the route needs (pool changes need an admin key)."""
-
-    status = 403
-    code = "permission_denied"
 
 
 def route_path(scope: Scope) -> str:
