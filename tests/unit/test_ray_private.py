@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from ray import serve
+from ray.serve.deployment import Deployment
 
 from app.deployments import ray_private
 
@@ -16,8 +19,8 @@ APP = Path(__file__).resolve().parents[2] / "app"
 PRIVATE_MODULE = APP / "deployments" / "ray_private.py"
 
 
-def parameters(function: object) -> list[str]:
-    return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
+def parameters(function: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(function).parameters)
 
 
 def test_internal_kv_functions_take_what_we_pass() -> None:
@@ -74,7 +77,7 @@ def test_a_deployment_can_start_with_zero_replicas() -> None:
     class Idle:
         pass
 
-    deployment = serve.deployment(Idle).options(name="Idle", num_replicas=1)
+    deployment = cast(Deployment, serve.deployment(Idle)).options(name="Idle", num_replicas=1)
     ray_private.start_with_zero_replicas(deployment)
     assert deployment._deployment_config.num_replicas == 0
 
