@@ -57,6 +57,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.engine.default_model import default_model_dir  # noqa: E402
+from app.serve_env import serve_env  # noqa: E402
 from benchmarks.local_serve import free_port  # noqa: E402
 from scripts.stack import process_tree, stop_processes  # noqa: E402
 
@@ -835,6 +836,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "engines slowly); 0: no limit",
     )
     parser.add_argument(
+        "--serve-env",
+        choices=["ours", "all"],
+        default="ours",
+        help="which Ray Serve systems run with poolserve's Serve settings (app/serve_env.py): "
+        "ours (Ray Serve LLM as shipped, Serve's defaults) or all (Ray Serve LLM too)",
+    )
+    parser.add_argument(
         "--ours-args",
         default="",
         help="JSON merged into poolserve's serve_config args, e.g. '{\"streaming\": "
@@ -851,6 +859,9 @@ def _exit_on_term(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ["BENCH_SERVE_ENV"] = "ours,ours-null" + (
+        ",rayllm" if args.serve_env == "all" else ""
+    )
     if args.ours_args:
         os.environ["BENCH_OURS_ARGS"] = json.dumps(json.loads(args.ours_args))
     signal.signal(signal.SIGTERM, _exit_on_term)
@@ -897,6 +908,14 @@ def main(argv: list[str] | None = None) -> int:
         f"workload: {args.prefix_len}-token shared prefix + {args.input_len} random tokens; "
         f"{args.rounds} round(s) interleaved across systems (each a fresh start), {args.passes} "
         "pass(es) per start; cells: mean (min-max over rounds and passes)",
+        "- Ray Serve settings (app/serve_env.py: "
+        + ", ".join(f"{k}={v}" for k, v in serve_env().items())
+        + "): poolserve"
+        + (
+            " and Ray Serve LLM"
+            if args.serve_env == "all"
+            else "; Ray Serve LLM runs Serve's defaults"
+        ),
         f"- total wall time: {(time.monotonic() - started) / 60:.1f} min",
     ]
     if records:

@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from app.serve_env import serve_env
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -25,6 +27,7 @@ def start_local_serve() -> str:
     import ray
     from ray import serve
 
+    os.environ.update(serve_env())  # before Ray starts: its processes inherit them
     ray.init(
         address="local",
         num_cpus=4,

@@ -369,6 +369,11 @@ def main() -> None:
     elif args.system == "fake-http":
         serve_fake_http(args.port)
     else:
+        # compare.py --serve-env: which Serve-based systems run with poolserve's Serve settings
+        if args.system in os.environ.get("BENCH_SERVE_ENV", "ours,ours-null").split(","):
+            from app.serve_env import serve_env
+
+            os.environ.update(serve_env())
         start_ray(args.tag)
         if args.system == "rayllm":
             start_rayllm(args.port)

@@ -24,6 +24,8 @@ DASHBOARD_PORT="${POOLSERVE_LOCAL_DASHBOARD_PORT:-8275}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset RAY_ADDRESS
+# Ray Serve's settings of app/serve_env.py, in every node's environment (unless already set)
+eval "$("$PY" -c 'from app.serve_env import serve_env; print(" ".join(f"export {k}={v}" for k, v in serve_env().items()))')"
 
 log() { echo "[local-cluster] $*" >&2; }
 

@@ -32,6 +32,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from app.serve_env import serve_env
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = Path(os.environ.get("POOLSERVE_STACK_STATE", str(ROOT / ".cache" / "stack.json")))
 BIN = Path(sys.executable).parent
@@ -55,6 +57,7 @@ def project_venv() -> dict[str, str]:
 
 
 ENV = {
+    **serve_env(),
     **{k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")},
     **project_venv(),
     "PATH": project_path(),

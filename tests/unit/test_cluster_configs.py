@@ -273,3 +273,23 @@ def test_local_cluster_gives_gpu_profiles_logical_gpus_and_accelerator_types(
     cpus, gpus, resources = local_profiles(path)["l4"]
     assert (cpus, gpus) == (8, 2)
     assert resources == {"nvme": 2, "accelerator_type:L4": 1, "profile:l4": 2}
+
+
+def test_every_cluster_runs_the_serve_settings() -> None:
+    """app/serve_env.py's settings reach the replicas through serve_config.yaml and the
+    RayService's runtime_env, and every node of the KubeRay and `ray up` clusters."""
+    from app.serve_env import SERVE_ENV
+
+    for config in (load(SERVE_CONFIG), embedded_serve_config()):
+        for app in config["applications"]:
+            assert SERVE_ENV.items() <= app["runtime_env"]["env_vars"].items()
+    rayservice = load(ROOT / "cluster" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [rayservice["headGroupSpec"], *rayservice["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert SERVE_ENV.items() <= env.items(), container["name"]
+    ray_up = load(ROOT / "cluster" / "ray-cluster.yaml")
+    for command in (*ray_up["head_start_ray_commands"], *ray_up["worker_start_ray_commands"]):
+        if "ray start" in command:
+            assert all(f"{k}={v}" in command for k, v in SERVE_ENV.items()), command
