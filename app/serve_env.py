@@ -7,13 +7,15 @@ runtime_env for the replicas of a cluster started without them. A value already 
 environment wins.
 
 - user code on the replica's own event loop, not a second thread (no hand-off per call);
-- handles route on the caller's loop, not a separate router loop;
 - handles (the proxy's to the Ingress, the Ingress's to the ledger and autoscaler) use Serve's
   gRPC data plane between replicas (the Generator streams already do: `streaming.transport`);
 - Serve's logs go to its log files only, not also to stderr (which Ray's log monitor tails and
   ships).
 
-Not taken from that set: direct ingress (each ingress replica on a port of its own, for an
+Not taken from that set as node environment: routing on the caller's loop
+(`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`), because a handle so made cannot be called from
+synchronous code, as Ray jobs call ours (app/handles.py); the Ingress sets it on its own handles
+instead (`app.deployments.ray_private.route_on_this_loop`). Nor direct ingress (each ingress replica on a port of its own, for an
 external load balancer) and the 1000-record request-log buffer (a request's log lines would
 reach the file only after 1000 more records).
 
@@ -25,7 +27,6 @@ import os
 
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }

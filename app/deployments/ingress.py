@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.api.observe import instrument
 from app.config import AppConfig
+from app.deployments.ray_private import route_on_this_loop
 from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationChunk, GenerationRequest
@@ -54,6 +55,9 @@ class ServeBackend:
         registry: DeploymentHandle[Any],
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
+        handles = (*generators.values(), registry, *([ledger] if ledger else []))
+        routers = {type(getattr(route_on_this_loop(h), "_router", None)).__name__ for h in handles}
+        logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
         self._ledger = ledger
         self._open: set[str] = set()  # admitted requests in flight (their limit leases)

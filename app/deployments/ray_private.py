@@ -13,16 +13,22 @@ ray[serve]==2.60.0 (the pin of pyproject.toml), which has no public API for thes
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from ray.experimental import internal_kv
 from ray.serve._private.common import DeploymentID, ReplicaState
 from ray.serve.context import _get_global_client
 from ray.serve.deployment import Deployment
+from ray.serve.handle import DeploymentHandle
 
 __all__ = [
     "GONE_STATES",
-    "internal_kv",  # app/deployments/tenancy.py calls its _internal_kv_{get,put,del,list}
+    "kv_delete",
     "kv_get",
+    "kv_keys",
     "kv_put",
+    "route_on_this_loop",
     "running_replica_ids",
     "set_replica_target",
     "start_with_zero_replicas",
@@ -32,13 +38,33 @@ GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
 """Replica states of a replica Serve no longer runs."""
 
 
-def kv_get(key: str, namespace: str) -> bytes | None:
+def kv_get(key: str | bytes, namespace: str) -> bytes | None:
     value: bytes | None = internal_kv._internal_kv_get(key, namespace=namespace)
     return value
 
 
 def kv_put(key: str, value: str | bytes, namespace: str) -> None:
     internal_kv._internal_kv_put(key, value, overwrite=True, namespace=namespace)
+
+
+def kv_delete(key: str | bytes, namespace: str) -> None:
+    internal_kv._internal_kv_del(key, namespace=namespace)
+
+
+def kv_keys(prefix: str, namespace: str) -> list[bytes]:
+    keys: list[bytes] = internal_kv._internal_kv_list(prefix, namespace=namespace)
+    return keys
+
+
+def route_on_this_loop(handle: DeploymentHandle[Any]) -> DeploymentHandle[Any]:
+    """The handle routes on its caller's event loop rather than Serve's separate router loop
+    (`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0` for this handle only: no hand-off between loops
+    per call). Only for handles called from a replica's event loop; a handle that was used
+    already, or one made outside an event loop, keeps Serve's router loop."""
+    if isinstance(handle, DeploymentHandle) and handle._router is None:
+        with contextlib.suppress(RuntimeError):  # no running event loop here
+            handle._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
+    return handle
 
 
 async def running_replica_ids(app_name: str, deployment: str) -> set[str] | None:

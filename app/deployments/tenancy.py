@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
-from app.deployments.ray_private import internal_kv
+from app.deployments.ray_private import kv_delete, kv_get, kv_keys, kv_put
 from app.errors import ServiceError
 from app.pools.model import DEFAULT_POOL
 from app.tenancy.limits import LimitBook, Ticket
@@ -48,12 +48,12 @@ class UsageStore:
         return self.prefix + name
 
     def load(self) -> tuple[UsageTotals | None, list[MinuteBucket]]:
-        raw = internal_kv._internal_kv_get(self._key("totals"), namespace=KV_NAMESPACE)
+        raw = kv_get(self._key("totals"), KV_NAMESPACE)
         totals = UsageTotals.model_validate_json(raw) if raw else None
         minutes = []
-        keys = internal_kv._internal_kv_list(self._key("minute/"), namespace=KV_NAMESPACE)
+        keys = kv_keys(self._key("minute/"), KV_NAMESPACE)
         for key in keys:
-            value = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+            value = kv_get(key, KV_NAMESPACE)
             if value:
                 minutes.append(MinuteBucket.model_validate_json(value))
         return totals, minutes
@@ -74,9 +74,9 @@ class UsageStore:
 
     def write(self, writes: dict[str, str], deletes: list[str]) -> None:
         for key, value in writes.items():
-            internal_kv._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+            kv_put(key, value, KV_NAMESPACE)
         for key in deletes:
-            internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+            kv_delete(key, KV_NAMESPACE)
 
 
 class TenantLedger:

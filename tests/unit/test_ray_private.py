@@ -5,6 +5,7 @@ of app/ reaches for a private Ray API. Imports Ray only: no cluster is started."
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ PRIVATE_MODULE = APP / "deployments" / "ray_private.py"
 
 
 def parameters(function: Callable[..., Any]) -> list[str]:
-    return list(inspect.signature(function).parameters)
+    """Its parameters, without the `_ray_trace_ctx` Ray adds to actor methods once a session
+    has made an actor class remote."""
+    return [p for p in inspect.signature(function).parameters if p != "_ray_trace_ctx"]
 
 
 def test_internal_kv_functions_take_what_we_pass() -> None:
@@ -119,3 +122,13 @@ def test_the_scan_sees_the_private_module() -> None:
         "ray.serve._private.common.ReplicaState",
         "ray.serve.context._get_global_client",
     }
+
+
+def test_a_handle_can_route_on_its_callers_loop() -> None:
+    """`route_on_this_loop` relies on DeploymentHandle._init's option and its `_router`."""
+    from ray.serve._private.handle_options import InitHandleOptions
+    from ray.serve.handle import DeploymentHandle
+
+    assert "_run_router_in_separate_loop" in {f.name for f in dataclasses.fields(InitHandleOptions)}
+    assert "_router" in inspect.getsource(DeploymentHandle.__init__)
+    assert parameters(DeploymentHandle._init) == ["self", "kwargs"]
