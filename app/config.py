@@ -141,7 +141,11 @@ class IngressConfig(ClosedModel):
 
 class StreamingConfig(ClosedModel):
     coalesce_window_ms: float = Field(
-        10.0, ge=0, description="After the first chunk, gather chunks this long per Ray object."
+        50.0,
+        ge=0,
+        description="After the first chunk (sent at once), gather chunks this long per Ray "
+        "object: fewer messages per token through the Generator, Ingress and proxy (Ray Serve "
+        "LLM batches its streams per 50 ms too).",
     )
     coalesce_max_chunks: int = Field(256, gt=0, description="Most chunks in one Ray object.")
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment when a stream idles.")
