@@ -164,29 +164,26 @@ class ServeBackend:
             logger.warning("usage of %s not counted yet; retrying", request_id, exc_info=True)
 
     def _finish(self, request_id: str, usage: UsageRecord | None) -> None:
-        """Tell the ledger now, in this tick, before the reply's last bytes leave this replica
-        (a buffered reply is sent after this; a stream's last event just was), so that a
-        replica killed in between has almost no window to lose or add a request's usage."""
+        """The durable report (`_count` had the ledger count it already; this one also
+        releases the request's limits when it ended without usage)."""
         self._open.discard(request_id)
         if self._ledger is None:
             return
-        first = self._ledger.finish.remote(request_id, usage)
-        task = asyncio.get_running_loop().create_task(self._report(request_id, usage, first))
+        task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    async def _report(self, request_id: str, usage: UsageRecord | None, first: Any) -> None:
-        """Wait for the ledger's acknowledgement (the report is durable), retrying until then
-        (it counts a request id once)."""
+    async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
+        """Tell the ledger, retrying until it acknowledges (the report is durable; it counts a
+        request id once)."""
         assert self._ledger is not None
         delay = 0.5
         for _ in range(REPORT_ATTEMPTS):
             try:
-                await (first or self._ledger.finish.remote(request_id, usage))
+                await self._ledger.finish.remote(request_id, usage)
                 return
             except Exception:
                 logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)
-            first = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
         logger.error("usage of request %s could not be reported: %s", request_id, usage)
