@@ -100,3 +100,23 @@ def test_a_worker_of_another_pool_refuses_in_band_one_of_the_pool_serves(stack: 
     same_pool = list(handle.generate.remote(request(FAKE_MODEL, 8), workers=("another-worker",)))
     chunks = [chunk for batch in same_pool for chunk in batch]
     assert chunks and chunks[-1].done and chunks[-1].finish_reason == "length", same_pool
+
+
+def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
+    """app/serve_env.py's per-handle setting took: every Ingress replica's handles route with
+    Serve's CurrentLoopRouter (a silent fall-back to the separate router loop fails here), and
+    the replicas run user code on their own loop (the session cluster has the node settings)."""
+    import ray
+
+    from app.serve_env import SERVE_ENV
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    ingress_logs = list(logs.glob("replica_*_Ingress_*.log"))
+    assert ingress_logs
+    for log in ingress_logs:
+        lines = [line for line in log.read_text().splitlines() if "ingress handles route" in line]
+        assert lines and all(line.endswith("with CurrentLoopRouter") for line in lines), lines
+    env = ray.get(
+        ray.remote(lambda: {k: __import__("os").environ.get(k) for k in SERVE_ENV}).remote()
+    )
+    assert env == SERVE_ENV
