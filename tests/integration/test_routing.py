@@ -185,7 +185,13 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
     hogging = handle.generate.remote(hog)
     try:
         assert next(iter(hogging))
-        workers = wait_until(two_workers, lambda w: w[busy]["kv_handles_open"] == 1)
+        # the hog's own reservation: /health may still show a heartbeat from the previous
+        # test's last request (one handle, a few blocks) for a second or so
+        hog_blocks = per_candidate * hog.sampling.n
+        workers = wait_until(
+            two_workers,
+            lambda w: w[busy]["kv_handles_open"] == 1 and w[busy]["kv_blocks_used"] >= hog_blocks,
+        )
         free = total - workers[busy]["kv_blocks_used"]
         time.sleep(1.5)  # routing stats reach the router (period 0.5 s)
         # a request the router estimates at more blocks than `busy` has free (but that fits
