@@ -15,9 +15,10 @@ environment wins.
 Not taken from that set as node environment: routing on the caller's loop
 (`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`), because a handle so made cannot be called from
 synchronous code, as Ray jobs call ours (app/handles.py); the Ingress sets it on its own handles
-instead (`app.deployments.ray_private.route_on_this_loop`). Nor direct ingress (each ingress replica on a port of its own behind
-HAProxy: measured no faster here, docs/benchmarks.md "Targets") and the 1000-record request-log buffer (a request's log lines would
-reach the file only after 1000 more records).
+instead (`app.deployments.ray_private.route_on_this_loop`). Nor direct ingress (each ingress
+replica on a port of its own behind HAProxy: measured no faster here, docs/benchmarks.md
+"Targets") and the 1000-record request-log buffer (a request's log lines would reach the file
+only after 1000 more records).
 
 Measured in docs/benchmarks.md ("Root causes", 4)."""
 
