@@ -173,8 +173,9 @@ def serve(config: str) -> None:
     print()
     print(f"  API        {API_URL}   (OpenAI: {API_URL}/v1, SIE: {API_URL}/v1/generate/<model>)")
     print(f"  Health     {API_URL}/health")
+    print(f"  Dashboard  {API_URL}/dashboard   (live: pools, workers, KV cache, usage)")
     print(
-        f"  Dashboard  http://127.0.0.1:{DASHBOARD_PORT}   (Ray's dashboard: actors, Serve, logs)"
+        f"  Ray        http://127.0.0.1:{DASHBOARD_PORT}   (Ray's dashboard: actors, Serve, logs)"
     )
     print("  Stop       make stop")
 
