@@ -11,9 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.sse import data
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -25,10 +31,10 @@ def one(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[f
     body = {"prompt": prompt, "max_new_tokens": max_tokens, "stream": True}
     with client.stream("POST", f"{url}/v1/generate/{MODEL.replace('/', '__')}", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
+        for item in data(r):
+            if item.startswith("{"):
                 first = first or time.perf_counter()
-                terminal = json.loads(line[len("data: ") :])
+                terminal = json.loads(item)
     assert first is not None and terminal.get("ttft_ms") is not None, terminal
     return (first - started) * 1000, float(terminal["ttft_ms"])
 

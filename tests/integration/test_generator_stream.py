@@ -4,6 +4,7 @@ chunk contract both engines keep is tests/integration/test_adapter_contract.py."
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -116,7 +117,5 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
     for log in ingress_logs:
         lines = [line for line in log.read_text().splitlines() if "ingress handles route" in line]
         assert lines and all(line.endswith("with CurrentLoopRouter") for line in lines), lines
-    env = ray.get(
-        ray.remote(lambda: {k: __import__("os").environ.get(k) for k in SERVE_ENV}).remote()
-    )
+    env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in SERVE_ENV}).remote())
     assert env == SERVE_ENV
