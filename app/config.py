@@ -137,6 +137,13 @@ class IngressConfig(ClosedModel):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(512, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    body_bytes_per_second: int = Field(
+        8 * 1024 * 1024,
+        ge=0,
+        description="Each ingress replica reads the bytes of bodies beyond their first 256 KiB "
+        "at most this fast once a burst of max_body_bytes is spent (0: unpaced): a flood of big "
+        "bodies waits on its own reads instead of taking the engine's CPU (app/web/pacing.py).",
+    )
 
 
 class StreamingConfig(ClosedModel):

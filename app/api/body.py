@@ -16,7 +16,7 @@ async def read_json_bytes(request: Request, context: ApiContext) -> bytes:
     content_type = request.headers.get("content-type", "application/json").lower()
     if "json" not in content_type:
         raise UnsupportedMediaType(f"content-type must be application/json, not '{content_type}'")
-    return await read_body(request, context.config.ingress.max_body_bytes)
+    return await read_body(request, context.config.ingress.max_body_bytes, context.body_bucket)
 
 
 async def read_json(request: Request, context: ApiContext) -> dict[str, Any]:

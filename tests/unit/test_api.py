@@ -50,6 +50,28 @@ def sse(text: str) -> list[Any]:
     return [item if item == DONE else json.loads(item) for item in parse(text)]
 
 
+def test_only_the_bytes_of_big_bodies_go_through_the_ingress_byte_bucket(
+    backend: LocalBackend,
+) -> None:
+    from app.web.pacing import UNPACED_BYTES
+
+    config = backend.config.model_copy(
+        update={"ingress": backend.config.ingress.model_copy(update={"max_body_bytes": 4 << 20})}
+    )
+    with TestClient(create_app(config, backend)) as test_client:
+        test_client.portal.call(backend.start)  # type: ignore[union-attr]
+        bucket = test_client.app.state.context.body_bucket  # type: ignore[attr-defined]
+        assert bucket.rate == 8 * 1024 * 1024 and bucket.capacity == 4 << 20
+        headers = {"content-type": "application/json"}
+        small = json.dumps(chat(max_tokens=1, user="x" * 30_000)).encode()
+        assert test_client.post(CHAT, content=small, headers=headers).status_code == 200
+        assert bucket.stamp is None  # never touched
+        big = json.dumps(chat(max_tokens=1, user="x" * (1 << 20))).encode()
+        assert test_client.post(CHAT, content=big, headers=headers).status_code == 200
+        assert bucket.stamp is not None
+        assert bucket.level <= (4 << 20) - (len(big) - UNPACED_BYTES) + 64 * 1024
+
+
 def test_buffered_chat(client: TestClient) -> None:
     response = client.post(CHAT, json=chat(max_tokens=3))
     assert response.status_code == 200
