@@ -47,7 +47,8 @@ Message = ChatMessage | Mapping[str, Any]
 
 def connect(app_name: str = DEFAULT_APP, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
     """A client of the running Serve application `app_name` (Ray must be reachable: inside a
-    Ray job or task it is; in a plain script, `ray.init(address=...)` first or set RAY_ADDRESS).
+    Ray job or task it is; in a plain script, `ray.init()` first, with RAY_ADDRESS set, and for
+    a head on 127.0.0.1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: README "Ray jobs through handles").
     The config and deployment handles come from the application's ingress itself."""
     ingress = serve.get_app_handle(app_name)
     plain, registry, generators, ledger = ingress.connection.remote().result(timeout_s=timeout_s)
