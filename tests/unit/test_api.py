@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,26 +51,33 @@ def sse(text: str) -> list[Any]:
     return [item if item == DONE else json.loads(item) for item in parse(text)]
 
 
-def test_only_the_bytes_of_big_bodies_go_through_the_ingress_byte_bucket(
+def test_big_bodies_wait_on_the_ingress_byte_bucket_and_small_ones_never_do(
     backend: LocalBackend,
 ) -> None:
+    """With the bucket spent (a flood before), a body's bytes beyond UNPACED_BYTES are read at
+    the configured rate; a small body neither waits nor touches the bucket."""
     from app.web.pacing import UNPACED_BYTES
 
-    config = backend.config.model_copy(
-        update={"ingress": backend.config.ingress.model_copy(update={"max_body_bytes": 4 << 20})}
+    rate = 1 << 20
+    ingress = backend.config.ingress.model_copy(
+        update={"max_body_bytes": 4 << 20, "body_bytes_per_second": rate}
     )
+    config = backend.config.model_copy(update={"ingress": ingress})
     with TestClient(create_app(config, backend)) as test_client:
         test_client.portal.call(backend.start)  # type: ignore[union-attr]
         bucket = test_client.app.state.context.body_bucket  # type: ignore[attr-defined]
-        assert bucket.rate == 8 * 1024 * 1024 and bucket.capacity == 4 << 20
+        assert bucket.rate == rate and bucket.capacity == 4 << 20
+        bucket.take(4 << 20, time.monotonic())  # spent
+        spent = (bucket.level, bucket.stamp)
         headers = {"content-type": "application/json"}
         small = json.dumps(chat(max_tokens=1, user="x" * 30_000)).encode()
         assert test_client.post(CHAT, content=small, headers=headers).status_code == 200
-        assert bucket.stamp is None  # never touched
-        big = json.dumps(chat(max_tokens=1, user="x" * (1 << 20))).encode()
+        assert (bucket.level, bucket.stamp) == spent  # not touched
+        big = json.dumps(chat(max_tokens=1, user="x" * (UNPACED_BYTES + rate // 2))).encode()
+        started = time.monotonic()
         assert test_client.post(CHAT, content=big, headers=headers).status_code == 200
-        assert bucket.stamp is not None
-        assert bucket.level <= (4 << 20) - (len(big) - UNPACED_BYTES) + 64 * 1024
+        # ~half a second of bytes beyond the unpaced part, at 1 MiB/s (a lower bound only)
+        assert time.monotonic() - started >= 0.4
 
 
 def test_buffered_chat(client: TestClient) -> None:

@@ -1,4 +1,4 @@
-"""The ingress's body byte bucket (app/web/pacing.py) and that body reads go through it."""
+"""The ingress's body byte bucket (app/web/pacing.py); reading through it: tests/unit/test_api.py."""
 
 from __future__ import annotations
 
