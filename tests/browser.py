@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -114,6 +115,7 @@ def open_page() -> Iterator[Page]:
             [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helpers (zygote, renderers, crashpad) in one group
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -143,3 +145,16 @@ def open_page() -> Iterator[Page]:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+            _stop_group(process.pid)  # helpers outlive the browser and still write the profile
+
+
+def _stop_group(group: int) -> None:
+    """SIGKILL every process left in the group, and wait until none is (so the profile
+    directory can be removed)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
