@@ -57,7 +57,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.engine.default_model import default_model_dir  # noqa: E402
-from app.serve_env import serve_env  # noqa: E402
+from app.serve_env import HAPROXY_PORTS, serve_env  # noqa: E402
 from benchmarks.local_serve import free_port  # noqa: E402
 from scripts.stack import process_tree, stop_processes  # noqa: E402
 
@@ -530,10 +530,10 @@ def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list
                     args.null_tokens,
                     seed=300 + streams,
                 )
-                measured.setdefault(system, {})[streams] = run_bench(
-                    base_url, model, workload, log_file
-                )
-                result = measured[system][streams]
+                load_before = os.getloadavg()[0]
+                result = run_bench(base_url, model, workload, log_file)
+                result["load_before"] = load_before
+                measured.setdefault(system, {})[streams] = result
                 log(
                     f"{system} {streams} streams: {result['output_tok_s']:.0f} tok/s, "
                     f"first token p50 {result['ttft_p50_ms']:.1f} ms, errors {result['errors']}"
@@ -636,8 +636,8 @@ def null_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| streams x tokens | poolserve tok/s | minimal HTTP tok/s | in-process tok/s | "
         "poolserve / minimal | first token p50 ms: poolserve | minimal HTTP | in-process | "
-        "poolserve adds vs minimal | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "poolserve adds vs minimal | errors | 1-min load before: poolserve, minimal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ours, minimal, base = row["http"], row["minimal"], row["inprocess"]
@@ -647,7 +647,8 @@ def null_table(rows: list[dict[str, Any]]) -> str:
             f"{ours['output_tok_s'] / minimal['output_tok_s']:.2f}x | "
             f"{ours['ttft_p50_ms']:.1f} | {minimal['ttft_p50_ms']:.1f} | "
             f"{base['ttft_p50_ms']:.2f} | {ours['ttft_p50_ms'] - minimal['ttft_p50_ms']:+.1f} ms | "
-            f"{ours['errors'] + minimal['errors']}/{2 * row['prompts']} |"
+            f"{ours['errors'] + minimal['errors']}/{2 * row['prompts']} | "
+            f"{ours['load_before']:.1f}, {minimal['load_before']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -909,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} round(s) interleaved across systems (each a fresh start), {args.passes} "
         "pass(es) per start; cells: mean (min-max over rounds and passes)",
         "- Ray Serve settings (app/serve_env.py: "
-        + ", ".join(f"{k}={v}" for k, v in serve_env().items())
+        + ", ".join(f"{k}={v}" for k, v in serve_env().items() if k not in HAPROXY_PORTS)
         + "): poolserve"
         + (
             " and Ray Serve LLM"

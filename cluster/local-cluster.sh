@@ -25,7 +25,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MO
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset RAY_ADDRESS
 # Ray Serve's settings of app/serve_env.py, in every node's environment (unless already set)
-eval "$("$PY" -c 'from app.serve_env import serve_env; print(" ".join(f"export {k}={v}" for k, v in serve_env().items()))')"
+eval "$("$PY" -m app.serve_env)"
 
 log() { echo "[local-cluster] $*" >&2; }
 

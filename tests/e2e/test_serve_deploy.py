@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from app.serve_env import serve_env
 from benchmarks.local_serve import free_port
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import REAL_MODEL, ROOT
@@ -79,6 +80,7 @@ def head() -> Iterator[Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="psd-", dir="/tmp"))  # short: Ray's socket paths
     env = {
         **os.environ,
+        **serve_env(),  # the README's `eval "$(python -m app.serve_env)"`
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",

@@ -109,7 +109,7 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
     the replicas run user code on their own loop (the session cluster has the node settings)."""
     import ray
 
-    from app.serve_env import SERVE_ENV
+    from app.serve_env import NODE_ENV
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     ingress_logs = list(logs.glob("replica_*_Ingress_*.log"))
@@ -117,5 +117,5 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
     for log in ingress_logs:
         lines = [line for line in log.read_text().splitlines() if "ingress handles route" in line]
         assert lines and all(line.endswith("with CurrentLoopRouter") for line in lines), lines
-    env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in SERVE_ENV}).remote())
-    assert env == SERVE_ENV
+    env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in NODE_ENV}).remote())
+    assert env == NODE_ENV
