@@ -700,6 +700,33 @@ def environment() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+WAKER = """
+import sys, time
+period, work_s = 1 / float(sys.argv[1]), float(sys.argv[2]) / 1e6
+while True:
+    time.sleep(period)
+    end = time.perf_counter() + work_s
+    while time.perf_counter() < end:
+        pass
+"""
+
+
+@contextlib.contextmanager
+def background_wakeups(rate: float, work_us: float = 20) -> Iterator[None]:
+    """--background-wakeups: a process that wakes `rate` times a second and runs `work_us` of
+    CPU each time, as the timers and pollers of a serving stack's other processes do (an
+    experiment: what such wakeups cost an engine whose threads fill both cores)."""
+    if not rate:
+        yield
+        return
+    waker = subprocess.Popen([sys.executable, "-c", WAKER, str(rate), str(work_us)])
+    try:
+        yield
+    finally:
+        waker.kill()
+        waker.wait()
+
+
 @contextlib.contextmanager
 def running(system: str, log_dir: Path) -> Iterator[Host]:
     host = start_host(system, log_dir)
@@ -707,6 +734,27 @@ def running(system: str, log_dir: Path) -> Iterator[Host]:
         yield host
     finally:
         stop_host(host)
+
+
+def run_pass(
+    host: Host,
+    system: str,
+    current: RunRecord,
+    items: list[Workload],
+    index: int,
+    log_file: Path,
+) -> None:
+    for workload in items:
+        workload = replace(workload, seed=workload.seed + 1000 * index)
+        metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
+        current.results[workload.name] = metrics
+        log(
+            f"round {current.round} {system:6} {workload.name:22} "
+            f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
+            f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
+            f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
+            f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
+        )
 
 
 def run_system(
@@ -745,17 +793,8 @@ def run_system(
                 pass_started = time.monotonic()
                 if index:
                     current.load_before = os.getloadavg()
-                for workload in items:
-                    workload = replace(workload, seed=workload.seed + 1000 * index)
-                    metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
-                    current.results[workload.name] = metrics
-                    log(
-                        f"round {current.round} {system:6} {workload.name:22} "
-                        f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
-                        f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
-                        f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
-                        f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
-                    )
+                with background_wakeups(args.background_wakeups):
+                    run_pass(host, system, current, items, index, log_file)
                 current.load_after = os.getloadavg()
                 current.wall_s = time.monotonic() - pass_started
             if (
@@ -848,6 +887,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="JSON merged into poolserve's serve_config args, e.g. '{\"streaming\": "
         '{"coalesce_window_ms": 50}}\' (experiments)',
+    )
+    parser.add_argument(
+        "--background-wakeups",
+        type=float,
+        default=0,
+        metavar="PER_S",
+        help="during each system's workloads, run a process that wakes this often per second "
+        "and spins 20 us each time (an experiment: the cost of other processes' wakeups to an "
+        "engine whose threads fill the cores); 0: none",
     )
     parser.add_argument("--markdown", type=Path, help="also write the report here")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench")
