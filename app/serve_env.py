@@ -20,9 +20,11 @@ ray/serve/_private/constants.py):
   cloud load balancers; HAProxy drops a replica within its 0.1 s reload coalescing), then
   finishes its streams as before.
 
-HAProxy also opens a stats page and a Prometheus endpoint on every interface of its node, on
-ports that are the same for every cluster by default (8404, 9101): `serve_env()` gives each
-cluster started from here free ones unless the environment names them.
+HAProxy also opens a stats page and a Prometheus endpoint on every interface of its node, and
+Serve starts a fallback Python proxy on the head for HAProxy to route to while no Ingress
+replica's port is up; their ports are the same for every cluster by default (8404, 9101, 8500,
+9500): `serve_env()` gives each cluster started from here free ones unless the environment
+names them.
 
 Not taken from that set as node environment: routing on the caller's loop
 (`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`), because a handle so made cannot be called from
@@ -52,8 +54,15 @@ NODE_ENV: dict[str, str] = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
 
-# HAProxy's own listeners: one set per cluster on a machine (free ports unless named).
-HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Fixed ports of direct ingress beside HAProxy's front end: its stats page and Prometheus
+# endpoint, and the fallback Python proxy it routes to while no Ingress replica port is up.
+# One set per cluster on a machine (free ports unless named).
+HAPROXY_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 
 
 def _free_port() -> int:
