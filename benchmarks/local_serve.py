@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from app.serve_env import serve_env
+from app.serve_env import HAPROXY_PORTS, serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -23,10 +23,11 @@ def free_port() -> int:
 
 
 def start_local_serve() -> str:
-    """ray.init a private local cluster, start Serve's HTTP proxy on a free port; the base URL."""
+    """ray.init a private local cluster, start Serve's HTTP entry on a free port; the base URL."""
     import ray
     from ray import serve
 
+    inherited = {name: os.environ.get(name) for name in HAPROXY_PORTS}
     os.environ.update(serve_env())  # before Ray starts: its processes inherit them
     ray.init(
         address="local",
@@ -37,6 +38,11 @@ def start_local_serve() -> str:
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # The cluster's processes have their environment now; its HAProxy ports are not for a
+    # cluster started later from this process (tests/e2e/test_serve_deploy.py starts one).
+    for name, value in inherited.items():
+        if value is None:
+            os.environ.pop(name, None)
     return f"http://127.0.0.1:{port}"
 
 

@@ -55,7 +55,8 @@ def test_compare_null_engine_smoke(stack: Stack, tmp_path: Path) -> None:
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[2]) > 0, row  # tokens/s through both
-        assert cells[-1] == "0/8", row  # no failed request (4 prompts x 2 servers)
+        assert cells[-2] == "0/8", row  # no failed request (4 prompts x 2 servers)
+        assert all(float(load) >= 0 for load in cells[-1].split(",")), row  # load recorded
     # every process compare.py started is gone (its hosts name their tag on the command line)
     assert not process_tree(lambda cmdline: "--tag=bench-" in cmdline and str(tmp_path) in cmdline)
 
