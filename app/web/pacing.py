@@ -1,11 +1,11 @@
 """How fast one ingress replica reads request bodies: a token bucket over body bytes.
 
-Reading and parsing a body takes CPU in the Serve proxy and the ingress (about 10 ms per MB on
-the 2-core reference machine). On a machine that also runs the engine, a client posting
+Reading and parsing a body takes CPU in the ingress, and in Serve's Python proxy where that runs
+instead of direct ingress (about 10 ms per MB for the two on the 2-core reference machine). On a machine that also runs the engine, a client posting
 maximum-size bodies back to back (~100 MB/s) takes that CPU from the engine and every stream
 slows down. The bucket holds one maximum-size body, so a body now and then is read at once;
 beyond that, bodies are read at `rate` bytes/s in total, and a flood waits on its own reads
-(backpressure through the proxy to the sender) instead of taking the engine's CPU. Only the
+(backpressure through HAProxy or the proxy to the sender) instead of taking the engine's CPU. Only the
 bytes of a body beyond its first UNPACED_BYTES count, so a request of ordinary size (a long
 document in a chat turn included) never waits behind a flood of big bodies. Pure: every time is
 passed in."""

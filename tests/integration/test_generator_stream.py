@@ -119,3 +119,62 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
         assert lines and all(line.endswith("with CurrentLoopRouter") for line in lines), lines
     env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in NODE_ENV}).remote())
     assert env == NODE_ENV
+
+
+def listeners() -> dict[tuple[str, int], str]:
+    """Listening TCP sockets of this machine: (address, port) -> the owning process's name
+    (from /proc: IPv4 only, which is what Serve binds for 127.0.0.1)."""
+    inodes: dict[str, tuple[str, int]] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "0A":  # LISTEN
+            continue
+        address, port = fields[1].split(":")
+        ip = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+        inodes[fields[9]] = (ip, int(port, 16))
+    found: dict[tuple[str, int], str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    found[inodes[target[8:-1]]] = name
+        except OSError:
+            continue
+    return found
+
+
+def test_http_reaches_the_ingress_through_haproxy(stack: Stack) -> None:
+    """Direct ingress (app/serve_env.py NODE_ENV) took: the session's HTTP port is HAProxy's,
+    Serve's proxy actor on the head is the HAProxyManager (the Python ProxyActor only as its
+    fallback, on a port of this cluster's own), and the Ingress replica serves HTTP itself on a
+    127.0.0.1 port; an ordinary request answers through it."""
+    import ray
+
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    listening = listeners()
+    assert listening.get(("127.0.0.1", port)) == "haproxy", listening
+    assert ("0.0.0.0", port) not in listening, listening
+    classes = {
+        entry["name"]: ray.get_actor(
+            entry["name"], namespace=entry["namespace"]
+        )._ray_actor_creation_function_descriptor.class_name
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["name"].startswith("SERVE_PROXY_ACTOR")
+    }
+    assert sorted(classes.values()) == ["HAProxyManager", "ProxyActor"], classes
+    assert all("fallback" in name for name, cls in classes.items() if cls == "ProxyActor"), classes
+    ingress_ports = [
+        p for (ip, p), name in listening.items() if ip == "127.0.0.1" and 30000 <= p <= 31000
+    ]
+    assert ingress_ports, listening
+    assert all(
+        name.startswith("ray::ServeRepli")
+        for (ip, p), name in listening.items()
+        if p in ingress_ports
+    )
+    response = httpx.get(f"{stack.base_url}/health", timeout=30)
+    assert response.status_code == 200, response.text
