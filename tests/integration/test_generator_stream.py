@@ -109,7 +109,7 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
     the replicas run user code on their own loop (the session cluster has the node settings)."""
     import ray
 
-    from app.serve_env import NODE_ENV
+    from app.serve_env import SERVE_ENV
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     ingress_logs = list(logs.glob("replica_*_Ingress_*.log"))
@@ -117,8 +117,8 @@ def test_the_ingress_routes_on_its_own_event_loop(stack: Stack) -> None:
     for log in ingress_logs:
         lines = [line for line in log.read_text().splitlines() if "ingress handles route" in line]
         assert lines and all(line.endswith("with CurrentLoopRouter") for line in lines), lines
-    env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in NODE_ENV}).remote())
-    assert env == NODE_ENV
+    env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in SERVE_ENV}).remote())
+    assert env == SERVE_ENV
 
 
 def listeners() -> dict[tuple[str, int], str]:
@@ -147,16 +147,17 @@ def listeners() -> dict[tuple[str, int], str]:
     return found
 
 
-def test_http_reaches_the_ingress_through_haproxy(stack: Stack) -> None:
-    """Direct ingress (app/serve_env.py NODE_ENV) took: the session's HTTP port is HAProxy's,
-    Serve's proxy actor on the head is the HAProxyManager (the Python ProxyActor only as its
-    fallback, on a port of this cluster's own), and the Ingress replica serves HTTP itself on a
-    127.0.0.1 port; an ordinary request answers through it."""
+def test_http_reaches_the_ingress_through_the_entry_serve_env_chose(stack: Stack) -> None:
+    """Serve's Python proxy by default; with direct ingress opted in (app/serve_env.py,
+    RAY_SERVE_ENABLE_HA_PROXY=1) the session's HTTP port is HAProxy's, the Python proxy only its
+    fallback, and the Ingress replica serves HTTP itself on a 127.0.0.1 port. Either way the
+    port is on 127.0.0.1 only and an ordinary request answers through it."""
     import ray
+
+    from app.serve_env import direct_ingress
 
     port = int(stack.base_url.rsplit(":", 1)[1])
     listening = listeners()
-    assert listening.get(("127.0.0.1", port)) == "haproxy", listening
     assert ("0.0.0.0", port) not in listening, listening
     classes = {
         entry["name"]: ray.get_actor(
@@ -165,16 +166,21 @@ def test_http_reaches_the_ingress_through_haproxy(stack: Stack) -> None:
         for entry in ray.util.list_named_actors(all_namespaces=True)
         if entry["name"].startswith("SERVE_PROXY_ACTOR")
     }
-    assert sorted(classes.values()) == ["HAProxyManager", "ProxyActor"], classes
-    assert all("fallback" in name for name, cls in classes.items() if cls == "ProxyActor"), classes
-    ingress_ports = [
-        p for (ip, p), name in listening.items() if ip == "127.0.0.1" and 30000 <= p <= 31000
-    ]
-    assert ingress_ports, listening
-    assert all(
-        name.startswith("ray::ServeRepli")
-        for (ip, p), name in listening.items()
-        if p in ingress_ports
-    )
+    if not direct_ingress():
+        assert listening.get(("127.0.0.1", port)) == "ray::ProxyActor", listening
+        assert list(classes.values()) == ["ProxyActor"], classes
+    else:
+        assert listening.get(("127.0.0.1", port)) == "haproxy", listening
+        assert sorted(classes.values()) == ["HAProxyManager", "ProxyActor"], classes
+        assert all("fallback" in name for name, cls in classes.items() if cls == "ProxyActor")
+        ingress_ports = [
+            p for (ip, p), name in listening.items() if ip == "127.0.0.1" and 30000 <= p <= 31000
+        ]
+        assert ingress_ports, listening
+        assert all(
+            name.startswith("ray::ServeRepli")
+            for (ip, p), name in listening.items()
+            if p in ingress_ports
+        )
     response = httpx.get(f"{stack.base_url}/health", timeout=30)
     assert response.status_code == 200, response.text

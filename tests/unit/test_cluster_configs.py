@@ -277,9 +277,8 @@ def test_local_cluster_gives_gpu_profiles_logical_gpus_and_accelerator_types(
 
 def test_every_cluster_runs_the_serve_settings() -> None:
     """app/serve_env.py's settings reach the replicas through serve_config.yaml and the
-    RayService's runtime_env, and every node of the KubeRay and `ray up` clusters; direct
-    ingress (node environment only) on KubeRay's, whose Serve listens on every interface."""
-    from app.serve_env import NODE_ENV, SERVE_ENV
+    RayService's runtime_env, and every node of the KubeRay and `ray up` clusters."""
+    from app.serve_env import SERVE_ENV
 
     for config in (load(SERVE_CONFIG), embedded_serve_config()):
         for app in config["applications"]:
@@ -289,7 +288,7 @@ def test_every_cluster_runs_the_serve_settings() -> None:
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container.get("env", [])}
-            assert NODE_ENV.items() <= env.items(), container["name"]
+            assert SERVE_ENV.items() <= env.items(), container["name"]
     ray_up = load(ROOT / "cluster" / "ray-cluster.yaml")
     for command in (*ray_up["head_start_ray_commands"], *ray_up["worker_start_ray_commands"]):
         if "ray start" in command:
