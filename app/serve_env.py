@@ -63,9 +63,10 @@ HAPROXY_PORTS = (
 )
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` now ("" for every interface)."""
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -85,7 +86,7 @@ def serve_env() -> dict[str, str]:
             {name: os.environ.get(name, value) for name, value in DIRECT_INGRESS_ENV.items()}
         )
         for name in HAPROXY_PORTS:
-            env[name] = os.environ.get(name) or str(_free_port())
+            env[name] = os.environ.get(name) or str(free_port(""))
     return env
 
 

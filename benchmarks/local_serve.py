@@ -4,22 +4,14 @@ benchmarks run on (127.0.0.1 only), and a free local port."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
-from app.serve_env import HAPROXY_PORTS, serve_env
+from app.serve_env import HAPROXY_PORTS, free_port, serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_local_serve() -> str:
