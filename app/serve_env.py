@@ -43,11 +43,10 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 
-# Direct ingress, opt-in: RAY_SERVE_ENABLE_HA_PROXY=1 in the environment before the node starts.
-# Not the default: in one full test run of three under it, a buffered request whose client had
-# left was not aborted (the engine generated all its tokens), which Serve's proxy never showed
-# (docs/benchmarks.md, "Root causes" 7). With the opt-in come these settings and free ports.
+# Direct ingress (opt-in, see above). Not the default: in one full test run of three under it, a
+# buffered request whose client had left was not aborted (docs/benchmarks.md, "Root causes" 7).
 DIRECT_INGRESS_ENV: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
@@ -81,7 +80,6 @@ def serve_env() -> dict[str, str]:
     ones, unless the environment names them)."""
     env = {name: os.environ.get(name, value) for name, value in SERVE_ENV.items()}
     if direct_ingress():
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env.update(
             {name: os.environ.get(name, value) for name, value in DIRECT_INGRESS_ENV.items()}
         )
