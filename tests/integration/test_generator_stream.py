@@ -147,11 +147,25 @@ def listeners() -> dict[tuple[str, int], str]:
     return found
 
 
+def command_lines() -> list[list[str]]:
+    """Every process's argv (from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")[:-1] if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if argv:
+            found.append([arg.decode(errors="replace") for arg in argv])
+    return found
+
+
 def test_http_reaches_the_ingress_through_the_entry_serve_env_chose(stack: Stack) -> None:
-    """Serve's Python proxy by default; with direct ingress opted in (app/serve_env.py,
-    RAY_SERVE_ENABLE_HA_PROXY=1) the session's HTTP port is HAProxy's, the Python proxy only its
-    fallback, and the Ingress replica serves HTTP itself on a 127.0.0.1 port. Either way the
-    port is on 127.0.0.1 only and an ordinary request answers through it."""
+    """Direct ingress by default (app/serve_env.py): the session's HTTP port is HAProxy's, which
+    runs without kernel splicing (`-dS`, scripts/haproxy-nosplice), the Python proxy is only its
+    fallback, and the Ingress replica serves HTTP itself on a 127.0.0.1 port. With it turned off
+    (RAY_SERVE_ENABLE_HA_PROXY=0), Serve's Python proxy. Either way the port is on 127.0.0.1 only
+    and an ordinary request answers through it."""
     import ray
 
     from app.serve_env import direct_ingress
@@ -171,6 +185,8 @@ def test_http_reaches_the_ingress_through_the_entry_serve_env_chose(stack: Stack
         assert list(classes.values()) == ["ProxyActor"], classes
     else:
         assert listening.get(("127.0.0.1", port)) == "haproxy", listening
+        haproxies = [argv for argv in command_lines() if argv[0].endswith("/haproxy")]
+        assert haproxies and all(argv[1] == "-dS" for argv in haproxies), haproxies
         assert sorted(classes.values()) == ["HAProxyManager", "ProxyActor"], classes
         assert all("fallback" in name for name, cls in classes.items() if cls == "ProxyActor")
         ingress_ports = [
