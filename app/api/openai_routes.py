@@ -208,15 +208,17 @@ async def relay(request: Request, route: OpenAIRoute) -> Response:
 async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
     """vLLM's SSE events as the worker made them; a failure after the first byte (the worker
     lost, the stream cut) is an in-band error event in the OpenAI error shape, then [DONE]."""
-    done = False
     try:
         async for batch in stream.batches():
+            # one write per batch, not per event: a coalesced batch carries many events
+            data: list[bytes] = []
+            done = False
             for reply in batch:
-                if not isinstance(reply, WireReply):
-                    continue
-                if reply.data:
-                    yield reply.data
-                done = done or reply.done
+                if isinstance(reply, WireReply):
+                    data.append(reply.data)
+                    done = done or reply.done
+            if any(data):
+                yield b"".join(data)
             if done:
                 return
         error: ServiceError = ServiceError("generation stream ended before a terminal event")

@@ -1,0 +1,63 @@
+"""The OpenAI relay on the ingress (app/api/openai_routes.py): vLLM's SSE events as the worker
+made them, one write per coalesced batch (each write is a trip through the ASGI stack and a
+socket send), nothing after the terminal reply, and an in-band error when the stream breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.api.openai_routes import _events
+from app.api.streaming import ChunkStream
+from app.errors import WorkerUnavailable
+from app.protocol.generation import WireReply
+
+
+def event(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"delta": {"content": text}}]}).encode() + b"\n\n"
+
+
+def writes(batches: list[list[Any]], then: BaseException | None = None) -> list[bytes]:
+    async def rest() -> AsyncIterator[list[Any]]:
+        for batch in batches[1:]:
+            yield batch
+        if then is not None:
+            raise then
+
+    async def run() -> list[bytes]:
+        return [chunk async for chunk in _events(ChunkStream(batches[0], rest()))]
+
+    return asyncio.run(run())
+
+
+def test_one_write_per_batch_and_nothing_after_the_terminal_reply() -> None:
+    first = [WireReply(event("a"), stream=True), WireReply(event("b"), stream=True)]
+    second = [
+        WireReply(event("c"), stream=True),
+        WireReply(b"data: [DONE]\n\n", stream=True),
+        WireReply(b"", stream=True, done=True),
+    ]
+    after = [WireReply(event("late"), stream=True)]
+    assert writes([first, second, after]) == [
+        event("a") + event("b"),
+        event("c") + b"data: [DONE]\n\n",
+    ]
+
+
+def test_an_empty_batch_writes_nothing() -> None:
+    empty = [WireReply(b"", stream=True)]
+    last = [WireReply(b"data: [DONE]\n\n", stream=True, done=True)]
+    assert writes([[WireReply(event("a"), stream=True)], empty, last]) == [
+        event("a"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+def test_a_broken_stream_ends_with_an_error_event_and_done() -> None:
+    chunks = writes([[WireReply(event("a"), stream=True)]], then=WorkerUnavailable("gone"))
+    assert chunks[0] == event("a")
+    error = json.loads(chunks[1].decode().removeprefix("data: "))["error"]
+    assert error["message"] == "gone"
+    assert chunks[2] == b"data: [DONE]\n\n"
