@@ -152,7 +152,14 @@ class Host:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            for role in ("ProxyActor", "Ingress", "Generator-cpu", "LLMServer", "OpenAiIngress"):
+            for role in (
+                "ProxyActor",
+                "Ingress",
+                "Generator-cpu",
+                "TenantLedger",
+                "LLMServer",
+                "OpenAiIngress",
+            ):
                 if (
                     role in cmdline
                     and role not in found
@@ -328,7 +335,12 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def profile_run(
-    host: Host, workload: Workload, out_dir: Path, seconds: int, log_file: Path
+    host: Host,
+    workload: Workload,
+    out_dir: Path,
+    seconds: int,
+    log_file: Path,
+    model: str = MODEL_ID,
 ) -> dict[str, list[tuple[str, float, float]]]:
     pyspy = Path(sys.executable).parent / "py-spy"
     targets = {role: pid for role, pid in host.replica_pids().items() if role != "EngineCore"}
@@ -361,7 +373,7 @@ def profile_run(
     log(f"py-spy on {', '.join(f'{r}={p}' for r, p in targets.items())} for {seconds} s")
     before = cpu_seconds(host.pids())
     started = time.monotonic()
-    run_bench(host.base_url, MODEL_ID, workload, log_file)
+    run_bench(host.base_url, model, workload, log_file)
     elapsed = time.monotonic() - started
     used: dict[str, float] = {}
     for pid, (name, seconds) in cpu_seconds(host.pids()).items():
@@ -502,22 +514,31 @@ async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def null_target(system: str, args: argparse.Namespace, log_dir: Path) -> Iterator[tuple[str, str]]:
-    """(base url, model) of a null-engine system: started here, or for `ours-null` an already
-    running poolserve app with the fake engine when --null-url is given (the test suite's)."""
+def null_target(
+    system: str, args: argparse.Namespace, log_dir: Path
+) -> Iterator[tuple[str, str, Host | None]]:
+    """(base url, model, host) of a null-engine system: started here, or for `ours-null` an
+    already running poolserve app with the fake engine when --null-url is given (the test
+    suite's; no host then)."""
     if system == "ours-null" and args.null_url:
-        yield args.null_url.rstrip("/"), args.null_model
+        yield args.null_url.rstrip("/"), args.null_model, None
         return
     with running(system, log_dir) as host:
-        yield host.base_url, NULL_MODEL_ID
+        yield host.base_url, NULL_MODEL_ID, host
 
 
-def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list[dict[str, Any]]:
+def null_engine(
+    args: argparse.Namespace,
+    log_dir: Path,
+    log_file: Path,
+    profiles: dict[str, list[tuple[str, float, float]]],
+) -> list[dict[str, Any]]:
     """Per stream count: poolserve + fake engine over HTTP, the fake engine behind a minimal
-    single-process HTTP server (fake-http), and the fake engine in-process."""
+    single-process HTTP server (fake-http), and the fake engine in-process. With --profile,
+    an extra run of poolserve at the most streams (8x the prompts) is profiled."""
     measured: dict[str, dict[int, dict[str, Any]]] = {}
     for system in ("ours-null", "fake-http"):
-        with null_target(system, args, log_dir) as (base_url, model):
+        with null_target(system, args, log_dir) as (base_url, model, host):
             run_bench(  # warm-up: first requests pay imports and connection setup
                 base_url, model, Workload("warm-up", 4, 8, 32, 16, seed=7), log_file
             )
@@ -538,6 +559,20 @@ def null_engine(args: argparse.Namespace, log_dir: Path, log_file: Path) -> list
                     f"{system} {streams} streams: {result['output_tok_s']:.0f} tok/s, "
                     f"first token p50 {result['ttft_p50_ms']:.1f} ms, errors {result['errors']}"
                 )
+            if args.profile and system == "ours-null" and host is not None:
+                streams = max(args.null_streams)
+                profiled = Workload(
+                    "null profiled",
+                    streams,
+                    8 * max(streams, args.null_prompts),
+                    32,
+                    args.null_tokens,
+                    seed=999,
+                )
+                for role, rows in profile_run(
+                    host, profiled, log_dir, args.profile, log_file, model
+                ).items():
+                    profiles[f"poolserve, null engine: {role}"] = rows
     return [
         {
             "streams": streams,
@@ -866,7 +901,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="SECONDS",
         help="py-spy the serving processes of each system for this long during an "
-        "extra, unreported run of the last concurrency in the last round",
+        "extra, unreported run of the last concurrency in the last round (and of "
+        "poolserve's null engine at the most streams, 8x the prompts)",
     )
     parser.add_argument(
         "--max-minutes",
@@ -942,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     null_error = ""
     if args.null_streams:
         try:
-            null_rows = null_engine(args, args.log_dir, log_file)
+            null_rows = null_engine(args, args.log_dir, log_file, profiles)
         except Exception as error:  # noqa: BLE001 (still print what the systems measured)
             null_error = f"null-engine variant failed: {str(error).splitlines()[0][:200]}"
             log(null_error)

@@ -22,6 +22,7 @@ from app.protocol.generation import GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import Target, carry_over, choose_target, request_pool
 from app.server import create_app
+from app.tenancy.batching import GroupCall
 from app.tenancy.requests import (
     tenant_pool,
     terminal_stats,
@@ -60,6 +61,12 @@ class ServeBackend:
         logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
         self._ledger = ledger
+        Report = tuple[str, UsageRecord | None]
+        self._counts: GroupCall[Report] | None = None
+        self._finishes: GroupCall[Report] | None = None
+        if ledger is not None:  # each call carries the reports that ended during the last one
+            self._counts = GroupCall(lambda reports: ledger.count_reports.remote(reports))
+            self._finishes = GroupCall(lambda reports: ledger.finish_reports.remote(reports))
         self._open: set[str] = set()  # admitted requests in flight (their limit leases)
         self._reports: set[asyncio.Task[None]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -154,12 +161,10 @@ class ServeBackend:
 
     async def _count(self, request_id: str, usage: UsageRecord | None) -> None:
         """The ledger counts it before the client sees it (if this fails, `_finish` retries)."""
-        if self._ledger is None or usage is None:
+        if self._counts is None or usage is None:
             return
         try:
-            await asyncio.wait_for(
-                self._ledger.count.remote(request_id, usage), COUNT_TIMEOUT_SECONDS
-            )
+            await asyncio.wait_for(self._counts.submit((request_id, usage)), COUNT_TIMEOUT_SECONDS)
         except Exception:
             logger.warning("usage of %s not counted yet; retrying", request_id, exc_info=True)
 
@@ -167,7 +172,7 @@ class ServeBackend:
         """The durable report (`_count` had the ledger count it already; this one also
         releases the request's limits when it ended without usage)."""
         self._open.discard(request_id)
-        if self._ledger is None:
+        if self._finishes is None:
             return
         task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
         self._reports.add(task)
@@ -176,11 +181,11 @@ class ServeBackend:
     async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
         """Tell the ledger, retrying until it acknowledges (the report is durable; it counts a
         request id once)."""
-        assert self._ledger is not None
+        assert self._finishes is not None
         delay = 0.5
         for _ in range(REPORT_ATTEMPTS):
             try:
-                await self._ledger.finish.remote(request_id, usage)
+                await self._finishes.submit((request_id, usage))
                 return
             except Exception:
                 logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)

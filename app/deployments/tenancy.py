@@ -3,8 +3,8 @@ book. Every ingress replica asks it to admit a request (limits hold for the whol
 per replica) and tells it when the request ended, with the usage its client was sent.
 
 - Usage reports carry the request id: a retried report counts once. The ingress has a
-  request counted (`count`, answered on receipt) before its client can see the usage block,
-  then reports it again (`finish`), answered once persisted to Ray's GCS key-value
+  request counted (`count_reports`, answered on receipt) before its client can see the usage
+  block, then reports it again (`finish_reports`), answered once persisted to Ray's GCS key-value
   store (group commit: written as soon as the previous write ends, at least every
   `tenancy.flush_interval_seconds`), so a restart of this replica, of an ingress or of the PoolAutoscaler loses nothing
   acknowledged, and an ingress retries what was not.
@@ -101,35 +101,46 @@ class TenantLedger:
 
     # --- limits ------------------------------------------------------------------------------
 
-    def admit(self, ticket: Ticket) -> ServiceError | None:
-        """None: admitted (counted against its limits until `finish`); else the refusal."""
+    async def admit(self, ticket: Ticket) -> ServiceError | None:
+        """None: admitted (counted against its limits until its usage report); else the
+        refusal. (Methods on the request path are coroutines: Serve runs a plain method in a
+        thread, a hand-off per call.)"""
         return self._limits.admit(ticket, time.time())
 
-    def renew(self, request_ids: list[str]) -> None:
+    async def renew(self, request_ids: list[str]) -> None:
         self._limits.renew(request_ids, time.time())
 
     # --- usage -------------------------------------------------------------------------------
 
-    def count(self, request_id: str, usage: UsageRecord | None) -> bool:
-        """The request ended; `usage` is what its client is about to be sent (None: nothing,
-        e.g. it failed). Counted (once) and its limits released at once, so a read that arrives
-        after it sees it. True: not yet persisted (`finish` waits for that)."""
+    async def count_reports(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
+        """Requests that ended, each with the usage its client is about to be sent (None:
+        nothing, e.g. it failed). Counted (once per request id) and their limits released at
+        once, so a read that arrives after sees them. An ingress sends the reports that ended
+        while its previous call was in flight together (`app.tenancy.batching`)."""
         now = time.time()
+        for request_id, usage in reports:
+            self._count(request_id, usage, now)
+
+    async def finish_reports(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
+        """`count_reports`, then return once they are durable (the ingress retries until
+        then)."""
+        now = time.time()
+        unsaved = [self._count(request_id, usage, now) for request_id, usage in reports]
+        if not any(unsaved):
+            return  # nothing to count, or counted and saved already (retried reports)
+        saved = asyncio.get_running_loop().create_future()
+        self._unsaved.append(saved)
+        self._waiting.set()
+        await saved
+
+    def _count(self, request_id: str, usage: UsageRecord | None, now: float) -> bool:
+        """True: counted and not yet persisted."""
         self._limits.finish(request_id, usage.tokens if usage else None, now)
         if usage is None:
             return False
         if self._usage.record(usage, now):
             self._dirty = True
         return self._dirty
-
-    async def finish(self, request_id: str, usage: UsageRecord | None) -> None:
-        """`count`, then return once the usage is durable (the ingress retries until then)."""
-        if not self.count(request_id, usage):
-            return  # nothing to count, or counted and saved already (a retried report)
-        saved = asyncio.get_running_loop().create_future()
-        self._unsaved.append(saved)
-        self._waiting.set()
-        await saved
 
     def report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
         return self._usage.report(since, pool)
