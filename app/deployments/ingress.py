@@ -37,7 +37,7 @@ SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
 ADMIT_TIMEOUT_SECONDS = 2.0
-COUNT_TIMEOUT_SECONDS = 2.0
+REPORT_BEFORE_REPLY_SECONDS = 2.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 GRPC_REQUEST_BYTES = (
     3 * 1024 * 1024
@@ -61,12 +61,10 @@ class ServeBackend:
         logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
         self._ledger = ledger
-        Report = tuple[str, UsageRecord | None]
-        self._counts: GroupCall[Report] | None = None
-        self._finishes: GroupCall[Report] | None = None
-        if ledger is not None:  # each call carries the reports that ended during the last one
-            self._counts = GroupCall(lambda reports: ledger.count_reports.remote(reports))
-            self._finishes = GroupCall(lambda reports: ledger.finish_reports.remote(reports))
+        # each call to the ledger carries the reports that ended while the last one was out
+        self._reports_call: GroupCall[tuple[str, UsageRecord | None]] | None = None
+        if ledger is not None:
+            self._reports_call = GroupCall(lambda reports: ledger.report_usage.remote(reports))
         self._open: set[str] = set()  # admitted requests in flight (their limit leases)
         self._reports: set[asyncio.Task[None]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -115,11 +113,11 @@ class ServeBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
         """Limits first (service-wide, before any engine work), then the worker's stream. The
         terminal batch (it carries the usage) is passed on only once the TenantLedger has
-        counted it (once per request id), so no client holds a usage block the ledger lacks;
-        then the report is repeated until the ledger has it durable. A request that ends
-        without usage (failed, or cut because its ingress died before the end) is not counted;
-        one whose ingress dies between the count and the reply's last bytes is (its tokens
-        were generated)."""
+        it durable (counted once per request id), so no client holds a usage block the ledger
+        lacks; if the ledger does not answer within REPORT_BEFORE_REPLY_SECONDS, the reply goes
+        on and the report is retried until it does. A request that ends without usage (failed,
+        or cut because its ingress died before the end) is not counted; one whose ingress dies
+        between the report and the reply's last bytes is (its tokens were generated)."""
         await self.workers()
         pool = tenant_pool(request)
         if pool != DEFAULT_POOL and pool not in self._pools:
@@ -128,16 +126,19 @@ class ServeBackend:
         request = with_pool_defaults(request, record)
         admitted = await self._admit(request, record)
         usage: UsageRecord | None = None
+        reported = False
         try:
             async for batch in self._generate(request):
                 terminal = terminal_stats(batch)
                 if terminal is not None:
                     usage = usage_record(request, terminal)
-                    await self._count(request.request_id, usage)
+                    if usage is not None:
+                        reported = await self._report_before_reply(request.request_id, usage)
                 yield batch
         finally:
-            if admitted or usage is not None:
-                self._finish(request.request_id, usage)
+            self._open.discard(request.request_id)
+            if not reported and (admitted or usage is not None):
+                self._report_later(request.request_id, usage)
 
     async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> bool:
         """Ask the TenantLedger; raises its refusal (429). False: no limit applies (no round
@@ -159,20 +160,24 @@ class ServeBackend:
             self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
         return True
 
-    async def _count(self, request_id: str, usage: UsageRecord | None) -> None:
-        """The ledger counts it before the client sees it (if this fails, `_finish` retries)."""
-        if self._counts is None or usage is None:
-            return
+    async def _report_before_reply(self, request_id: str, usage: UsageRecord) -> bool:
+        """The usage, durable in the ledger before the client sees it. False: the ledger did
+        not acknowledge in time (the reply goes on; `_report_later` retries)."""
+        if self._reports_call is None:
+            return True
         try:
-            await asyncio.wait_for(self._counts.submit((request_id, usage)), COUNT_TIMEOUT_SECONDS)
+            await asyncio.wait_for(
+                self._reports_call.submit((request_id, usage)), REPORT_BEFORE_REPLY_SECONDS
+            )
         except Exception:
-            logger.warning("usage of %s not counted yet; retrying", request_id, exc_info=True)
+            logger.warning("usage of %s not reported yet; retrying", request_id, exc_info=True)
+            return False
+        return True
 
-    def _finish(self, request_id: str, usage: UsageRecord | None) -> None:
-        """The durable report (`_count` had the ledger count it already; this one also
-        releases the request's limits when it ended without usage)."""
-        self._open.discard(request_id)
-        if self._finishes is None:
+    def _report_later(self, request_id: str, usage: UsageRecord | None) -> None:
+        """Report in the background: a usage the ledger did not acknowledge before the reply,
+        or a request that ended without usage (it releases the request's limits)."""
+        if self._reports_call is None:
             return
         task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
         self._reports.add(task)
@@ -181,11 +186,11 @@ class ServeBackend:
     async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
         """Tell the ledger, retrying until it acknowledges (the report is durable; it counts a
         request id once)."""
-        assert self._finishes is not None
+        assert self._reports_call is not None
         delay = 0.5
         for _ in range(REPORT_ATTEMPTS):
             try:
-                await self._finishes.submit((request_id, usage))
+                await self._reports_call.submit((request_id, usage))
                 return
             except Exception:
                 logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)

@@ -2,9 +2,9 @@
 book. Every ingress replica asks it to admit a request (limits hold for the whole service, not
 per replica) and tells it when the request ended, with the usage its client was sent.
 
-- Usage reports carry the request id: a retried report counts once. The ingress has a
-  request counted (`count_reports`, answered on receipt) before its client can see the usage
-  block, then reports it again (`finish_reports`), answered once persisted to Ray's GCS key-value
+- Usage reports carry the request id: a retried report counts once. The ingress waits for
+  a request's report (`report_usage`) before its client can see the usage block; it is
+  answered once persisted to Ray's GCS key-value
   store (group commit: written as soon as the previous write ends, at least every
   `tenancy.flush_interval_seconds`), so a restart of this replica, of an ingress or of the PoolAutoscaler loses nothing
   acknowledged, and an ingress retries what was not.
@@ -112,18 +112,12 @@ class TenantLedger:
 
     # --- usage -------------------------------------------------------------------------------
 
-    async def count_reports(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
+    async def report_usage(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
         """Requests that ended, each with the usage its client is about to be sent (None:
-        nothing, e.g. it failed). Counted (once per request id) and their limits released at
-        once, so a read that arrives after sees them. An ingress sends the reports that ended
-        while its previous call was in flight together (`app.tenancy.batching`)."""
-        now = time.time()
-        for request_id, usage in reports:
-            self._count(request_id, usage, now)
-
-    async def finish_reports(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
-        """`count_reports`, then return once they are durable (the ingress retries until
-        then)."""
+        nothing, e.g. it failed): counted (once per request id) and their limits released at
+        once, so a read that arrives after sees them; answered once they are durable (the
+        ingress retries until then). An ingress sends the reports that ended while its
+        previous call was in flight together (`app.tenancy.batching`)."""
         now = time.time()
         unsaved = [self._count(request_id, usage, now) for request_id, usage in reports]
         if not any(unsaved):

@@ -1,9 +1,9 @@
 """Group calls: items submitted while a call is in flight travel together in the next one.
 
-The ingress reports every request's usage to the TenantLedger twice (counted, then durable).
-One round trip per report made the ledger's per-call cost (Serve's request handling, gRPC) the
-largest serving cost per request on a fast engine. Grouped, the number of calls follows the
-round-trip time, not the request rate, and each item still waits for the call that carried it.
+The ingress reports every request's usage to the TenantLedger. One call per report made the
+ledger's per-call cost (Serve's request handling, gRPC) one of the largest serving costs per
+request on a fast engine. Grouped, the number of calls follows the round-trip time, not the
+request rate, and each item still waits for the call that carried it.
 """
 
 from __future__ import annotations
