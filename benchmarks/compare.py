@@ -391,8 +391,9 @@ def profile_run(
             recorder.wait(timeout=seconds + 60)
         except subprocess.TimeoutExpired:
             recorder.kill()
-        if path.exists():
-            summaries[role] = summarize_profile(path)
+        rows = summarize_profile(path) if path.exists() else []
+        if rows:  # an idle process (Serve's fallback proxy under direct ingress) has none
+            summaries[role] = rows
     return summaries
 
 

@@ -4,10 +4,10 @@ per replica) and tells it when the request ended, with the usage its client was 
 
 - Usage reports carry the request id: a retried report counts once. The ingress waits for
   a request's report (`report_usage`) before its client can see the usage block; it is
-  answered once persisted to Ray's GCS key-value
-  store (group commit: written as soon as the previous write ends, at least every
-  `tenancy.flush_interval_seconds`), so a restart of this replica, of an ingress or of the PoolAutoscaler loses nothing
-  acknowledged, and an ingress retries what was not.
+  answered once persisted to Ray's GCS key-value store (group commit: written as soon as the
+  previous write ends, at least every `tenancy.flush_interval_seconds`), so a restart of this
+  replica, of an ingress or of the PoolAutoscaler loses nothing acknowledged, and an ingress
+  retries what was not.
 - Worker-seconds: every `tenancy.accrual_interval_seconds` it reads the PoolAutoscaler's
   snapshot and accrues each pool's live assigned workers x the time since the last accrual.
 - Limits live in memory (a restart starts the windows afresh); requests in flight are leased

@@ -46,6 +46,7 @@ class GroupCall(Generic[T]):
             except asyncio.CancelledError:  # the loop is going away: so do the waits
                 for _, done in group + self._waiting:
                     done.cancel()
+                self._waiting.clear()
                 raise
             except Exception as error:  # noqa: BLE001 (each waiter of the group gets it)
                 for _, done in group:

@@ -92,3 +92,21 @@ async def test_a_waiter_that_gives_up_leaves_the_others_their_answer() -> None:
     await patient
     assert impatient.cancelled()
     assert remote.calls == [["a", "b"]]  # the item was already on its way
+
+
+async def test_a_cancelled_sender_cancels_every_wait_and_starts_afresh() -> None:
+    remote = Remote()
+    group = GroupCall(remote.send)
+    sent = asyncio.create_task(group.submit("a"))
+    await settle()
+    queued = asyncio.create_task(group.submit("b"))
+    await settle()
+    assert group._sending is not None
+    group._sending.cancel()  # as when the replica's loop shuts down
+    await settle()
+    assert sent.cancelled() and queued.cancelled()
+    fresh = asyncio.create_task(group.submit("c"))
+    await settle()
+    assert remote.calls[-1] == ["c"]  # nothing stale rides along
+    remote.release[-1].set_result(None)
+    await fresh
