@@ -30,6 +30,18 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def in_flight_and_queued(
+    remote: Remote,
+) -> tuple[GroupCall[str], asyncio.Task[None], asyncio.Task[None]]:
+    """A group whose first call (carrying "a") is out, with "b" waiting for the next."""
+    group = GroupCall(remote.send)
+    first = asyncio.create_task(group.submit("a"))
+    await settle()
+    second = asyncio.create_task(group.submit("b"))
+    await settle()
+    return group, first, second
+
+
 async def test_items_that_arrive_during_a_call_travel_together_in_the_next() -> None:
     remote = Remote()
     group = GroupCall(remote.send)
@@ -52,11 +64,7 @@ async def test_items_that_arrive_during_a_call_travel_together_in_the_next() -> 
 
 async def test_a_failed_call_fails_its_own_items_only() -> None:
     remote = Remote()
-    group = GroupCall(remote.send)
-    first = asyncio.create_task(group.submit("a"))
-    await settle()
-    second = asyncio.create_task(group.submit("b"))
-    await settle()
+    _, first, second = await in_flight_and_queued(remote)
     remote.release[0].set_exception(ConnectionError("ledger restarting"))
     with pytest.raises(ConnectionError):
         await first
@@ -96,11 +104,7 @@ async def test_a_waiter_that_gives_up_leaves_the_others_their_answer() -> None:
 
 async def test_a_cancelled_sender_cancels_every_wait_and_starts_afresh() -> None:
     remote = Remote()
-    group = GroupCall(remote.send)
-    sent = asyncio.create_task(group.submit("a"))
-    await settle()
-    queued = asyncio.create_task(group.submit("b"))
-    await settle()
+    group, sent, queued = await in_flight_and_queued(remote)
     assert group._sending is not None
     group._sending.cancel()  # as when the replica's loop shuts down
     await settle()
