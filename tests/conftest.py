@@ -100,6 +100,21 @@ def _wait_ready(base_url: str) -> None:
     raise TimeoutError(f"the stack did not become healthy within {READY_TIMEOUT_S} s")
 
 
+def wait_serving(base_url: str, model: str = REAL_MODEL) -> None:
+    """Until `model` answers a one-token completion, honouring the Retry-After of a 503 as
+    a client does. A stack starved of CPU for a while (Ray runs it at nice 15; a process
+    beside it at nice 0 that loads a model or busy-polls takes both cores) hears its workers'
+    heartbeats late and answers 503 PROVISIONING until the next one arrives."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+    while True:
+        response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            return
+        time.sleep(float(response.headers.get("retry-after", 1)))
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     from ray import serve

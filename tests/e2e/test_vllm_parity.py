@@ -36,7 +36,7 @@ from benchmarks.serve_host import (
     vllm_command,
 )
 from benchmarks.sse import parse, payloads
-from tests.conftest import REAL_MODEL, Stack, real_app_args
+from tests.conftest import REAL_MODEL, Stack, real_app_args, wait_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -791,6 +791,8 @@ def replies(vllm_url: str, stack: Stack) -> dict[str, tuple[Reply | Exception, R
     runs niced, in a Ray worker) by as much; in turn, each server only waits on itself."""
     answers: dict[str, list[Reply | Exception]] = {case.id: [] for case in CASES}
     for url, vllm in ((vllm_url, True), (stack.base_url, False)):
+        if not vllm:
+            wait_serving(url)  # bare vLLM's load and busy-polling starved it
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
             for case in CASES:
                 try:
