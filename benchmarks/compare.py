@@ -764,6 +764,18 @@ def background_wakeups(rate: float, work_us: float = 20) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def beside(system: str, log_dir: Path) -> Iterator[None]:
+    """--beside: `system` started and left idle for the length of another system's start (an
+    experiment: what an idle serving stack's processes cost an engine beside it)."""
+    if not system:
+        yield
+        return
+    with running(system, log_dir):
+        log(f"{system}: up, left idle beside the measured system")
+        yield
+
+
+@contextlib.contextmanager
 def running(system: str, log_dir: Path) -> Iterator[Host]:
     host = start_host(system, log_dir)
     try:
@@ -813,7 +825,7 @@ def run_system(
     current = passes[0]
     current.load_before = os.getloadavg()
     try:
-        with running(system, args.log_dir) as host:
+        with beside(args.beside, args.log_dir), running(system, args.log_dir) as host:
             current.startup_s = host.startup_s
             if args.warmup_prompts:
                 warmup = Workload(
@@ -933,6 +945,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="during each system's workloads, run a process that wakes this often per second "
         "and spins 20 us each time (an experiment: the cost of other processes' wakeups to an "
         "engine whose threads fill the cores); 0: none",
+    )
+    parser.add_argument(
+        "--beside",
+        default="",
+        choices=["", "ours", "ours-null", "rayllm", "vllm", "fake-http"],
+        help="start this system before each measured one and leave it idle beside it until "
+        "that one stops (an experiment: e.g. --systems vllm --beside ours-null, bare vLLM "
+        "beside an idle Ray cluster running poolserve on the null engine)",
     )
     parser.add_argument("--markdown", type=Path, help="also write the report here")
     parser.add_argument("--log-dir", type=Path, default=ROOT / ".cache" / "bench")
