@@ -1,8 +1,8 @@
-"""The Ray Serve settings poolserve runs with. Serve reads them from the environment when a
-process imports it, so they belong in the environment of every Ray node (the proxy and the
-controller read them too): `make serve` (scripts/stack.py), the test and benchmark clusters,
-cluster/*.yaml; serve_config.yaml repeats them in the application's runtime_env for the replicas
-of a cluster started without them. A value already set in the environment wins.
+"""The Ray Serve (and Ray) settings poolserve runs with. Serve reads them from the environment
+when a process imports it, so they belong in the environment of every Ray node (the proxy, the
+controller and the raylet read them too): `make serve` (scripts/stack.py), the test and benchmark
+clusters, cluster/*.yaml; serve_config.yaml repeats the replicas' ones in the application's
+runtime_env for a cluster started without them. A value already set in the environment wins.
 
 From Ray 2.60's own throughput set (`RAY_SERVE_THROUGHPUT_OPTIMIZED`,
 ray/serve/_private/constants.py):
@@ -11,6 +11,17 @@ ray/serve/_private/constants.py):
   gRPC data plane between replicas (the Generator streams already do: `streaming.transport`);
 - Serve's logs go to its log files only, not also to stderr (which Ray's log monitor tails and
   ships).
+
+Beyond that set, two timers of Serve's that run whether or not there is traffic, slowed: the
+controller's loop every 0.5 s (Serve's default 0.1 s: it reacts to a change, a dead replica or a
+scaling decision up to 0.4 s later) and every replica's and handle's export of its cached
+metrics every 1 s (default 0.1 s; Ray's metrics agent reports every 10 s anyway). On a machine
+where the engine's threads fill the cores, every CPU second of another process costs the engine
+about as much: an idle stack beside bare vLLM takes 15-20 % of its throughput, and these two
+timers were a third of the idle stack's CPU (docs/benchmarks.md, "Root causes" 11). For the
+same reason the raylet keeps no idle workers in reserve (`num_workers_soft_limit` 0; Ray's
+default keeps one per CPU, each waking ~100 times a second): a Ray task or a new replica starts
+its worker when it needs one, about a second, where a replica's start takes tens of seconds.
 
 Direct ingress (the default; `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment turns it off):
 every Ingress replica serves HTTP on a port of its own, with Serve's bundled HAProxy
@@ -45,6 +56,9 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_num_workers_soft_limit": "0",
 }
 
 # Direct ingress (the default, see above).
