@@ -1,8 +1,8 @@
 """The Ray Serve (and Ray) settings poolserve runs with. Serve reads them from the environment
 when a process imports it, so they belong in the environment of every Ray node (the proxy, the
 controller and the raylet read them too): `make serve` (scripts/stack.py), the test and benchmark
-clusters, cluster/*.yaml; serve_config.yaml repeats the replicas' ones in the application's
-runtime_env for a cluster started without them. A value already set in the environment wins.
+clusters, cluster/*.yaml; serve_config.yaml repeats them in the application's runtime_env for
+the replicas of a cluster started without them. A value already set in the environment wins.
 
 From Ray 2.60's own throughput set (`RAY_SERVE_THROUGHPUT_OPTIMIZED`,
 ray/serve/_private/constants.py):
