@@ -17,7 +17,7 @@ controller's loop every 0.5 s (Serve's default 0.1 s: it reacts to a change, a d
 scaling decision up to 0.4 s later) and every replica's and handle's export of its cached
 metrics every 1 s (default 0.1 s; Ray's metrics agent reports every 10 s anyway). On a machine
 where the engine's threads fill the cores, every CPU second of another process costs the engine
-about as much: an idle stack beside bare vLLM takes 15-20 % of its throughput, and these two
+about as much: an idle stack beside bare vLLM took 14-18 % of its throughput, and these two
 timers were a third of the idle stack's CPU (docs/benchmarks.md, "Root causes" 11). For the
 same reason the raylet keeps no idle workers in reserve (`num_workers_soft_limit` 0; Ray's
 default keeps one per CPU, each waking ~100 times a second): a Ray task or a new replica starts
