@@ -21,7 +21,8 @@ about as much: an idle stack beside bare vLLM took 14-18 % of its throughput, an
 timers were a third of the idle stack's CPU (docs/benchmarks.md, "Root causes" 11). For the
 same reason the raylet keeps no idle workers in reserve (`num_workers_soft_limit` 0; Ray's
 default keeps one per CPU, each waking ~100 times a second): a Ray task or a new replica starts
-its worker when it needs one, about a second, where a replica's start takes tens of seconds.
+its worker when it needs one (a Python process start), where a replica's start takes tens of
+seconds.
 
 Direct ingress (the default; `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment turns it off):
 every Ingress replica serves HTTP on a port of its own, with Serve's bundled HAProxy
