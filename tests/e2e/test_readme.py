@@ -508,13 +508,15 @@ RUN: dict[str, Check] = {
     "README.md > Pools > python 1": check_pools_sie,
     "README.md > Pools > bash 1": check_pools_curl,
     "README.md > Tenants: usage, limits, priority > bash 1": check_tenants_curl,
-    "README.md > Ray jobs through handles > python 1": check_handles,
-    "README.md > Ray jobs through handles > bash 1": check_ray_job,
+    "docs/api.md > Ray jobs through handles > python 1": check_handles,
+    "docs/api.md > Ray jobs through handles > bash 1": check_ray_job,
     # only `compare.py --help`: `make bench` and the compare run take 30 min and start vLLM
     # servers of their own (tests/e2e/test_bench_smoke.py runs a tiny null-engine compare)
     "README.md > Benchmarks > bash 1": check_lines(r"--help", "--systems"),
     # only `local-cluster.sh profiles`: the rest is the cluster test below plus a second engine
-    "README.md > Deploy to a cluster > bash 2": check_lines(r"local-cluster\.sh profiles", "cpu"),
+    "docs/deploy.md > A local cluster of several nodes > bash 1": check_lines(
+        r"local-cluster\.sh profiles", "cpu"
+    ),
 }
 
 SKIPPED: dict[str, str] = {
@@ -523,15 +525,15 @@ SKIPPED: dict[str, str] = {
         "stack with a second engine; the Ray job check runs `scripts/stack.py serve` (what "
         "`make serve` runs) and compares its printed addresses with the README's"
     ),
-    "README.md > Security > bash 1": "kubectl: needs a Kubernetes cluster",
-    "README.md > Deploy to a cluster > bash 1": (
+    "docs/security.md > Where to put the keys > bash 1": "kubectl: needs a Kubernetes cluster",
+    "docs/deploy.md > One machine, by hand > bash 1": (
         "`make stop` would end a developer's running stack, and the head it starts takes the "
         "fixed ports 6379/8265/8000 and loads a second engine; tests/e2e/test_serve_deploy.py "
         "runs the same `ray start --head`, `serve deploy serve_config.yaml`, `serve status`, "
         "`serve shutdown` on free ports"
     ),
-    "README.md > Deploy to a cluster > bash 3": "`ray up`: needs an AWS account",
-    "README.md > Deploy to a cluster > bash 4": "kubectl: needs a Kubernetes cluster (KubeRay)",
+    "docs/deploy.md > AWS > bash 1": "`ray up`: needs an AWS account",
+    "docs/deploy.md > Kubernetes > bash 1": "kubectl: needs a Kubernetes cluster (KubeRay)",
     "docs/benchmarks.md > Side-by-side: poolserve vs vLLM vs Ray Serve LLM > bash 1": (
         "`make bench`: ~30 min with vLLM servers of its own (test_bench_smoke runs a tiny one)"
     ),
