@@ -16,7 +16,8 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model sie-sdk serve stop test soak bench bench-routing lint typecheck check clean
+.PHONY: install model sie-sdk serve stop test unit soak bench bench-routing lint style imports \
+	typecheck check clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +42,15 @@ stop:
 	@test -x $(PY) || { echo "nothing to stop (no $(VENV))"; exit 0; }
 	$(PY) scripts/stack.py stop
 
-test: model
-	$(VENV)/bin/lint-imports
+# The suite, after the static checks in this order: ruff, ruff format --check, mypy strict,
+# import-linter (the same as `make check`; .ci/run runs this). A failing check stops it before
+# pytest starts.
+test: style typecheck imports model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier alone, for an edit loop: no model, no Ray cluster (under 20 s here)
+unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
 # load above capacity for SOAK_ARGS (default 10 min, never over 30); result in docs/reliability.md
@@ -67,15 +74,21 @@ bench-routing: model
 	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
 # ruff, and import-linter for the layers of docs/architecture.md (contracts in pyproject.toml)
-lint: install
+lint: style imports
+
+style: install
 	$(VENV)/bin/ruff check app tests scripts benchmarks
 	$(VENV)/bin/ruff format --check app tests scripts benchmarks
+
+imports: install
 	$(VENV)/bin/lint-imports
 
+# mypy strict ([tool.mypy] in pyproject.toml)
 typecheck: install
 	$(VENV)/bin/mypy
 
-check: lint typecheck test
+# what CI runs (.ci/run: make test): the static checks, then the suite
+check: test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
