@@ -48,9 +48,10 @@ stop:
 test: style typecheck imports model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The unit tier alone, for an edit loop: no model, no Ray cluster (under 20 s here)
+# The unit tier alone, for an edit loop: no model, no Ray cluster (under 20 s here); with the
+# benchmarks' own unit tests (benchmarks/test_*.py)
 unit: install
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit benchmarks $(PYTEST_ARGS)
 
 # Bounded overload soak (issue 8; not part of `make test`): its own local Ray + the real engine,
 # load above capacity for SOAK_ARGS (default 10 min, never over 30); result in docs/reliability.md

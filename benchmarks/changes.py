@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.closed_loop import ClosedLoop, LoopResult  # noqa: E402
 from scripts.stack import ENV  # noqa: E402
+from tests.support.closed_loop import ClosedLoop, LoopResult  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BIN = Path(sys.executable).parent

@@ -57,8 +57,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.engine.default_model import default_model_dir  # noqa: E402
-from app.serve_env import HAPROXY_PORTS, serve_env  # noqa: E402
-from benchmarks.local_serve import free_port  # noqa: E402
+from app.serve_env import (  # noqa: E402
+    HAPROXY_PORTS,
+    free_port,
+    serve_env,
+)
 from scripts.stack import process_tree, stop_processes  # noqa: E402
 
 HOST_SCRIPT = ROOT / "benchmarks" / "serve_host.py"

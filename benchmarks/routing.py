@@ -32,8 +32,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.local_serve import start_local_serve, stop_local_serve
-from benchmarks.sse import DONE, adata
+from tests.support.local_serve import start_local_serve, stop_local_serve
+from tests.support.sse import DONE, adata
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WORDS = (

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: E402
-from benchmarks.sse import DONE, adata  # noqa: E402
+from tests.support.local_serve import start_local_serve, stop_local_serve  # noqa: E402
+from tests.support.sse import DONE, adata  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_DURATION_S = 1800.0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.local_serve import start_local_serve, stop_local_serve  # noqa: I001 - env first
+from tests.support.local_serve import start_local_serve, stop_local_serve  # noqa: I001 - env first
 
 from app.builder import build_app
 from app.protocol.generation import GenerationRequest, SamplingOptions

@@ -19,7 +19,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.sse import data
+from tests.support.sse import data
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

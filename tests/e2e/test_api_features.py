@@ -14,8 +14,8 @@ import jsonschema
 import openai
 import pytest
 
-from benchmarks.sse import data, payloads
 from tests.conftest import REAL_MODEL, Stack
+from tests.support.sse import data, payloads
 
 pytestmark = pytest.mark.e2e
 GENERATE_PATH = "/v1/generate/" + REAL_MODEL.replace("/", "__")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
 from scripts.stack import process_tree
 from tests.conftest import FAKE_MODEL, ROOT, Stack
 
@@ -59,32 +58,3 @@ def test_compare_null_engine_smoke(stack: Stack, tmp_path: Path) -> None:
         assert all(float(load) >= 0 for load in cells[-1].split(",")), row  # load recorded
     # every process compare.py started is gone (its hosts name their tag on the command line)
     assert not process_tree(lambda cmdline: "--tag=bench-" in cmdline and str(tmp_path) in cmdline)
-
-
-def test_main_table_ratios() -> None:
-    """The ratio rows: ours / bare vLLM and ours / Ray Serve LLM from the mean over rounds."""
-
-    def metrics(tok_s: float, ttft: float) -> dict[str, float]:
-        return {
-            "output_tok_s": tok_s,
-            "ttft_p50_ms": ttft,
-            "ttft_p99_ms": 2 * ttft,
-            "tpot_p50_ms": 50.0,
-            "completed": 4,
-            "errors": 0,
-        }
-
-    records = []
-    for round_index, (ours, vllm, rayllm) in enumerate([(95, 100, 80), (105, 100, 80)], 1):
-        for system, tok_s, ttft in (
-            ("ours", ours, 102.0),
-            ("vllm", vllm, 100.0),
-            ("rayllm", rayllm, 204.0),
-        ):
-            record = compare.RunRecord(system, str(round_index))
-            record.results["random c=1"] = metrics(tok_s, ttft)
-            records.append(record)
-    table = compare.main_table(records, ["random c=1"], ["vllm", "rayllm", "ours"])
-    assert "| random c=1 | poolserve | 100.0 (95.0-105.0) | 102 (102-102) |" in table
-    assert "| random c=1 | **ours / bare vLLM** | **1.00x** | **1.02x (+2 ms)** |" in table
-    assert "| random c=1 | **ours / Ray Serve LLM** | **1.25x** | **0.50x (-102 ms)** |" in table

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from app.builder import build_app
-from benchmarks.closed_loop import ClosedLoop, LoopResult
 from tests.conftest import FAKE_MODEL, Stack, _wait_ready, fake_app_args
+from tests.support.closed_loop import ClosedLoop, LoopResult
 
 pytestmark = pytest.mark.e2e
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from benchmarks.sse import data
 from tests.conftest import FAKE_MODEL, Stack, fake_app_args
+from tests.support.sse import data
 
 pytestmark = pytest.mark.e2e
 

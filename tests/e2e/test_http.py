@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from benchmarks.sse import data
 from tests.conftest import REAL_MODEL, Stack
+from tests.support.sse import data
 
 pytestmark = pytest.mark.e2e
 GENERATE_PATH = "/v1/generate/" + REAL_MODEL.replace("/", "__")

@@ -46,10 +46,10 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.local_serve import free_port
-from benchmarks.sse import parse, payloads
+from app.serve_env import free_port
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import ROOT, Stack, fake_app_args
+from tests.support.sse import parse, payloads
 
 pytestmark = pytest.mark.e2e
 

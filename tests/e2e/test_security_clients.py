@@ -22,8 +22,8 @@ import pytest
 import uvicorn
 
 from app.config import AppConfig
+from app.serve_env import free_port
 from app.server import create_app
-from benchmarks.local_serve import free_port
 from tests.browser import open_page
 from tests.fakes.local_backend import LocalBackend
 from tests.needs import missing

@@ -21,8 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from app.serve_env import serve_env
-from benchmarks.local_serve import free_port
+from app.serve_env import free_port, serve_env
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import REAL_MODEL, ROOT
 

@@ -30,13 +30,13 @@ from typing import Any
 import httpx
 import pytest
 
-from benchmarks.local_serve import free_port
-from benchmarks.serve_host import (
+from app.serve_env import free_port
+from tests.conftest import REAL_MODEL, Stack, real_app_args, wait_serving
+from tests.support.sse import parse, payloads
+from tests.support.vllm_server import (
     BASE_ENV,  # the environment the benchmark gives bare vLLM
     vllm_command,
 )
-from benchmarks.sse import parse, payloads
-from tests.conftest import REAL_MODEL, Stack, real_app_args, wait_serving
 
 pytestmark = pytest.mark.e2e
 

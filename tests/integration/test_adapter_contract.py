@@ -27,8 +27,8 @@ from app.protocol.generation import (
     SamplingOptions,
     StructuredOutput,
 )
-from benchmarks.sse import DONE, parse
 from tests.conftest import FAKE_MODEL, REAL_MODEL, Stack
+from tests.support.sse import DONE, parse
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from ray.exceptions import RayError
 
-from benchmarks.local_serve import free_port
+from app.serve_env import free_port
 from tests.conftest import FAKE_MODEL, ROOT
 from tests.sie import SIERunner
 

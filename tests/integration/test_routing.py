@@ -18,8 +18,8 @@ import pytest
 from app import metrics
 from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
-from benchmarks.sse import adata
 from tests.conftest import REAL_MODEL, Stack
+from tests.support.sse import adata
 
 pytestmark = pytest.mark.integration
 APP = "affinity"

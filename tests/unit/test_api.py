@@ -14,8 +14,8 @@ from app.api.models import tools_supported
 from app.config import AppConfig, ModelConfig
 from app.server import create_app
 from app.web.health import gpus_of
-from benchmarks.sse import DONE, parse
 from tests.fakes.local_backend import LocalBackend
+from tests.support.sse import DONE, parse
 
 MODEL = "org/fake-model"
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}

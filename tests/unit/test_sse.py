@@ -1,4 +1,4 @@
-"""The one SSE reader of tests and benchmarks (benchmarks/sse.py): the WHATWG framing rules the
+"""The one SSE reader of tests and benchmarks (tests/support/sse.py): the WHATWG framing rules the
 real clients follow, not a `data: ` prefix match."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import httpx
 import pytest
 from httpx_sse import SSEError
 
-from benchmarks.sse import DONE, data, parse, payloads
+from tests.support.sse import DONE, data, parse, payloads
 
 
 def test_parse_follows_the_event_stream_rules() -> None:

@@ -1,5 +1,5 @@
 """The local Ray cluster and Serve instance that the test session and the single-process
-benchmarks run on (127.0.0.1 only), and a free local port."""
+benchmarks run on (127.0.0.1 only)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.serve_env import HAPROXY_PORTS, free_port, serve_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

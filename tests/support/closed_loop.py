@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from benchmarks.sse import DONE, adata
+from tests.support.sse import DONE, adata
 
 MAX_RETRIES = 120  # one request's 429/503 retries before it counts as failed
 
