@@ -79,7 +79,10 @@ class RecentWindow:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None when there is nothing to rank."""
+    """The q-th percentile (0-100) by nearest rank: the smallest of `values` with at least q % of
+    them at or below it. Always one of the values, never an interpolation: p50 of [1, 2, 3, 4]
+    is 2, p99 of 1..100 is 99, p100 the largest. None when there are no values. The project's
+    one percentile: the dashboard, the benchmarks and the tests all use this one."""
     if not values:
         return None
     ordered = sorted(values)

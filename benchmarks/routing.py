@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.history import percentile
 from tests.support.local_serve import start_local_serve, stop_local_serve
 from tests.support.sse import DONE, adata
 
@@ -175,11 +175,10 @@ async def open_loop(
     return outcomes, time.perf_counter() - started
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+def ms(values: list[float], q: float) -> float:
+    """The q-th percentile of `values` (seconds) in milliseconds; NaN when there are none."""
+    value = percentile(values, q)
+    return float("nan") if value is None else value * 1000
 
 
 def summarize(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
@@ -189,9 +188,9 @@ def summarize(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
     return {
         "requests": len(outcomes),
         "ok": len(ok),
-        "ttft_p50_ms": pct(ttfts, 50) * 1000,
-        "ttft_p99_ms": pct(ttfts, 99) * 1000,
-        "latency_p50_ms": pct([o.latency_s for o in ok], 50) * 1000,
+        "ttft_p50_ms": ms(ttfts, 50),
+        "ttft_p99_ms": ms(ttfts, 99),
+        "latency_p50_ms": ms([o.latency_s for o in ok], 50),
         "req_per_s": len(ok) / elapsed,
         "out_tok_per_s": sum(o.output_tokens for o in ok) / elapsed,
         "cache_hit_pct": 100 * sum(o.cached_tokens for o in ok) / prompt if prompt else 0.0,
@@ -298,8 +297,8 @@ def overload_row(outcomes: list[Outcome], elapsed: float, rate: float) -> dict[s
         "offered_req_per_s": rate,
         "sent": len(outcomes),
         "admitted_ok": len(ok),
-        "admitted_ttft_p50_ms": pct(ttfts, 50) * 1000,
-        "admitted_ttft_p99_ms": pct(ttfts, 99) * 1000,
+        "admitted_ttft_p50_ms": ms(ttfts, 50),
+        "admitted_ttft_p99_ms": ms(ttfts, 99),
         "refused_429_503": len(refused),
         "refused_codes": ",".join(sorted({str(o.code) for o in refused})) or "-",
         "refused_with_retry_after": sum(1 for o in refused if o.retry_after),
@@ -331,7 +330,7 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         table(rows, columns),
     ]
     medians = {
-        policy: statistics.median(r["ttft_p50_ms"] for r in rows if r["policy"] == policy)
+        policy: percentile([r["ttft_p50_ms"] for r in rows if r["policy"] == policy], 50)
         for policy in ("affinity", "power_of_two")
         if any(r["policy"] == policy for r in rows)
     }

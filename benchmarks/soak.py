@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from app.history import percentile  # noqa: E402
 from tests.support.local_serve import start_local_serve, stop_local_serve  # noqa: E402
 from tests.support.sse import DONE, adata  # noqa: E402
 
@@ -281,13 +281,6 @@ def stop_stack() -> None:
     stop_local_serve()
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -407,12 +400,8 @@ def main() -> None:
             "p50": as_ms(percentile(tally.ttft_s, 50)),
             "p99": as_ms(percentile(tally.ttft_s, 99)),
             "max": as_ms(max(tally.ttft_s, default=None)),
-            "p50_first_tenth": as_ms(statistics.median(tally.ttft_s[:tenth]))
-            if tally.ttft_s
-            else None,
-            "p50_last_tenth": as_ms(statistics.median(tally.ttft_s[-tenth:]))
-            if tally.ttft_s
-            else None,
+            "p50_first_tenth": as_ms(percentile(tally.ttft_s[:tenth], 50)),
+            "p50_last_tenth": as_ms(percentile(tally.ttft_s[-tenth:], 50)),
         },
         "latency_ms_p50": as_ms(percentile(tally.latency_s, 50)),
         "rss": rss,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 import uuid
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.local_serve import start_local_serve, stop_local_serve  # noqa: I001 - env first
 
 from app.builder import build_app
+from app.history import percentile
 from app.protocol.generation import GenerationRequest, SamplingOptions
 
 MODEL = "null/model"
@@ -67,7 +67,7 @@ async def measure(handle: object, streams: int, tokens_per_stream: int) -> dict[
     return {
         "tokens_per_s": streams * tokens_per_stream / elapsed,
         "objects_per_s": sum(result[1] for result in results) / elapsed,
-        "first_p50_ms": statistics.median(firsts) * 1000,
+        "first_p50_ms": (percentile(firsts, 50) or 0.0) * 1000,
         "tokens_per_object": sum(r[2] for r in results) / max(1, sum(r[1] for r in results)),
     }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.history import percentile
 from tests.support.sse import data
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -52,8 +52,8 @@ def main() -> None:
             rows.append(one(client, args.url, prompt, 16))
             time.sleep(0.3)
     rows = rows[2:]  # warm-up
-    client_ms = statistics.median(r[0] for r in rows)
-    worker_ms = statistics.median(r[1] for r in rows)
+    client_ms = percentile([r[0] for r in rows], 50) or 0.0
+    worker_ms = percentile([r[1] for r in rows], 50) or 0.0
     print("| requests | client TTFT p50 ms | worker TTFT p50 ms (baseline) | outside the engine |")
     print("|---|---|---|---|")
     print(f"| {len(rows)} | {client_ms:.1f} | {worker_ms:.1f} | {client_ms - worker_ms:+.1f} ms |")

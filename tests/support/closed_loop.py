@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from app.history import percentile
 from tests.support.sse import DONE, adata
 
 MAX_RETRIES = 120  # one request's 429/503 retries before it counts as failed
@@ -73,8 +74,7 @@ class LoopResult:
 
     @property
     def median_wait_s(self) -> float:
-        ordered = sorted(self.first_token_s)
-        return ordered[len(ordered) // 2] if ordered else 0.0
+        return percentile(self.first_token_s, 50) or 0.0
 
     def row(self) -> dict[str, object]:
         return {
