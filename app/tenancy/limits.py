@@ -26,6 +26,7 @@ from app.errors import (
 Subject = tuple[str, str]
 """('pool', name) or ('key', key id)."""
 BUCKETS_PER_WINDOW = 60
+EXPIRY_SCANS_PER_LEASE = 10
 
 
 def describe(subject: Subject) -> str:
@@ -43,26 +44,37 @@ class Ticket:
 
 
 @dataclass(slots=True)
-class _Window:
-    """Requests and tokens per bucket (oldest first) over the sliding window."""
+class SlidingWindow:
+    """Requests and tokens per bucket (oldest first) over the sliding window, with running
+    totals (a check costs the same whatever the bucket count)."""
 
     buckets: deque[list[float]] = field(default_factory=deque)  # [start, requests, tokens]
+    requests: float = 0.0
+    tokens: float = 0.0
 
     def trim(self, now: float, window_s: float, bucket_s: float) -> None:
         """Drop buckets wholly older than the window (a bucket counts until its end leaves:
         the limit never admits more than it allows over any window)."""
-        while self.buckets and self.buckets[0][0] + bucket_s <= now - window_s:
-            self.buckets.popleft()
+        buckets = self.buckets
+        while buckets and buckets[0][0] + bucket_s <= now - window_s:
+            _, requests, tokens = buckets.popleft()
+            self.requests -= requests
+            self.tokens -= tokens
+        if not buckets:
+            self.requests = self.tokens = 0.0  # no float drift survives an empty window
 
-    def add(self, now: float, bucket_s: float, requests: int, tokens: int) -> None:
+    def add(self, now: float, bucket_s: float, requests: float, tokens: float) -> None:
         start = math.floor(now / bucket_s) * bucket_s
         if not self.buckets or self.buckets[-1][0] != start:
             self.buckets.append([start, 0.0, 0.0])
         self.buckets[-1][1] += requests
         self.buckets[-1][2] += tokens
+        self.requests += requests
+        self.tokens += tokens
 
     def total(self, column: int) -> float:
-        return sum(bucket[column] for bucket in self.buckets)
+        """1: requests, 2: tokens."""
+        return self.requests if column == 1 else self.tokens
 
     def wait_until_below(
         self, column: int, excess: float, now: float, window_s: float, bucket_s: float
@@ -78,8 +90,9 @@ class _Window:
 
 @dataclass(slots=True)
 class _Subject:
-    window: _Window = field(default_factory=_Window)
+    window: SlidingWindow = field(default_factory=SlidingWindow)
     reserved: dict[str, int] = field(default_factory=dict)  # request id -> estimated tokens
+    held: int = 0  # their sum
 
 
 @dataclass(slots=True)
@@ -95,6 +108,7 @@ class LimitBook:
         self.lease_s = lease_s
         self._subjects: dict[Subject, _Subject] = {}
         self._in_flight: dict[str, _InFlight] = {}
+        self._expire_at = 0.0  # before this, no lease can have lapsed unseen by much
 
     def _state(self, subject: Subject, now: float) -> _Subject:
         state = self._subjects.setdefault(subject, _Subject())
@@ -103,8 +117,12 @@ class LimitBook:
 
     def admit(self, ticket: Ticket, now: float) -> ServiceError | None:
         """None and the request counts against every subject's limits, or the refusal (429, or
-        400 when one request alone exceeds a tokens-per-minute limit)."""
-        self.expire(now)
+        400 when one request alone exceeds a tokens-per-minute limit). Lapsed leases are looked
+        for at most every `lease_s / EXPIRY_SCANS_PER_LEASE` (a scan is linear in the requests
+        in flight; a dead ingress's streams are released that much later)."""
+        if now >= self._expire_at:
+            self.expire(now)
+            self._expire_at = now + self.lease_s / EXPIRY_SCANS_PER_LEASE
         if ticket.request_id in self._in_flight:
             return None  # a retried admission of the same request
         for subject, limits in ticket.subjects:
@@ -115,6 +133,7 @@ class LimitBook:
             state = self._state(subject, now)
             state.window.add(now, self.bucket_s, 1, 0)
             state.reserved[ticket.request_id] = ticket.estimated_tokens
+            state.held += ticket.estimated_tokens
         self._in_flight[ticket.request_id] = _InFlight(
             tuple(subject for subject, _ in ticket.subjects), now + self.lease_s
         )
@@ -156,7 +175,7 @@ class LimitBook:
                     f"the tokens_per_minute={limits.tokens_per_minute} of {describe(subject)}",
                     param="max_tokens",
                 )
-            reserved = sum(state.reserved.values())
+            reserved = state.held
             used = window.total(2)
             excess = used + reserved + estimate - limits.tokens_per_minute
             if excess > 0:
@@ -182,7 +201,7 @@ class LimitBook:
             return
         for subject in flight.subjects:
             state = self._state(subject, now)
-            state.reserved.pop(request_id, None)
+            state.held -= state.reserved.pop(request_id, 0)
             if tokens:
                 state.window.add(now, self.bucket_s, 0, tokens)
 
@@ -227,4 +246,11 @@ def estimate_tokens(
     return math.ceil(prompt_chars / 4) + max(1, candidates) * (max_tokens or default)
 
 
-__all__: Sequence[str] = ("LimitBook", "Subject", "Ticket", "estimate_tokens", "subjects_for")
+__all__: Sequence[str] = (
+    "LimitBook",
+    "SlidingWindow",
+    "Subject",
+    "Ticket",
+    "estimate_tokens",
+    "subjects_for",
+)
