@@ -12,12 +12,19 @@ per replica) and tells it when the request ended, with the usage its client was 
   snapshot and accrues each pool's live assigned workers x the time since the last accrual.
 - Limits live in memory (a restart starts the windows afresh); requests in flight are leased
   and renewed by their ingress, so an ingress that dies stops holding its streams.
+- Leased quota (`sync`, `app.tenancy.quota`): each ingress replica decides limits itself from
+  shares of every active subject's budget; it calls `sync` every ~0.5 s (and when a request
+  needs more than it holds) with what it admitted and used, and gets its new shares. Usage
+  stays reported through `report_usage` (it must be durable before its client sees it, per
+  request; a sync is periodic and carries limit counters only). `admit`/`renew` remain for an
+  ingress that does not sync (both kinds of ingress must not share one subject's limits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import Counter
@@ -31,46 +38,196 @@ from app.deployments.ray_private import kv_delete, kv_get, kv_keys, kv_put
 from app.errors import ServiceError
 from app.pools.model import DEFAULT_POOL
 from app.tenancy.limits import LimitBook, Ticket
+from app.tenancy.quota import Grant, QuotaBook, SyncReport
 from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord, UsageTotals
 
 logger = logging.getLogger("ray.serve")
 KV_NAMESPACE = "poolserve"
 PRUNE_EVERY_SECONDS = 60.0
+COMPACT_SECONDS = 30.0
+LOG_KEYS_PER_COMPACTION = 2000
 
 
 class UsageStore:
-    """The usage book in Ray's GCS key-value store: totals in one key, one key per minute."""
+    """The usage book in Ray's GCS key-value store, written in time with the reports rather
+    than with the book's size:
+
+    - `log/<seq>`: one key per group commit, holding only what it counted (records with their
+      minute and request id, worker-seconds accrued): what a commit writes grows with the
+      reports it acknowledges, not with the minute's or the service's history;
+    - every COMPACT_SECONDS (or LOG_KEYS_PER_COMPACTION commits), the compaction: the minutes
+      counted in since (`minute/<m>`, without their request ids), the request ids counted
+      since (`ids/<m>/<seq>`, kept while the dedup window needs them), the totals, then the
+      compacted log keys are deleted.
+
+    Loading reads the compacted state and replays the log over it: records whose request id
+    is known already are not counted twice (the dedup of `UsageBook.record`), accruals older
+    than the totals' `accrued_at` are skipped, so a crash between any two writes loses or
+    doubles nothing but, at worst, one compaction interval of a minute's worker-seconds.
+    Minute keys written whole with their request ids (the format before the log) load too."""
 
     def __init__(self, app_name: str) -> None:
         self.prefix = f"usage/{app_name}/"
+        self._seq = 0
+        self._records: list[list[Any]] = []  # counted, not yet in a log key
+        self._accruals: list[dict[str, Any]] = []
+        self._ids: dict[int, list[str]] = {}  # minute -> request ids counted since compaction
+        self._logged: list[str] = []  # log keys written since the last compaction
+        self._id_keys: dict[int, list[str]] = {}  # minute -> its ids/ keys
+        self._compacted_at = time.monotonic()
 
     def _key(self, name: str) -> str:
         return self.prefix + name
 
-    def load(self) -> tuple[UsageTotals | None, list[MinuteBucket]]:
+    def _names(self, prefix: str) -> list[str]:
+        return sorted(
+            (key.decode() if isinstance(key, bytes) else key)[len(self.prefix) :]
+            for key in kv_keys(self._key(prefix), KV_NAMESPACE)
+        )
+
+    def load(self, retention_minutes: int) -> UsageBook:
         raw = kv_get(self._key("totals"), KV_NAMESPACE)
         totals = UsageTotals.model_validate_json(raw) if raw else None
-        minutes = []
-        keys = kv_keys(self._key("minute/"), KV_NAMESPACE)
-        for key in keys:
-            value = kv_get(key, KV_NAMESPACE)
+        minutes: dict[int, MinuteBucket] = {}
+        for name in self._names("minute/"):
+            value = kv_get(self._key(name), KV_NAMESPACE)
             if value:
-                minutes.append(MinuteBucket.model_validate_json(value))
-        return totals, minutes
+                bucket = MinuteBucket.model_validate_json(value)
+                minutes[bucket.minute] = bucket
+                if bucket.request_ids:  # written whole (before the log): ids/ keys from now
+                    self._ids[bucket.minute] = list(bucket.request_ids)
+        for name in self._names("ids/"):
+            _, minute_text, seq = name.split("/")
+            minute = int(minute_text)
+            self._seq = max(self._seq, int(seq) + 1)
+            value = kv_get(self._key(name), KV_NAMESPACE)
+            self._id_keys.setdefault(minute, []).append(name)
+            if value:
+                bucket = minutes.setdefault(minute, MinuteBucket(minute=minute))
+                bucket.request_ids.extend(json.loads(value))
+        book = UsageBook(totals, minutes.values(), retention_minutes)
+        book.dirty_minutes |= set(self._ids)  # rewritten without their ids at compaction
+        accrued_at = book.totals.accrued_at or float("-inf")
+        for name in self._names("log/"):
+            self._seq = max(self._seq, int(name.split("/")[1]) + 1)
+            self._logged.append(name)
+            value = kv_get(self._key(name), KV_NAMESPACE)
+            if not value:
+                continue
+            entry = json.loads(value)
+            for minute, rid, pool, model, key_id, prompt, cached, completion in entry["records"]:
+                record = UsageRecord(rid, pool, model, key_id, prompt, cached, completion)
+                if book.record(record, minute * 60.0):
+                    self._ids.setdefault(minute, []).append(rid)
+            for accrual in entry["accruals"]:
+                if accrual["at"] <= accrued_at:
+                    continue
+                accrued_at = accrual["at"]
+                bucket = book.minutes.setdefault(
+                    accrual["minute"], MinuteBucket(minute=accrual["minute"])
+                )
+                for pool, held in accrual["seconds"].items():
+                    totals_seconds = book.totals.worker_seconds
+                    totals_seconds[pool] = totals_seconds.get(pool, 0.0) + held
+                    bucket.worker_seconds[pool] = bucket.worker_seconds.get(pool, 0.0) + held
+                book.totals.accrued_at = accrual["at"]
+                book.dirty_minutes.add(accrual["minute"])
+        return book
 
-    def changes(self, book: UsageBook) -> tuple[dict[str, str], list[str]]:
-        """What to write (key -> JSON) and delete since the last call; taken on the event loop,
-        so the write that follows can run in a thread while the book moves on."""
-        writes = {
-            self._key(f"minute/{minute}"): book.minutes[minute].model_dump_json()
-            for minute in sorted(book.dirty_minutes)
-            if minute in book.minutes
-        }
+    def counted(self, record: UsageRecord, now: float) -> None:
+        """`record` was counted by the book at `now` (UsageBook.record returned True)."""
+        minute = int(now // 60)
+        self._records.append(
+            [
+                minute,
+                record.request_id,
+                record.pool,
+                record.model,
+                record.key_id,
+                record.prompt_tokens,
+                record.cached_prompt_tokens,
+                record.completion_tokens,
+            ]
+        )
+        self._ids.setdefault(minute, []).append(record.request_id)
+
+    def accrued(self, book: UsageBook, before: dict[str, float], now: float) -> None:
+        """The book accrued worker-seconds at `now` (`before`: its totals before)."""
+        after = book.totals.worker_seconds
+        seconds = {pool: held - before.get(pool, 0.0) for pool, held in after.items()}
+        seconds = {pool: held for pool, held in seconds.items() if held > 0}
+        if seconds:
+            self._accruals.append({"minute": int(now // 60), "at": now, "seconds": seconds})
+
+    def changes(self, book: UsageBook, compact: bool) -> tuple[dict[str, str], list[str]]:
+        """What to write (key -> JSON) and delete now; taken on the event loop, so the write
+        that follows can run in a thread while the book moves on. After a failed write, call
+        `failed` with them."""
+        writes: dict[str, str] = {}
+        if self._records or self._accruals:
+            name = f"log/{self._seq:016d}"
+            self._seq += 1
+            writes[self._key(name)] = json.dumps(
+                {"records": self._records, "accruals": self._accruals}, separators=(",", ":")
+            )
+            self._logged.append(name)
+            self._records, self._accruals = [], []
+        if not compact:
+            return writes, []
+        for minute, ids in sorted(self._ids.items()):
+            name = f"ids/{minute}/{self._seq:016d}"
+            writes[self._key(name)] = json.dumps(ids)
+            self._id_keys.setdefault(minute, []).append(name)
+        self._seq += 1
+        self._ids = {}
+        for minute in sorted(book.dirty_minutes):
+            bucket = book.minutes.get(minute)
+            if bucket is not None:  # its request ids are in its ids/ keys
+                writes[self._key(f"minute/{minute}")] = bucket.model_copy(
+                    update={"request_ids": []}
+                ).model_dump_json()
         writes[self._key("totals")] = book.totals.model_dump_json()
-        deletes = [self._key(f"minute/{minute}") for minute in sorted(book.dropped_minutes)]
+        deletes = [self._key(name) for name in self._logged]
+        deletes += [self._key(f"minute/{minute}") for minute in sorted(book.dropped_minutes)]
+        for minute in list(self._id_keys):  # past the dedup window, or dropped
+            bucket = book.minutes.get(minute)
+            if bucket is None or not bucket.request_ids:
+                deletes += [self._key(name) for name in self._id_keys.pop(minute)]
+        self._logged = []
         book.dirty_minutes.clear()
         book.dropped_minutes.clear()
+        self._compacted_at = time.monotonic()
         return writes, deletes
+
+    def compaction_due(self) -> bool:
+        return (
+            time.monotonic() - self._compacted_at >= COMPACT_SECONDS
+            or len(self._logged) >= LOG_KEYS_PER_COMPACTION
+        )
+
+    def failed(
+        self, writes: dict[str, str], deletes: list[str], book: UsageBook, dirty: set[int]
+    ) -> None:
+        """A write of `changes` failed (any part of it): what it counted goes in the next log
+        key, a compaction's minutes and ids are written again, and the log keys it was to
+        delete are deleted by the next compaction (a log key written twice counts once:
+        records by request id, accruals by time)."""
+        for key, value in writes.items():
+            name = key[len(self.prefix) :]
+            if name.startswith("log/"):
+                entry = json.loads(value)
+                self._records = entry["records"] + self._records
+                self._accruals = entry["accruals"] + self._accruals
+                if name in self._logged:
+                    self._logged.remove(name)
+            elif name.startswith("ids/"):
+                minute = int(name.split("/")[1])
+                self._ids.setdefault(minute, []).extend(json.loads(value))
+        for key in deletes:
+            name = key[len(self.prefix) :]
+            if name.startswith("log/") and key not in writes:
+                self._logged.append(name)
+        book.dirty_minutes |= dirty
 
     def write(self, writes: dict[str, str], deletes: list[str]) -> None:
         for key, value in writes.items():
@@ -85,9 +242,10 @@ class TenantLedger:
         tenancy = self._config.tenancy
         self._registry = registry
         self._store = UsageStore(serve.get_replica_context().app_name)
-        totals, minutes = self._store.load()
-        self._usage = UsageBook(totals, minutes, tenancy.usage_retention_minutes)
+        self._usage = self._store.load(tenancy.usage_retention_minutes)
+        totals = self._usage.totals if self._usage.totals.started_at is not None else None
         self._limits = LimitBook(tenancy.limit_window_seconds, tenancy.stream_lease_seconds)
+        self._quota = QuotaBook(tenancy.limit_window_seconds)
         self._unsaved: list[asyncio.Future[None]] = []
         self._dirty = False
         self._waiting = asyncio.Event()  # a report waits to be persisted: write now
@@ -109,6 +267,15 @@ class TenantLedger:
 
     async def renew(self, request_ids: list[str]) -> None:
         self._limits.renew(request_ids, time.time())
+
+    async def sync(self, replica_id: str, report: SyncReport) -> Grant:
+        """An ingress replica's leased-quota sync (`app.tenancy.quota.QuotaClient`): what it
+        admitted and used since its last sync; the answer is its new shares."""
+        return self._quota.sync(replica_id, report, time.monotonic())
+
+    def quota_status(self) -> dict[str, Any]:
+        """Subjects with a budget, ingress replicas syncing, shares leased (for /health)."""
+        return self._quota.status(time.monotonic())
 
     # --- usage -------------------------------------------------------------------------------
 
@@ -133,6 +300,7 @@ class TenantLedger:
         if usage is None:
             return False
         if self._usage.record(usage, now):
+            self._store.counted(usage, now)
             self._dirty = True
         return self._dirty
 
@@ -153,12 +321,12 @@ class TenantLedger:
             waiting, self._unsaved = self._unsaved, []
             self._dirty = False
             dirty = set(self._usage.dirty_minutes)
-            writes, deletes = self._store.changes(self._usage)
+            writes, deletes = self._store.changes(self._usage, self._store.compaction_due())
             try:
                 await asyncio.to_thread(self._store.write, writes, deletes)
             except Exception as error:
                 logger.exception("saving usage failed; will retry")
-                self._usage.dirty_minutes |= dirty
+                self._store.failed(writes, deletes, self._usage, dirty)
                 self._dirty = True
                 for future in waiting:
                     if not future.done():
@@ -181,7 +349,9 @@ class TenantLedger:
                 held = Counter(
                     w.pool or DEFAULT_POOL for w in workers if now - w.reported_at <= stale
                 )
+                before = dict(self._usage.totals.worker_seconds)
                 self._usage.accrue(held, now)
+                self._store.accrued(self._usage, before, now)
                 if now - pruned_at > PRUNE_EVERY_SECONDS:
                     self._usage.prune(now)
                     self._limits.expire(now)

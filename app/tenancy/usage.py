@@ -43,10 +43,13 @@ class Counts(BaseModel):
     completion_tokens: int = 0
 
     def add(self, other: Counts | UsageRecord) -> None:
-        self.requests += other.requests if isinstance(other, Counts) else 1
-        self.prompt_tokens += other.prompt_tokens
-        self.cached_prompt_tokens += other.cached_prompt_tokens
-        self.completion_tokens += other.completion_tokens
+        # straight into the fields (no validation on assignment here anyway): pydantic's
+        # __setattr__ was most of the ledger's CPU per usage report
+        fields = self.__dict__
+        fields["requests"] += other.requests if isinstance(other, Counts) else 1
+        fields["prompt_tokens"] += other.prompt_tokens
+        fields["cached_prompt_tokens"] += other.cached_prompt_tokens
+        fields["completion_tokens"] += other.completion_tokens
 
     def body(self) -> dict[str, int]:
         return {**self.model_dump(), "total_tokens": self.prompt_tokens + self.completion_tokens}
@@ -114,8 +117,11 @@ class UsageBook:
         key = usage_key(record.pool, record.model, record.key_id)
         bucket = self._bucket(now)
         bucket.request_ids.append(record.request_id)
-        bucket.counts.setdefault(key, Counts()).add(record)
-        self.totals.counts.setdefault(key, Counts()).add(record)
+        for counts in (bucket.counts, self.totals.counts):
+            each = counts.get(key)
+            if each is None:
+                each = counts[key] = Counts()
+            each.add(record)
         if self.totals.started_at is None:
             self.totals.started_at = now
         return True
