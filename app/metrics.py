@@ -1,11 +1,25 @@
-"""Every Prometheus metric of poolserve, declared once, and the few functions that move them.
+"""Every Prometheus metric of poolserve, declared once, the few functions that move them, and how
+the ingress replicas' counts add up to the whole service's.
 
 Request metrics come from the ingress (`app.api.observe.RequestMetrics`, a pure ASGI middleware)
-and from the chunk stream (`StreamWatch`, hooked into `app.api.streaming.ChunkStream`). Worker,
-KV, pool and autoscaler gauges are set from the same snapshot `/health` renders, each time
-`/metrics` or the dashboard feed is read. Labels are bounded: route templates (never raw paths),
-status and error codes, profiles, pools, worker (replica) ids. Times are in seconds. What the
-dashboard shows beyond these (recent percentiles, recent errors) is kept in `app.history`.
+and from the chunk stream (`StreamWatch`, hooked into `app.api.streaming.ChunkStream`). Each
+ingress replica records them in process: a dict update per counter and histogram on the request
+path, nothing crosses a process boundary. What it counted is a `Shard` (cumulative counters and
+histogram buckets, current levels, the dashboard's recent steps); once a second a replica that
+shares its metrics (`SHARING.connect`: the Ray glue is `app.deployments.metrics_sink`) publishes
+its shard if it changed (at least every `HEARTBEAT_S`), and a read of `/metrics` or of the
+dashboard feed exchanges it for the merge of every other replica's (`SHARING.exchange`). So any
+replica answers whole-service counts, at most `PUBLISH_EVERY_S` plus one call behind for the
+other replicas; counts of replicas that stopped stay counted. Levels (streams in flight) add up
+over the replicas that published within `LEVEL_FRESH_S`. Autoscaler decisions are the largest
+count any replica saw (each replica sees the same decisions).
+
+Worker, KV, pool and autoscaler gauges are set from the same snapshot `/health` renders, each time
+`/metrics` or the dashboard feed is read (whole-service already, from the registry); usage comes
+from the TenantLedger. Labels are bounded: route templates (never raw paths), status and error
+codes, pools and models (the configured models; a pool the request did not prove to exist counts
+as `unknown`), profiles, worker (replica) ids. Times are in seconds. What the dashboard shows
+beyond these (recent percentiles, recent errors) is kept in `app.history`.
 
 Serving-layer times are measured at the ingress (request arrival -> chunk arrival); engine times
 are what the engine reports on the terminal chunk (`ttft_ms`, `tpot_ms`). Their difference before
@@ -15,102 +29,498 @@ replica's queue, i.e. our framework's share.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
+import logging
+import math
+import os
 import time
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+import uuid
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from app.errors import InternalError, ServiceError
-from app.history import RECENT, Sample
-from app.protocol.generation import GenerationChunk, WireReply
+from app.errors import (
+    ConcurrencyLimited,
+    InternalError,
+    PoolNotFound,
+    RateLimited,
+    ServiceError,
+    TokenRateLimited,
+)
+from app.history import RECENT, Sample, Steps, merge_steps
+from app.pools.model import DEFAULT_POOL
+from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import WorkerStatus
+from app.tenancy.requests import tenant_pool
 
+logger = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry(auto_describe=True)
 PREFIX = "poolserve"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 NO_CODE = "none"
 UNMATCHED_ROUTE = "unmatched"
-
-REQUESTS = Counter(
-    f"{PREFIX}_requests",
-    "HTTP requests answered by the ingress, by route template, status and error code "
-    "(in-band stream errors included; code 'none' on success).",
-    ["route", "method", "status", "code"],
-    registry=REGISTRY,
+UNKNOWN_POOL = "unknown"
+POOL_UNCHECKED_CODES = frozenset(
+    {PoolNotFound.code, RateLimited.code, TokenRateLimited.code, ConcurrencyLimited.code}
 )
-TIME_TO_FIRST_TOKEN = Histogram(
-    f"{PREFIX}_time_to_first_token_seconds",
+"""Errors a request can get before its pool is looked up (its pool label is then `unknown`
+unless the pool is known to exist)."""
+
+SHARD_FORMAT = 1
+"""Bump when Shard, history.Step or history.Tally change: a sink running older code then saves
+what it holds and ends (app.deployments.metrics_sink), and one of the newer code starts."""
+PUBLISH_EVERY_S = 1.0
+HEARTBEAT_S = 5.0
+LEVEL_FRESH_S = 3 * HEARTBEAT_S
+CALL_TIMEOUT_S = 2.0
+
+Key = tuple[str, ...]
+Series = dict[Key, Any]  # label values -> a count (counters, levels) or histogram cells
+
+
+# --- in-process families ----------------------------------------------------------------------
+
+
+class Family:
+    """A metric family recorded in process: label values -> value. No lock: the request path runs
+    on the replica's event loop; a copy for a shard is one `dict(...)` (atomic under the GIL)."""
+
+    kind: ClassVar[str]
+    __slots__ = ("doc", "labels", "name", "values")
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()) -> None:
+        self.name = f"{PREFIX}_{name}"
+        self.doc = doc
+        self.labels = tuple(labels)
+        self.values: Series = {}
+        FAMILIES[self.name] = self
+
+    def copy(self) -> Series:
+        return dict(self.values)
+
+    def exposition(self, series: Mapping[Key, Any]) -> Metric:
+        raise NotImplementedError
+
+
+class Counts(Family):
+    """A counter; replicas' counts add up."""
+
+    kind = "counter"
+    __slots__ = ()
+
+    def inc(self, key: Key, amount: float = 1.0) -> None:
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
+
+    def exposition(self, series: Mapping[Key, Any]) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in sorted(series.items()):
+            family.add_metric(key, value)
+        return family
+
+
+class Peaks(Counts):
+    """A counter every replica counts alike (the same events, polled): the whole service's is
+    the largest replica's."""
+
+    __slots__ = ()
+
+
+class Level(Family):
+    """A gauge of this replica's current state; replicas' levels add up."""
+
+    kind = "gauge"
+    __slots__ = ()
+
+    def add(self, key: Key, delta: float) -> None:
+        values = self.values
+        values[key] = values.get(key, 0.0) + delta
+
+    def exposition(self, series: Mapping[Key, Any]) -> Metric:
+        family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in sorted(series.items()):
+            family.add_metric(key, value)
+        return family
+
+
+class Timings(Family):
+    """A histogram: per label values, a list of per-bucket counts (the last bucket +Inf), then
+    the sum. Replicas' cells add up."""
+
+    kind = "histogram"
+    __slots__ = ("_les", "bounds")
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str], bounds: Sequence[float]) -> None:
+        super().__init__(name, doc, labels)
+        self.bounds = tuple(bounds)
+        self._les = [repr(float(b)) for b in self.bounds] + ["+Inf"]  # as prometheus_client
+
+    def observe(self, key: Key, value: float) -> None:
+        cell = self.values.get(key)
+        if cell is None:
+            cell = self.values[key] = [0.0] * (len(self.bounds) + 2)
+        cell[bisect_left(self.bounds, value)] += 1
+        cell[-1] += value
+
+    def copy(self) -> Series:
+        return {key: list(cell) for key, cell in list(self.values.items())}
+
+    def exposition(self, series: Mapping[Key, Any]) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, cell in sorted(series.items()):
+            if len(cell) != len(self._les) + 1:
+                continue  # another version's buckets (a replica of a rollout in progress)
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, cell, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(key, buckets, cell[-1])
+        return family
+
+
+FAMILIES: dict[str, Family] = {}
+
+TARGET = ("route", "pool", "model")
+REQUESTS = Counts(
+    "requests",
+    "HTTP requests answered by the ingress, by route template, status, error code (in-band "
+    "stream errors included; 'none' on success), pool and model (empty before they are known).",
+    ("route", "method", "status", "code", "pool", "model"),
+)
+TIME_TO_FIRST_TOKEN = Timings(
+    "time_to_first_token_seconds",
     "Serving-layer time to first token: request arrival at the ingress to the first text chunk "
     "arriving there.",
-    ["route"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
+    TARGET,
+    LATENCY_BUCKETS,
 )
-ENGINE_TIME_TO_FIRST_TOKEN = Histogram(
-    f"{PREFIX}_engine_time_to_first_token_seconds",
+ENGINE_TIME_TO_FIRST_TOKEN = Timings(
+    "engine_time_to_first_token_seconds",
     "Engine-reported time to first token (terminal chunk ttft_ms).",
-    ["route"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
+    TARGET,
+    LATENCY_BUCKETS,
 )
-QUEUE_TIME = Histogram(
-    f"{PREFIX}_queue_time_seconds",
+QUEUE_TIME = Timings(
+    "queue_time_seconds",
     "Framework time before the first token: serving-layer TTFT minus engine TTFT (ingress, "
     "routing, Ray transport, replica queue).",
-    ["route"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
+    TARGET,
+    LATENCY_BUCKETS,
 )
-TIME_PER_OUTPUT_TOKEN = Histogram(
-    f"{PREFIX}_time_per_output_token_seconds",
+TIME_PER_OUTPUT_TOKEN = Timings(
+    "time_per_output_token_seconds",
     "Serving-layer mean time between output tokens after the first, as chunks reach the ingress.",
-    ["route"],
-    buckets=TOKEN_BUCKETS,
-    registry=REGISTRY,
+    TARGET,
+    TOKEN_BUCKETS,
 )
-ENGINE_TIME_PER_OUTPUT_TOKEN = Histogram(
-    f"{PREFIX}_engine_time_per_output_token_seconds",
+ENGINE_TIME_PER_OUTPUT_TOKEN = Timings(
+    "engine_time_per_output_token_seconds",
     "Engine-reported mean time per output token after the first (terminal chunk tpot_ms).",
-    ["route"],
-    buckets=TOKEN_BUCKETS,
-    registry=REGISTRY,
+    TARGET,
+    TOKEN_BUCKETS,
 )
-PROMPT_TOKENS = Counter(
-    f"{PREFIX}_prompt_tokens",
-    "Prompt tokens of finished generations.",
-    ["route"],
-    registry=REGISTRY,
+PROMPT_TOKENS = Counts("prompt_tokens", "Prompt tokens of finished generations.", TARGET)
+GENERATION_TOKENS = Counts("generation_tokens", "Output tokens of finished generations.", TARGET)
+STREAMS_IN_FLIGHT = Level(
+    "streams_in_flight",
+    "Generations the ingress replicas are relaying right now.",
+    ("route",),
 )
-GENERATION_TOKENS = Counter(
-    f"{PREFIX}_generation_tokens",
-    "Output tokens of finished generations.",
-    ["route"],
-    registry=REGISTRY,
-)
-STREAMS_IN_FLIGHT = Gauge(
-    f"{PREFIX}_streams_in_flight",
-    "Generations the ingress is relaying right now.",
-    ["route"],
-    registry=REGISTRY,
-)
-CANCELLATIONS = Counter(
-    f"{PREFIX}_generation_cancellations",
+CANCELLATIONS = Counts(
+    "generation_cancellations",
     "Generations closed by the ingress before their terminal chunk (the engine request is "
     "aborted), or ended by the engine as cancelled.",
-    ["route"],
-    registry=REGISTRY,
+    ("route",),
 )
-CLIENT_DISCONNECTS = Counter(
-    f"{PREFIX}_client_disconnects",
+CLIENT_DISCONNECTS = Counts(
+    "client_disconnects",
     "Requests whose client went away before the response was complete.",
-    ["route"],
-    registry=REGISTRY,
+    ("route",),
 )
+ROUTING_DECISIONS = Counts(
+    "routing_decisions",
+    "Worker choices of the request router (app.routing.affinity), by reason: prefix, home, "
+    "least_loaded, imbalance, headroom, no_headroom.",
+    ("reason",),
+)
+ROUTING_PREFIX_BLOCKS = Counts(
+    "routing_prefix_blocks_matched",
+    "Leading prompt blocks (or explicit cache keys) the chosen worker was believed to hold.",
+)
+AUTOSCALER_DECISIONS = Peaks(
+    "autoscaler_decisions",
+    "Pool autoscaler decisions, by kind (app.pools.decide.DecisionKind), as the ingress replica "
+    "that saw the most of them counted them from the autoscaler's reason history.",
+    ("kind",),
+)
+SOURCES = f"{PREFIX}_metrics_sources"
+SOURCES_DOC = (
+    "Ingress replicas whose counts this answer adds up, by state: live (published within "
+    f"{LEVEL_FRESH_S:.0f} s, this replica included), stale (not since), retired (stopped; their "
+    "counts stay counted)."
+)
+
+
+# --- shards: what a replica counted, and how shards add up ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Cumulative counts of one ingress replica (`source`), or several added up, at `at` (unix
+    seconds). `sums`: counters and histograms (added up); `peaks`: the same events counted by
+    every replica (the largest wins); `levels`: current values (added up over fresh shards);
+    `steps`: the dashboard's recent history; `sources`: replicas in it, by state."""
+
+    source: str
+    at: float
+    sums: dict[str, Series] = field(default_factory=dict)
+    peaks: dict[str, Series] = field(default_factory=dict)
+    levels: dict[str, Series] = field(default_factory=dict)
+    steps: Steps = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=lambda: {"live": 1})
+
+    def counts(self) -> tuple[Any, ...]:
+        """What changes when the replica counts something (not the time)."""
+        return (self.sums, self.peaks, self.levels)
+
+
+def local_shard(source: str, now: float) -> Shard:
+    """This replica's counts (copies: the request path goes on changing the originals)."""
+    sums: dict[str, Series] = {}
+    peaks: dict[str, Series] = {}
+    levels: dict[str, Series] = {}
+    for family in FAMILIES.values():
+        into = peaks if isinstance(family, Peaks) else levels if isinstance(family, Level) else sums
+        into[family.name] = family.copy()
+    return Shard(source, now, sums, peaks, levels, RECENT.steps(now))
+
+
+def _add_into(into: dict[str, Series], other: Mapping[str, Series]) -> None:
+    for name, series in other.items():
+        target = into.setdefault(name, {})
+        for key, value in series.items():
+            have = target.get(key)
+            if have is None:
+                target[key] = list(value) if isinstance(value, list) else value
+            elif isinstance(have, list):
+                if isinstance(value, list) and len(value) == len(have):
+                    for index, count in enumerate(value):
+                        have[index] += count
+            elif not isinstance(value, list):
+                target[key] = have + value
+
+
+def _max_into(into: dict[str, Series], other: Mapping[str, Series]) -> None:
+    for name, series in other.items():
+        target = into.setdefault(name, {})
+        for key, value in series.items():
+            target[key] = max(target.get(key, value), value)
+
+
+def merge_shards(shards: Iterable[Shard], now: float, source: str = "merged") -> Shard:
+    """The shards added up (a new shard; the inputs are left alone). Levels only from shards
+    published within LEVEL_FRESH_S; a shard older than that counts as a stale source."""
+    merged = Shard(source, now, sources={})
+    steps: list[Steps] = []
+    for shard in shards:
+        _add_into(merged.sums, shard.sums)
+        _max_into(merged.peaks, shard.peaks)
+        fresh = now - shard.at <= LEVEL_FRESH_S
+        if fresh:
+            _add_into(merged.levels, shard.levels)
+        for state, count in shard.sources.items():
+            state = "stale" if state == "live" and not fresh else state
+            merged.sources[state] = merged.sources.get(state, 0) + count
+        steps.append(shard.steps)
+    merged.steps.update(merge_steps(steps, now))
+    return merged
+
+
+def retire(shard: Shard) -> Shard:
+    """A stopped replica's shard as it stays counted: its counts, no levels, its sources
+    retired."""
+    count = sum(shard.sources.values())
+    return Shard(
+        shard.source, shard.at, shard.sums, shard.peaks, {}, shard.steps, {"retired": count}
+    )
+
+
+def shard_to_json(shard: Shard) -> dict[str, Any]:
+    """Counts only (for storage: the recent steps and levels are not kept)."""
+
+    def plain(families: Mapping[str, Series]) -> dict[str, Any]:
+        return {
+            name: [[list(k), v] for k, v in series.items()] for name, series in families.items()
+        }
+
+    return {
+        "source": shard.source,
+        "at": shard.at,
+        "sums": plain(shard.sums),
+        "peaks": plain(shard.peaks),
+        "sources": shard.sources,
+    }
+
+
+def shard_from_json(data: Mapping[str, Any]) -> Shard:
+    def families(raw: Mapping[str, Any]) -> dict[str, Series]:
+        return {name: {tuple(k): v for k, v in rows} for name, rows in raw.items()}
+
+    return Shard(
+        str(data["source"]),
+        float(data["at"]),
+        families(data.get("sums", {})),
+        families(data.get("peaks", {})),
+        sources={str(k): int(v) for k, v in data.get("sources", {}).items()},
+    )
+
+
+# --- sharing: publishing this replica's shard, reading the others' ----------------------------
+
+
+class Share(Protocol):
+    """Where the replicas' shards meet (app.deployments.metrics_sink over Ray; a dict in tests)."""
+
+    async def publish(self, shard: Shard) -> None:
+        """Keep `shard` as its source's latest."""
+        ...
+
+    async def exchange(self, shard: Shard) -> Shard:
+        """Keep `shard`, and answer the merge of every other source's latest (stopped ones'
+        included)."""
+        ...
+
+
+class Sharing:
+    """This replica's side: publishes its shard every PUBLISH_EVERY_S when its counts changed
+    (and every HEARTBEAT_S regardless), exchanges it when `/metrics` or the dashboard is read,
+    publishes a last time when the replica stops. Without a share the view is this replica's
+    own counts."""
+
+    def __init__(self) -> None:
+        self.share: Share | None = None
+        self.source = f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.others: Shard | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sent: tuple[Any, ...] | None = None
+        self._sent_at = -math.inf
+        self._failing = False
+
+    def connect(self, share: Share | None, source: str | None = None) -> None:
+        self.share = share
+        self.source = source or self.source
+        self.others = None
+        self._sent = None
+
+    def view(self, now: float | None = None) -> Shard:
+        """The whole service's counts as far as this replica knows: its own, now, plus the other
+        replicas' as of the last exchange."""
+        now = time.time() if now is None else now
+        own = local_shard(self.source, now)
+        if self.others is None:
+            return own
+        return merge_shards([own, self.others], now)
+
+    async def exchange(self) -> None:
+        """Refresh the other replicas' counts (keeping the last ones if the share fails)."""
+        if self.share is None:
+            return
+        shard = local_shard(self.source, time.time())
+        try:
+            self.others = await asyncio.wait_for(self.share.exchange(shard), CALL_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - the last merge stands; logged once a streak
+            self._failed("exchange", error)
+            return
+        self._sent, self._sent_at, self._failing = shard.counts(), time.monotonic(), False
+
+    async def publish(self, force: bool = False) -> bool:
+        """Publish this replica's shard if its counts changed since the last one sent (or the
+        heartbeat is due, or `force`); True if it was sent."""
+        if self.share is None:
+            return False
+        shard = local_shard(self.source, time.time())
+        counts = shard.counts()
+        due = time.monotonic() - self._sent_at >= HEARTBEAT_S
+        if not (force or due or counts != self._sent):
+            return False
+        try:
+            await asyncio.wait_for(self.share.publish(shard), CALL_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - the next tick retries (counts are cumulative)
+            self._failed("publish", error)
+            return False
+        self._sent, self._sent_at, self._failing = counts, time.monotonic(), False
+        return True
+
+    def _failed(self, what: str, error: Exception) -> None:
+        if not self._failing:
+            logger.warning(
+                "metrics %s failed (%s: %s); retrying", what, type(error).__name__, error
+            )
+        self._failing = True
+
+    def start(self) -> None:
+        """Start publishing (on the running event loop), if connected to a share."""
+        if self.share is not None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._publish_forever())
+
+    async def stop(self) -> None:
+        """Stop publishing, then publish the last counts (a replica that stops keeps them
+        counted)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.publish(force=True)
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY_S)
+            await self.publish()
+
+
+SHARING = Sharing()
+
+
+class SharedCollector:
+    """Exports the request metrics as `SHARING.view()` has them (the whole service's when this
+    replica shares its metrics)."""
+
+    def describe(self) -> Iterator[Metric]:
+        for family in FAMILIES.values():
+            yield family.exposition({})
+        yield GaugeMetricFamily(SOURCES, SOURCES_DOC, labels=["state"])
+
+    def collect(self) -> Iterator[Metric]:
+        view = SHARING.view()
+        for family in FAMILIES.values():
+            sections = view.peaks if isinstance(family, Peaks) else view.sums
+            if isinstance(family, Level):
+                sections = view.levels
+            yield family.exposition(sections.get(family.name, {}))
+        sources = GaugeMetricFamily(SOURCES, SOURCES_DOC, labels=["state"])
+        for state in ("live", "stale", "retired"):
+            sources.add_metric([state], view.sources.get(state, 0))
+        yield sources
+
+
+REGISTRY.register(SharedCollector())
+
+
+# --- gauges from the worker snapshot (whole-service already) ----------------------------------
+
 KV_BLOCKS = Gauge(
     f"{PREFIX}_kv_blocks",
     "KV cache blocks per worker (summed over its engines), by state.",
@@ -143,24 +553,6 @@ POOL_WORKERS = Gauge(
     registry=REGISTRY,
 )
 POOLS = Gauge(f"{PREFIX}_pools", "Pools by state.", ["state"], registry=REGISTRY)
-ROUTING_DECISIONS = Counter(
-    f"{PREFIX}_routing_decisions",
-    "Worker choices of the request router (app.routing.affinity), by reason: prefix, home, "
-    "least_loaded, imbalance, headroom, no_headroom.",
-    ["reason"],
-    registry=REGISTRY,
-)
-ROUTING_PREFIX_BLOCKS = Counter(
-    f"{PREFIX}_routing_prefix_blocks_matched",
-    "Leading prompt blocks (or explicit cache keys) the chosen worker was believed to hold.",
-    registry=REGISTRY,
-)
-AUTOSCALER_DECISIONS = Counter(
-    f"{PREFIX}_autoscaler_decisions",
-    "Pool autoscaler decisions seen by this ingress, by kind (app.pools.decide.DecisionKind).",
-    ["kind"],
-    registry=REGISTRY,
-)
 AUTOSCALER_TARGET_REPLICAS = Gauge(
     f"{PREFIX}_autoscaler_target_replicas",
     "Replica target the pool autoscaler last applied, per profile.",
@@ -232,16 +624,44 @@ def metric_names() -> set[str]:
     return names
 
 
+def total(family: Family, view: Shard | None = None, **labels: str) -> float:
+    """A family's value summed over the series whose labels match `labels` (histograms: their
+    count), in `view` (default: SHARING.view())."""
+    view = SHARING.view() if view is None else view
+    section = view.peaks if isinstance(family, Peaks) else view.sums
+    if isinstance(family, Level):
+        section = view.levels
+    positions = [(family.labels.index(name), value) for name, value in labels.items()]
+    result = 0.0
+    for key, value in section.get(family.name, {}).items():
+        if all(key[index] == wanted for index, wanted in positions):
+            result += sum(value[:-1]) if isinstance(value, list) else value
+    return result
+
+
 # --- requests ---------------------------------------------------------------------------------
 
+KNOWN_POOLS: set[str] = {DEFAULT_POOL}
+"""Pools known to exist (or to have existed): from the pool list `/metrics` and the dashboard
+read, and from requests that reached a worker."""
 
-@dataclass
+
+def note_pools(names: Iterable[str]) -> None:
+    KNOWN_POOLS.update(names)
+
+
 class RequestObservation:
     """One HTTP request as the middleware sees it; the stream hooks fill in what they see."""
 
-    scope: MutableMapping[str, Any]
-    started: float = field(default_factory=time.perf_counter)
-    stream_error_code: str | None = None
+    __slots__ = ("model", "pool", "scope", "served", "started", "stream_error_code")
+
+    def __init__(self, scope: MutableMapping[str, Any]) -> None:
+        self.scope = scope
+        self.started = time.perf_counter()
+        self.stream_error_code: str | None = None
+        self.pool = ""  # set once the request is a generation (observe_generation)
+        self.model = ""
+        self.served = False  # a worker answered (so its pool exists)
 
     @property
     def route(self) -> str:
@@ -249,26 +669,49 @@ class RequestObservation:
         path = getattr(route, "path", None)
         return str(path) if path else UNMATCHED_ROUTE
 
+    def pool_label(self, code: str | None) -> str:
+        pool = self.pool
+        if self.served or not pool or pool in KNOWN_POOLS or code not in POOL_UNCHECKED_CODES:
+            return pool
+        return UNKNOWN_POOL
+
 
 CURRENT_REQUEST: contextvars.ContextVar[RequestObservation | None] = contextvars.ContextVar(
     "poolserve_request", default=None
 )
 
 
-def record_request(route: str, method: str, status: int, code: str | None) -> None:
-    REQUESTS.labels(route, method, str(status), code or NO_CODE).inc()
+def observe_generation(request: GenerationRequest) -> None:
+    """The request being observed is this generation: its pool and model label its metrics."""
+    observation = CURRENT_REQUEST.get()
+    if observation is not None:
+        observation.pool = tenant_pool(request)
+        observation.model = request.model
+
+
+def record_request(
+    route: str,
+    method: str,
+    status: int,
+    code: str | None,
+    observation: RequestObservation | None = None,
+) -> None:
+    pool = model = ""
+    if observation is not None and observation.model:
+        pool, model = observation.pool_label(code), observation.model
+    REQUESTS.inc((route, method, str(status), code or NO_CODE, pool, model))
     if code:
-        RECENT.errors.append((time.time(), code))
+        RECENT.errors.append((time.time(), code, pool, model))
 
 
 def record_routing(reason: str, prefix_match: int) -> None:
-    ROUTING_DECISIONS.labels(reason).inc()
+    ROUTING_DECISIONS.inc((reason,))
     if prefix_match:
-        ROUTING_PREFIX_BLOCKS.inc(prefix_match)
+        ROUTING_PREFIX_BLOCKS.inc((), prefix_match)
 
 
 def record_disconnect(route: str) -> None:
-    CLIENT_DISCONNECTS.labels(route).inc()
+    CLIENT_DISCONNECTS.inc((route,))
 
 
 # --- streams ----------------------------------------------------------------------------------
@@ -276,6 +719,17 @@ def record_disconnect(route: str) -> None:
 
 class StreamWatch:
     """Observes one generation's chunk batches as the ingress relays them (buffered or SSE)."""
+
+    __slots__ = (
+        "_closed",
+        "_counted",
+        "_created",
+        "_first_text_at",
+        "_last_text_at",
+        "_request",
+        "_terminal",
+        "route",
+    )
 
     def __init__(self) -> None:
         self._request = CURRENT_REQUEST.get()
@@ -291,7 +745,9 @@ class StreamWatch:
         now = time.perf_counter() if self._counted else self._created
         if not self._counted:
             self._counted = True
-            STREAMS_IN_FLIGHT.labels(self.route).inc()
+            STREAMS_IN_FLIGHT.add((self.route,), 1)
+            if self._request is not None:
+                self._request.served = True
         for item in batch:
             if isinstance(item, WireReply):  # vLLM's bytes: text events, then the stats
                 if item.stream and item.data:
@@ -326,39 +782,46 @@ class StreamWatch:
             return
         self._closed = True
         if self._counted:
-            STREAMS_IN_FLIGHT.labels(self.route).dec()
+            STREAMS_IN_FLIGHT.add((self.route,), -1)
         terminal = self._terminal
         if terminal is None or terminal.finish_reason == "cancelled":
-            CANCELLATIONS.labels(self.route).inc()
+            CANCELLATIONS.inc((self.route,))
             return
         if terminal.error_code:
             return
         self._observe(terminal)
 
     def _observe(self, terminal: GenerationChunk) -> None:
-        route = self.route
+        request = self._request
+        pool = model = ""
+        if request is not None and request.model:
+            pool, model = request.pool, request.model
+            KNOWN_POOLS.add(pool)
+        key = (self.route, pool, model)
         tokens = terminal.completion_tokens or 0
-        PROMPT_TOKENS.labels(route).inc(terminal.prompt_tokens or 0)
-        GENERATION_TOKENS.labels(route).inc(tokens)
+        PROMPT_TOKENS.inc(key, terminal.prompt_tokens or 0)
+        GENERATION_TOKENS.inc(key, tokens)
         ttft = tpot = None
-        if self._request is not None and self._first_text_at is not None:
-            ttft = self._first_text_at - self._request.started
-            TIME_TO_FIRST_TOKEN.labels(route).observe(ttft)
+        if request is not None and self._first_text_at is not None:
+            ttft = self._first_text_at - request.started
+            TIME_TO_FIRST_TOKEN.observe(key, ttft)
         if self._first_text_at is not None and self._last_text_at is not None and tokens >= 2:
             tpot = (self._last_text_at - self._first_text_at) / (tokens - 1)
-            TIME_PER_OUTPUT_TOKEN.labels(route).observe(tpot)
+            TIME_PER_OUTPUT_TOKEN.observe(key, tpot)
         engine_ttft = terminal.ttft_ms / 1000 if terminal.ttft_ms is not None else None
         engine_tpot = terminal.tpot_ms / 1000 if terminal.tpot_ms is not None else None
         if engine_ttft is not None:
-            ENGINE_TIME_TO_FIRST_TOKEN.labels(route).observe(engine_ttft)
+            ENGINE_TIME_TO_FIRST_TOKEN.observe(key, engine_ttft)
             if ttft is not None:
-                QUEUE_TIME.labels(route).observe(max(0.0, ttft - engine_ttft))
+                QUEUE_TIME.observe(key, max(0.0, ttft - engine_ttft))
         if engine_tpot is not None:
-            ENGINE_TIME_PER_OUTPUT_TOKEN.labels(route).observe(engine_tpot)
-        RECENT.samples.append(Sample(time.time(), ttft, tpot, engine_ttft, engine_tpot, tokens))
+            ENGINE_TIME_PER_OUTPUT_TOKEN.observe(key, engine_tpot)
+        RECENT.samples.append(
+            Sample(time.time(), ttft, tpot, engine_ttft, engine_tpot, tokens, pool, model)
+        )
 
 
-# --- snapshot gauges --------------------------------------------------------------------------
+# --- snapshot gauges: moved from a worker snapshot -------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +913,7 @@ class DecisionTally:
         for entry in status.get("reasons", []):
             at = float(entry.get("at", 0.0))
             if at > self.seen_until:
-                AUTOSCALER_DECISIONS.labels(str(entry.get("kind", "other"))).inc()
+                AUTOSCALER_DECISIONS.inc((str(entry.get("kind", "other")),))
                 newest = max(newest, at)
         self.seen_until = newest
         for profile, target in (status.get("replicas") or {}).items():

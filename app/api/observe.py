@@ -1,11 +1,16 @@
-"""`GET /metrics` (Prometheus text) and `RequestMetrics`, the pure ASGI middleware that counts
-every HTTP request by route template, status and error code and notices client disconnects
-(streaming bodies pass through untouched)."""
+"""`GET /metrics` (Prometheus text), `RequestMetrics`, the pure ASGI middleware that counts
+every HTTP request by route template, status, error code, pool and model and notices client
+disconnects (streaming bodies pass through untouched), and `instrument`, which adds it and shares
+the replica's metrics while the app runs (`app.metrics.SHARING`)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -15,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.errors import InternalError
+from app.protocol.generation import GenerationRequest
+from app.web.backend import GenerationBackend
 from app.web.context import ApiContext
 from app.web.snapshot import refresh_snapshot
 
@@ -23,9 +30,46 @@ logger = logging.getLogger(__name__)
 
 
 def instrument(app: FastAPI) -> FastAPI:
-    """Add the request metrics middleware (outermost: it sees every response)."""
+    """Add the request metrics middleware (outermost: it sees every response), label each
+    generation's metrics with its pool and model (`ObservedBackend`), and, while the app runs,
+    publish this replica's metrics if `metrics.SHARING` is connected to a share (the last
+    counts once more as the app stops)."""
     app.add_middleware(RequestMetrics)
+    context: ApiContext = app.state.context
+    if not isinstance(context.backend, ObservedBackend):
+        app.state.context = dataclasses.replace(context, backend=ObservedBackend(context.backend))
+    app.router.lifespan_context = _sharing(app.router.lifespan_context)
     return app
+
+
+def _sharing(
+    inner: Callable[[Any], AbstractAsyncContextManager[Any]],
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            metrics.SHARING.start()
+            try:
+                yield state
+            finally:
+                await metrics.SHARING.stop()
+
+    return lifespan
+
+
+class ObservedBackend:
+    """The app's backend, passed through: a generation it starts labels the metrics of the
+    request being observed with its pool and model (`metrics.observe_generation`)."""
+
+    def __init__(self, backend: GenerationBackend) -> None:
+        self.backend = backend
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Any]:
+        metrics.observe_generation(request)
+        return self.backend.stream(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -89,4 +133,5 @@ class RequestMetrics:
                 scope.get("method", ""),
                 status or (499 if disconnected else 500),
                 code or observation.stream_error_code,
+                observation,
             )

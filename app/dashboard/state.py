@@ -1,13 +1,14 @@
-"""The dashboard's JSON feed: pools, workers, cluster totals, recent latency and throughput,
-autoscaler decisions and errors by code, from the same snapshot `/health` and `/metrics` read."""
+"""The dashboard's JSON feed: pools, workers, cluster totals, recent latency and throughput
+(overall and per pool and model), autoscaler decisions and errors by code, from the same
+snapshot `/health` and `/metrics` read. Request figures are the whole service's (every ingress
+replica's, `metrics.SHARING.view()`)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from app import metrics
-from app.history import RECENT
+from app import history, metrics
 from app.pools.model import DEFAULT_POOL, PoolRecord
 from app.protocol.workers import WorkerStatus
 from app.web.context import ApiContext
@@ -23,6 +24,7 @@ async def dashboard_state(context: ApiContext) -> dict[str, Any]:
     workers: list[WorkerStatus] = snapshot["workers"]
     pools: list[PoolRecord] | None = snapshot["pools"]
     autoscaler: dict[str, Any] | None = snapshot["autoscaler"]
+    view = metrics.SHARING.view(now)
     health = health_of(context.config, workers, now)
     entries = {entry.name: entry for entry in health.workers}
     worker_rows = [
@@ -42,10 +44,11 @@ async def dashboard_state(context: ApiContext) -> dict[str, Any]:
         "cluster": _totals(worker_rows, pools),
         "pools": pool_rows,
         "workers": worker_rows,
-        "latency": RECENT.summary(now),
-        "series": RECENT.series(now),
+        "latency": history.summary(view.steps, now),
+        "series": history.series(view.steps, now),
+        "targets": history.by_target(view.steps, now),
         "autoscaler": _autoscaler(autoscaler),
-        "requests": _request_totals(now),
+        "requests": _request_totals(view, now),
         "usage": _usage(snapshot.get("usage"), pools),
         "problems": snapshot["errors"],
     }
@@ -224,37 +227,23 @@ def collapse_repeats(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return collapsed
 
 
-def _request_totals(now: float, span_s: float = 300.0) -> dict[str, Any]:
-    """Requests and errors by code since this ingress started, and errors in the last span."""
+def _request_totals(view: metrics.Shard, now: float) -> dict[str, Any]:
+    """Requests and errors by code since counting began (every ingress replica's), errors in
+    the last span, and the replicas counted."""
     total = 0.0
     errors: dict[str, float] = {}
-    for family in metrics.REQUESTS.collect():
-        for sample in family.samples:
-            if not sample.name.endswith("_total"):
-                continue
-            total += sample.value
-            code = sample.labels["code"]
-            if code != metrics.NO_CODE:
-                errors[code] = errors.get(code, 0.0) + sample.value
-    recent: dict[str, int] = {}
-    for at, code in RECENT.errors:
-        if at >= now - span_s:
-            recent[code] = recent.get(code, 0) + 1
+    code_at = metrics.REQUESTS.labels.index("code")
+    for key, value in view.sums.get(metrics.REQUESTS.name, {}).items():
+        total += value
+        if key[code_at] != metrics.NO_CODE:
+            errors[key[code_at]] = errors.get(key[code_at], 0.0) + value
     return {
         "total": int(total),
         "errors_by_code": {code: int(count) for code, count in sorted(errors.items())},
-        "recent_errors_by_code": recent,
-        "recent_span_s": span_s,
-        "client_disconnects": int(_sum(metrics.CLIENT_DISCONNECTS)),
-        "cancellations": int(_sum(metrics.CANCELLATIONS)),
-        "streams_in_flight": int(_sum(metrics.STREAMS_IN_FLIGHT)),
+        "recent_errors_by_code": history.recent_errors(view.steps, now),
+        "recent_span_s": history.SPAN_S,
+        "client_disconnects": int(metrics.total(metrics.CLIENT_DISCONNECTS, view)),
+        "cancellations": int(metrics.total(metrics.CANCELLATIONS, view)),
+        "streams_in_flight": int(metrics.total(metrics.STREAMS_IN_FLIGHT, view)),
+        "ingress_replicas": view.sources,
     }
-
-
-def _sum(metric: Any) -> float:
-    return sum(  # type: ignore[no-any-return]
-        sample.value
-        for family in metric.collect()
-        for sample in family.samples
-        if not sample.name.endswith("_created")
-    )

@@ -1,8 +1,10 @@
 """One read of the backend's snapshot (workers, pools, autoscaler status, usage) for `/metrics`
-and the dashboard feed, moving the Prometheus gauges to it on the way."""
+and the dashboard feed, moving the Prometheus gauges to it on the way, and of the other ingress
+replicas' request metrics (`metrics.SHARING.exchange`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
     """Move the worker/KV/pool/autoscaler gauges to the backend's current snapshot; returns what
     it read (workers, pools, autoscaler status) and what could not be read (`errors`)."""
     errors: dict[str, str] = {}
+    exchange = asyncio.ensure_future(metrics.SHARING.exchange())  # meanwhile: one call
     workers = await context.backend.workers()
     pools = None
     try:
@@ -39,7 +42,10 @@ async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001
             errors["usage"] = f"{type(error).__name__}: {error}"
     pool_states = None if pools is None else {p.name: p.state for p in pools}
+    if pool_states is not None:
+        metrics.note_pools(pool_states)
     metrics.update_snapshot(workers, pool_states, time.time(), context.config.worker_stale_seconds)
+    await exchange
     return {
         "workers": workers,
         "pools": pools,

@@ -105,3 +105,17 @@ def test_panels_have_unique_ids_and_refids() -> None:
     for panel in dashboard["panels"]:
         refs = [target["refId"] for target in panel["targets"]]
         assert len(refs) == len(set(refs)), panel["title"]
+
+
+def test_request_metric_panels_never_add_up_scraped_replicas() -> None:
+    """Every ingress replica answers the whole service's counts: a query that sums over
+    instances would count them once per replica scraped as a target of its own."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    shared = set(metrics.FAMILIES) | {metrics.SOURCES}
+    for expr in expressions(dashboard):
+        names = {n.removesuffix("_total").removesuffix("_bucket") for n in metric_tokens(expr)}
+        if names & shared:
+            assert re.search(r"sum by \([^)]*\binstance\b[^)]*\)", expr), expr
+            assert expr.startswith(
+                ("max", "histogram_quantile(0.5, max", "histogram_quantile(0.99, max")
+            ), expr

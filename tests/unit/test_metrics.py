@@ -54,7 +54,13 @@ def client(backend: LocalBackend) -> Iterator[TestClient]:
 
 
 def value(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in metrics.REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def snapshot(names: list[tuple[str, dict[str, str]]]) -> list[float]:

@@ -69,7 +69,7 @@ function renderTotals(state) {
   const cards = [
     ["workers ready", `${c.workers_ready} / ${c.workers}`],
     ["active requests", c.active_requests],
-    ["streams in flight (this ingress)", r.streams_in_flight],
+    ["streams in flight", r.streams_in_flight],
     ["KV blocks used", kv],
     ["KV handles open", c.kv_handles_open === null ? "not reported" : c.kv_handles_open],
     ["pools", pools],
@@ -235,9 +235,10 @@ function chart(title, points, series, unit, now) {
 
 function renderLatency(state) {
   const L = state.latency, points = state.series.points;
+  const live = (state.requests.ingress_replicas || {}).live;
   document.getElementById("latency-span").textContent =
     `last ${Math.round(L.span_s / 60)} min · ${L.requests} requests · ` +
-    `${state.series.step_s} s buckets`;
+    `${state.series.step_s} s buckets` + (live ? ` · ${live} ingress replicas` : "");
   if (!L.requests) {
     replace("latency", empty("No finished generations in the last few minutes."));
     return;
@@ -262,6 +263,27 @@ function renderLatency(state) {
       el("div", { class: "muted", text: "ingress minus engine = routing, Ray transport, queue" }),
     ]),
   ]));
+}
+
+function renderTargets(state) {
+  const rows = state.targets || [];
+  if (!rows.length) {
+    replace("targets", empty("No generations in the last few minutes."));
+    return;
+  }
+  replace("targets", table(["pool", "model", "requests", "errors", "TTFT p50", "TTFT p99",
+    "TPOT p50", "TPOT p99", "tokens"], rows.map((t) =>
+    el("tr", { "data-pool": t.pool, "data-model": t.model }, [
+      el("td", { text: t.pool || "–" }),
+      el("td", { class: "mono", text: t.model }),
+      el("td", { class: "num", text: t.requests }),
+      el("td", { class: "num", text: t.errors }),
+      el("td", { class: "num", text: fmt(t.ttft_p50_ms, 1) + " ms" }),
+      el("td", { class: "num", text: fmt(t.ttft_p99_ms, 1) + " ms" }),
+      el("td", { class: "num", text: fmt(t.tpot_p50_ms, 1) + " ms" }),
+      el("td", { class: "num", text: fmt(t.tpot_p99_ms, 1) + " ms" }),
+      el("td", { class: "num", text: t.tokens }),
+    ]))));
 }
 
 function renderDecisions(state) {
@@ -292,7 +314,7 @@ function renderErrors(state) {
   const r = state.requests;
   const codes = Object.keys(r.errors_by_code);
   if (!codes.length) {
-    replace("errors", empty(`No errors since this ingress started (${r.total} requests).`));
+    replace("errors", empty(`No errors since counting began (${r.total} requests).`));
     return;
   }
   replace("errors", table(["code", "total", `last ${r.recent_span_s / 60} min`],
@@ -314,7 +336,7 @@ function render(state) {
   banner.hidden = !problems.length;
   banner.textContent = problems.map(([k, v]) => `${k}: ${v}`).join(" · ");
   for (const part of [renderTotals, renderPools, renderUsage, renderWorkers, renderLatency,
-    renderDecisions, renderErrors]) {
+    renderTargets, renderDecisions, renderErrors]) {
     try { part(state); } catch (error) { console.error(part.name, error); }
   }
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
