@@ -114,21 +114,30 @@ class Family:
         raise NotImplementedError
 
 
-class Counts(Family):
-    """A counter; replicas' counts add up."""
+class Numbers(Family):
+    """A number per label values (added to, never set: every replica's can be added up)."""
 
-    kind = "counter"
+    exported_as: ClassVar[type[CounterMetricFamily] | type[GaugeMetricFamily]]
     __slots__ = ()
 
-    def inc(self, key: Key, amount: float = 1.0) -> None:
+    def add(self, key: Key, amount: float = 1.0) -> None:
         values = self.values
         values[key] = values.get(key, 0.0) + amount
 
     def exposition(self, series: Mapping[Key, Any]) -> Metric:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        family = self.exported_as(self.name, self.doc, labels=self.labels)
         for key, value in sorted(series.items()):
             family.add_metric(key, value)
         return family
+
+
+class Counts(Numbers):
+    """A counter; replicas' counts add up."""
+
+    kind = "counter"
+    exported_as = CounterMetricFamily
+    __slots__ = ()
+    inc = Numbers.add
 
 
 class Peaks(Counts):
@@ -138,21 +147,12 @@ class Peaks(Counts):
     __slots__ = ()
 
 
-class Level(Family):
-    """A gauge of this replica's current state; replicas' levels add up."""
+class Level(Numbers):
+    """A gauge of this replica's current state (streams in flight); replicas' levels add up."""
 
     kind = "gauge"
+    exported_as = GaugeMetricFamily
     __slots__ = ()
-
-    def add(self, key: Key, delta: float) -> None:
-        values = self.values
-        values[key] = values.get(key, 0.0) + delta
-
-    def exposition(self, series: Mapping[Key, Any]) -> Metric:
-        family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, value in sorted(series.items()):
-            family.add_metric(key, value)
-        return family
 
 
 class Timings(Family):
