@@ -419,10 +419,14 @@ class Sharing:
         self._failing = False
 
     def connect(self, share: Share | None, source: str | None = None) -> None:
+        """Share this replica's metrics through `share` as `source` (publishing starts now if
+        an event loop runs here, else when the app starts; None: stop sharing)."""
         self.share = share
         self.source = source or self.source
         self.others = None
         self._sent = None
+        with contextlib.suppress(RuntimeError):  # no running event loop: the app starts it
+            self.start()
 
     def view(self, now: float | None = None) -> Shard:
         """The whole service's counts as far as this replica knows: its own, now, plus the other
