@@ -4,7 +4,8 @@ state, and the control loop.
 - Registry (`app.deployments.workers`): every Generator replica reports its WorkerStatus every
   few seconds; the reply is the pool that worker is assigned to (how assignments reach
   workers). The ingress reads `routing_snapshot()` (workers with their assigned pool, and the
-  pools).
+  pools), or `routing_snapshot_since(version)`: the same, or only the version when nothing an
+  ingress routes by changed since `version` (see `app.deployments.workers.routing_view`).
 - Pools: create/update/renew/delete go through here and are persisted to Ray's GCS key-value
   store (`app.deployments.pool_store`) before the call returns, so a restart of this replica
   loses nothing.
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +46,10 @@ logger = logging.getLogger("ray.serve")
 
 CAPACITY_REFRESH_SECONDS = 5.0
 HISTORY_LENGTH = 200
+REACHED_CHECK_SECONDS = 0.1
+"""Scale events waiting to be reached are checked at most this often (a check counts the live
+workers: once per heartbeat, it was the registry's largest cost per heartbeat)."""
+RoutingSnapshot = tuple[list[WorkerStatus], dict[str, PoolRecord]]
 
 
 @dataclasses.dataclass
@@ -82,6 +88,11 @@ class PoolAutoscaler:
         self._applied_once = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._epoch = uuid.uuid4().hex[:8]
+        self._version = 0
+        self._version_at = time.time()
+        self._versioned: tuple[str, RoutingSnapshot] | None = None
+        self._reached_checked_at = float("-inf")
         grace = self._config.pools.startup_grace_seconds
         started = time.time()
         self._registry = WorkerRegistry(
@@ -103,12 +114,23 @@ class PoolAutoscaler:
 
     def report(self, status: WorkerStatus) -> str:
         """A worker's heartbeat; the reply is the pool it is assigned to."""
-        self._registry.report(status)
-        self._note_reached(time.time())
+        now = time.time()
+        if self._registry.report(status, self._config.worker_stale_seconds):
+            self._changed()
+        if now - self._reached_checked_at >= REACHED_CHECK_SECONDS:
+            self._reached_checked_at = now
+            self._note_reached(now)
         return self._book.assignments.get(status.worker_id, DEFAULT_POOL)
 
     def forget(self, worker_id: str) -> None:
         self._registry.forget(worker_id)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Something an ingress routes by changed: the next versioned pull gets it."""
+        self._version += 1
+        self._version_at = time.time()
+        self._versioned = None
 
     def workers(self) -> list[WorkerStatus]:
         """Every known worker, `pool` being its current assignment."""
@@ -119,6 +141,26 @@ class PoolAutoscaler:
         so that a new ingress does not turn requests away from a service that is running."""
         await self._registry.wait_until_full()
         return self.workers(), dict(self._book.pools)
+
+    async def routing_snapshot_since(
+        self, version: str | None
+    ) -> tuple[str, RoutingSnapshot | None]:
+        """`routing_snapshot()` and its version, or (version, None) when nothing an ingress
+        routes by changed since `version`: a pull costs a few bytes while nothing changes.
+        Heartbeats that change only times and load figures are no change, so the version
+        also moves every `worker_stale_seconds / 2`: the `reported_at` an ingress judges
+        liveness by is never older than that plus a heartbeat. Ingress side: keep the version
+        of the last snapshot taken, and keep the snapshot when the reply's is None."""
+        await self._registry.wait_until_full()
+        now = time.time()
+        if now - self._version_at >= self._config.worker_stale_seconds / 2:
+            self._changed()
+        current = f"{self._epoch}:{self._version}"
+        if version == current:
+            return current, None
+        if self._versioned is None or self._versioned[0] != current:
+            self._versioned = (current, (self.workers(), dict(self._book.pools)))
+        return self._versioned
 
     def note_demand(self, pool: str, profile: str) -> None:
         """A request found no ready worker of (pool, profile): scale for it."""
@@ -131,6 +173,7 @@ class PoolAutoscaler:
         async with self._lock:
             self._book.upsert(spec, time.time(), self._config.pools.lease_seconds)
             self._store.save(self._book)
+            self._changed()
             if self._may_decide(time.time()):
                 await self._control_once()
         record = self._book.get(spec.name)
@@ -139,8 +182,11 @@ class PoolAutoscaler:
 
     async def renew_pool(self, name: str) -> PoolRecord:
         async with self._lock:
+            before = self._book.get(name)
             record = self._book.renew(name, time.time())
             self._store.save(self._book)
+            if before is None or before.state != record.state:
+                self._changed()
         self._wake.set()
         return record
 
@@ -155,6 +201,7 @@ class PoolAutoscaler:
             deleted = self._book.delete(name)
             if deleted:
                 self._store.save(self._book)
+                self._changed()
         self._wake.set()
         return deleted
 
@@ -200,7 +247,10 @@ class PoolAutoscaler:
 
     async def _control_once(self) -> None:
         now = time.time()
-        self._record(now, await self._registry.forget_gone(now))
+        forgotten = await self._registry.forget_gone(now)
+        if forgotten:
+            self._changed()
+        self._record(now, forgotten)
         stale = self._config.worker_stale_seconds
         live = [WorkerView.of(s) for s in self._registry.live(now, stale)]
         replicas = {
@@ -225,6 +275,7 @@ class PoolAutoscaler:
         applied = await self._apply_targets(decision, replicas, now)
         if self._book.apply(dataclasses.replace(decision, targets=applied)):
             self._store.save(self._book)
+            self._changed()
 
     async def _apply_targets(
         self, decision: Decision, replicas: dict[str, int], now: float

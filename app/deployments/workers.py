@@ -21,6 +21,26 @@ SILENT_HEARTBEATS = 3
 WARMUP_HEARTBEATS = 1.25
 
 
+def routing_view(status: WorkerStatus) -> tuple[object, ...]:
+    """What an ingress routes by, apart from times and load figures (which change with every
+    heartbeat): where the worker is, and each model's state and size bounds."""
+    return (
+        status.deployment,
+        status.profile,
+        status.node_id,
+        tuple(
+            (
+                model.model,
+                model.state,
+                model.error,
+                None if model.stats is None else model.stats.max_model_len,
+                None if model.stats is None else model.stats.max_chars_per_token,
+            )
+            for model in status.models
+        ),
+    )
+
+
 class WorkerRegistry:
     def __init__(self, app_name: str, heartbeat_seconds: float, started: float) -> None:
         self._app_name = app_name
@@ -29,8 +49,16 @@ class WorkerRegistry:
         """worker id -> its last heartbeat."""
         self._full_at = started + WARMUP_HEARTBEATS * heartbeat_seconds
 
-    def report(self, status: WorkerStatus) -> None:
+    def report(self, status: WorkerStatus, stale_seconds: float = float("inf")) -> bool:
+        """True when the heartbeat changes what an ingress routes by: a new worker, one back
+        from stale, or a changed `routing_view`."""
+        previous = self.statuses.get(status.worker_id)
         self.statuses[status.worker_id] = status
+        return (
+            previous is None
+            or status.reported_at - previous.reported_at > stale_seconds
+            or routing_view(previous) != routing_view(status)
+        )
 
     def forget(self, worker_id: str) -> None:
         self.statuses.pop(worker_id, None)
@@ -39,7 +67,7 @@ class WorkerRegistry:
         """Every worker heard from within FORGET_AFTER_SECONDS, `pool` being its assignment."""
         cutoff = time.time() - FORGET_AFTER_SECONDS
         for worker_id in [w for w, s in self.statuses.items() if s.reported_at < cutoff]:
-            del self.statuses[worker_id]
+            del self.statuses[worker_id]  # (its staleness moved the version long before)
         return [
             dataclasses.replace(s, pool=assignments.get(w, DEFAULT_POOL))
             for w, s in self.statuses.items()

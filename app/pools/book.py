@@ -64,8 +64,11 @@ class PoolBook(BaseModel):
         before = self.model_dump_json()
         self.assignments = dict(decision.assignments)
         self.replicas = {**self.replicas, **decision.targets}
+        by_pool: dict[str, list[str]] = {}
+        for worker, pool in decision.assignments.items():
+            by_pool.setdefault(pool, []).append(worker)
         for name, record in list(self.pools.items()):
-            workers = sorted(w for w, p in decision.assignments.items() if p == name)
+            workers = sorted(by_pool.get(name, ()))
             state = decision.states.get(name, record.state)
             self.pools[name] = record.model_copy(
                 update={"state": state, "assigned_workers": workers}

@@ -158,18 +158,27 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
         for worker in snapshot.workers
         if (pool := snapshot.assignments.get(worker.worker_id, DEFAULT_POOL)) != DEFAULT_POOL
     )
+    # indexes by pool, so that each pool costs its own workers and demand, not everyone's
+    held_profiles: dict[str, set[str]] = {}
+    for pool, profile in held:
+        held_profiles.setdefault(pool, set()).add(profile)
+    demand_profiles: dict[str, set[str]] = {}
+    for pool, profile in snapshot.demand:
+        if profile in by_profile:
+            demand_profiles.setdefault(pool, set()).add(profile)
+    active: Counter[tuple[str, str]] = Counter()
+    for profile, members in by_profile.items():
+        for w in members:
+            active[(snapshot.assignments.get(w.worker_id, DEFAULT_POOL), profile)] += (
+                w.active_requests
+            )
 
     def recent_demand(pool: str, profile: str) -> bool:
         seen = snapshot.demand.get((pool, profile))
         return seen is not None and now - seen <= config.pools.demand_window_seconds
 
     def busy(pool: str, profile: str) -> int:
-        active = sum(
-            w.active_requests
-            for w in by_profile[profile]
-            if snapshot.assignments.get(w.worker_id, DEFAULT_POOL) == pool
-        )
-        return math.ceil(active / config.pools.target_ongoing_requests)
+        return math.ceil(active[(pool, profile)] / config.pools.target_ongoing_requests)
 
     def hold(key: str, wanted: int, current: int) -> int:
         if wanted >= current:
@@ -185,8 +194,8 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
     for record in live:
         spec = record.spec
         profiles = spec.profiles() or sorted(
-            {p for (pool, p) in snapshot.demand if pool == record.name and p in by_profile}
-            | {p for (pool, p) in held if pool == record.name}
+            demand_profiles.get(record.name, set())
+            | held_profiles.get(record.name, set())
             | ({config.profiles[0].name} if spec.minimum_worker_count else set())
         )
         want: dict[str, int] = {}
@@ -275,16 +284,32 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
             if counts[previous] < granted.get(previous, {}).get(profile, 0):
                 assignments[worker.worker_id] = previous
                 counts[previous] += 1
+        # free workers in the order a pool takes them (ready ones first), sorted once per
+        # pinned set: taking workers never reorders the rest, so each order is walked once
+        orders: dict[tuple[str, ...], tuple[list[WorkerView], list[int]]] = {}
         for record in live:
-            need = granted.get(record.name, {}).get(profile, 0) - counts[record.name]
+            name = record.name
+            need = granted.get(name, {}).get(profile, 0) - counts[name]
             if need <= 0:
                 continue
             pinned = record.spec.pinned_for(profile)
-            free = sorted(
-                (w for w in workers if w.worker_id not in assignments),
-                key=lambda w: (not w.ready_for(pinned), w.active_requests, w.worker_id),
+            order, position = orders.get(tuple(pinned)) or orders.setdefault(
+                tuple(pinned),
+                (
+                    sorted(
+                        workers,
+                        key=lambda w: (not w.ready_for(pinned), w.active_requests, w.worker_id),
+                    ),
+                    [0],
+                ),
             )
-            for worker in free[:need]:
+            taken: list[WorkerView] = []
+            while len(taken) < need and position[0] < len(order):
+                candidate = order[position[0]]
+                position[0] += 1
+                if candidate.worker_id not in assignments:
+                    taken.append(candidate)
+            for worker in taken:
                 assignments[worker.worker_id] = record.name
                 counts[record.name] += 1
                 reasons.append(
@@ -308,6 +333,9 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
     # 6. readiness
     readiness: dict[str, str] = {}
     views = {w.worker_id: w for w in snapshot.workers}
+    assigned: dict[str, list[WorkerView]] = {}
+    for worker_id, pool in assignments.items():
+        assigned.setdefault(pool, []).append(views[worker_id])
     for record in live:
         spec = record.spec
         missing = []
@@ -315,10 +343,8 @@ def decide(snapshot: Snapshot, config: AppConfig, now: float) -> Decision:
             pinned = spec.pinned_for(profile)
             ready = sum(
                 1
-                for worker_id, pool in assignments.items()
-                if pool == record.name
-                and views[worker_id].profile == profile
-                and views[worker_id].ready_for(pinned)
+                for view in assigned.get(record.name, ())
+                if view.profile == profile and view.ready_for(pinned)
             )
             if ready < required:
                 missing.append(f"{ready}/{required} ready on {profile}")

@@ -181,6 +181,9 @@ def _order(first: WorkerLoad, by_load: Sequence[WorkerLoad]) -> tuple[str, ...]:
     return (first.worker_id, *(w.worker_id for w in by_load if w is not first))
 
 
+_NOBODY: frozenset[str] = frozenset()
+
+
 def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
@@ -193,6 +196,7 @@ class PrefixIndex:
     def __init__(self, capacity_per_worker: int = 4096) -> None:
         self.capacity = capacity_per_worker
         self._keys: dict[str, OrderedDict[str, None]] = {}
+        self._holders: dict[str, set[str]] = {}  # key -> workers holding it
 
     def match(self, worker_id: str, keys: Sequence[str]) -> int:
         held = self._keys.get(worker_id)
@@ -205,18 +209,32 @@ class PrefixIndex:
             count += 1
         return count
 
+    def holders(self, key: str) -> set[str] | frozenset[str]:
+        """The workers holding `key` (do not modify)."""
+        return self._holders.get(key, _NOBODY)
+
     def record(self, worker_id: str, keys: Sequence[str]) -> None:
         held = self._keys.setdefault(worker_id, OrderedDict())
+        holders = self._holders
         for key in keys:
             held[key] = None
             held.move_to_end(key)
+            holders.setdefault(key, set()).add(worker_id)
         while len(held) > self.capacity:
-            held.popitem(last=False)
+            self._unhold(held.popitem(last=False)[0], worker_id)
+
+    def _unhold(self, key: str, worker_id: str) -> None:
+        workers = self._holders.get(key)
+        if workers is not None:
+            workers.discard(worker_id)
+            if not workers:
+                del self._holders[key]
 
     def forget(self, worker_id: str) -> None:
-        self._keys.pop(worker_id, None)
+        for key in self._keys.pop(worker_id, {}):
+            self._unhold(key, worker_id)
 
     def retain(self, worker_ids: Iterable[str]) -> None:
         keep = set(worker_ids)
         for worker_id in [w for w in self._keys if w not in keep]:
-            del self._keys[worker_id]
+            self.forget(worker_id)

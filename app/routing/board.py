@@ -1,0 +1,253 @@
+"""The routing decision at scale: the same decisions as `targets.choose_target` and
+`affinity.rank`, at a cost that does not grow with the workers of the target group while their
+loads do not change. Pure.
+
+- `TargetIndex`: one per registry snapshot; `choose(request, now)` answers what
+  `choose_target(config, workers, request, now, pools)` answers, computed once per (pool,
+  profile header, model) and reused while no worker of the snapshot turns stale (only the
+  prompt-size check runs per request).
+- `RoutingBoard`: the replica's loads kept per target group in a heap, updated when a worker's
+  requests in flight or its stats change (`update`), and `PrefixIndex`'s holders of each key:
+  `choose` looks at the least loaded workers until one fits, the workers holding the request's
+  first key, and the rendezvous home of an unseen prefix (remembered per first key while the
+  group is the same), instead of every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from app.config import AppConfig
+from app.pools.model import PoolRecord
+from app.protocol.generation import GenerationRequest
+from app.protocol.workers import EngineStats, WorkerStatus
+from app.routing.affinity import (
+    PrefixIndex,
+    RouteDecision,
+    WorkerLoad,
+    affinity_keys,
+    estimated_blocks,
+    rendezvous_home,
+    worker_load,
+)
+from app.routing.targets import Target, check_prompt_fits, choose_target, request_pool
+
+GROUPS_KEPT = 256
+HOMES_KEPT = 65_536
+HEAP_SLACK = 4  # rebuild a group's heap past this many entries per worker
+
+
+class TargetIndex:
+    """`choose_target` over one snapshot, computed once per (pool, profile header, model)."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        workers: Sequence[WorkerStatus],
+        pools: Mapping[str, PoolRecord] | None = None,
+    ) -> None:
+        self._config = config
+        self._workers = workers
+        self._pools = pools
+        self._cache: dict[tuple[str, str | None, str], tuple[Target, list[EngineStats]]] = {}
+        self._built_at = float("inf")
+        self._valid_until = float("-inf")
+
+    def choose(self, request: GenerationRequest, now: float) -> Target:
+        if not self._built_at <= now < self._valid_until:
+            self._rebuild(now)
+        key = (request_pool(request), request.machine_profile, request.model)
+        found = self._cache.get(key)
+        if found is None:
+            # without its prompt: what does not depend on the request's size
+            bare = dataclasses.replace(request, prompt=None, openai=None)
+            target = choose_target(self._config, self._workers, bare, now, self._pools)
+            ready = set(target.ready_workers)
+            engines = [
+                status.stats
+                for worker in self._workers
+                if worker.worker_id in ready
+                and (status := worker.model_state(request.model)) is not None
+                and status.stats is not None
+            ]
+            # check_prompt_fits needs only the largest bound and the longest context
+            bounded = [e for e in engines if e.max_prompt_chars is not None]
+            summary = [
+                max(bounded, key=lambda e: e.max_prompt_chars or 0, default=None),
+                max(engines, key=lambda e: e.max_model_len, default=None),
+            ]
+            found = self._cache[key] = (target, [e for e in summary if e is not None])
+        target, engines_summary = found
+        check_prompt_fits(request, engines_summary)
+        return target
+
+    def _rebuild(self, now: float) -> None:
+        """Valid from `now` until the first live worker turns stale."""
+        stale = self._config.worker_stale_seconds
+        self._cache.clear()
+        self._built_at = now
+        self._valid_until = min(
+            (w.reported_at + stale for w in self._workers if now - w.reported_at <= stale),
+            default=float("inf"),
+        )
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    model: str
+    members: frozenset[str]
+    loads: dict[str, WorkerLoad]
+    heap: list[tuple[int, str]] = field(default_factory=list)
+    homes: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def rebuild(self) -> None:
+        self.heap = [(load.load, worker) for worker, load in self.loads.items()]
+        heapq.heapify(self.heap)
+
+
+class RoutingBoard:
+    """One ingress replica's routing state: worker loads per target group, and the prefixes
+    it sent where. `update` whenever a worker's requests in flight (from this replica) or its
+    stats change; `choose` per request (it records the request's keys at the chosen worker)."""
+
+    def __init__(self, max_imbalance: int, prefix_capacity: int = 4096) -> None:
+        self.max_imbalance = max_imbalance
+        self.index = PrefixIndex(prefix_capacity)
+        self._raw: dict[str, tuple[int, Mapping[str, object] | None]] = {}
+        self._groups: OrderedDict[tuple[str, tuple[str, ...]], _Group] = OrderedDict()
+        self._of_worker: dict[str, list[_Group]] = {}
+
+    def update(self, worker_id: str, ongoing: int, stats: Mapping[str, object] | None) -> None:
+        """`ongoing`: requests this replica has in flight there; `stats`: the worker's last
+        routing stats (`affinity.routing_stats`), None while unknown."""
+        self._raw[worker_id] = (ongoing, stats)
+        for group in self._of_worker.get(worker_id, ()):
+            load = worker_load(worker_id, ongoing, stats, group.model)
+            if load != group.loads[worker_id]:
+                group.loads[worker_id] = load
+                heapq.heappush(group.heap, (load.load, worker_id))
+                if len(group.heap) > HEAP_SLACK * len(group.loads) + 16:
+                    group.rebuild()
+
+    def forget(self, worker_id: str) -> None:
+        """The worker left: nothing known of it (a worker of that id later starts afresh)."""
+        self.update(worker_id, 0, None)
+        self._raw.pop(worker_id, None)
+        self.index.forget(worker_id)
+
+    def _group(self, model: str, ready: tuple[str, ...]) -> _Group:
+        key = (model, ready)
+        group = self._groups.get(key)
+        if group is not None:
+            self._groups.move_to_end(key)
+            return group
+        loads = {
+            worker: worker_load(worker, *self._raw.get(worker, (0, None)), model)
+            for worker in ready
+        }
+        group = self._groups[key] = _Group(model, frozenset(ready), loads)
+        group.rebuild()
+        for worker in ready:
+            self._of_worker.setdefault(worker, []).append(group)
+        while len(self._groups) > GROUPS_KEPT:
+            _, old = self._groups.popitem(last=False)
+            for worker in old.members:
+                kept = [g for g in self._of_worker.get(worker, ()) if g is not old]
+                if kept:
+                    self._of_worker[worker] = kept
+                else:
+                    self._of_worker.pop(worker, None)
+        return group
+
+    def choose(
+        self, ready: tuple[str, ...], request: GenerationRequest, record: bool = True
+    ) -> RouteDecision:
+        """`affinity.rank`'s decision over `ready` (its `order` holds the chosen worker only)."""
+        group = self._group(request.model, ready)
+        keys = affinity_keys(request)
+        needs: dict[int, int] = {}
+
+        def fits(load: WorkerLoad) -> bool:
+            if load.kv_free_blocks is None:
+                return True
+            size = load.kv_block_size
+            if not size:
+                return True  # rank's need is 0 without a block size
+            need = needs.get(size)
+            if need is None:
+                need = needs[size] = estimated_blocks(request, size)
+            return load.kv_free_blocks >= need
+
+        least = self._least_fitting(group, fits)
+        if least is None:
+            queue = min(group.loads.values(), key=lambda w: (w.kv_waiting, w.load, w.worker_id))
+            return self._decided(queue, "no_headroom", 0, keys, record)
+        if not keys:
+            return self._decided(least, "least_loaded", 0, keys, record)
+        affine, reason, match = self._affine(group, keys)
+        if not fits(affine):
+            return self._decided(
+                least, "headroom", self.index.match(least.worker_id, keys), keys, record
+            )
+        if affine.load - least.load > self.max_imbalance:
+            return self._decided(
+                least, "imbalance", self.index.match(least.worker_id, keys), keys, record
+            )
+        return self._decided(affine, reason, match, keys, record)
+
+    def _decided(
+        self, worker: WorkerLoad, reason: str, match: int, keys: Sequence[str], record: bool
+    ) -> RouteDecision:
+        if record:
+            self.index.record(worker.worker_id, keys)
+        return RouteDecision((worker.worker_id,), reason, match)
+
+    @staticmethod
+    def _least_fitting(group: _Group, fits: Callable[[WorkerLoad], bool]) -> WorkerLoad | None:
+        """The first worker by (load, id) that fits: stale heap entries are dropped, the ones
+        that do not fit put back."""
+        heap, loads = group.heap, group.loads
+        skipped: list[tuple[int, str]] = []
+        found = None
+        while heap:
+            entry = heap[0]
+            load = loads[entry[1]]
+            if load.load != entry[0]:
+                heapq.heappop(heap)  # a stale entry: a newer one is in the heap
+                continue
+            if fits(load):
+                found = load
+                break
+            skipped.append(heapq.heappop(heap))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _affine(self, group: _Group, keys: Sequence[str]) -> tuple[WorkerLoad, str, int]:
+        """`affinity._affine` over the workers holding the first key (every other worker
+        matches none), else the first key's rendezvous home in the group."""
+        holders = self.index.holders(keys[0]) & group.members
+        loads = group.loads
+        if holders:
+            # the workers holding the longest run of leading keys: intersect key by key
+            depth = 1
+            for key in keys[1:]:
+                deeper = holders & self.index.holders(key)
+                if not deeper:
+                    break
+                holders, depth = deeper, depth + 1
+            best = max((loads[w] for w in holders), key=lambda w: (-w.load, w.worker_id))
+            return best, "prefix", depth
+        home = group.homes.get(keys[0])
+        if home is None:
+            home = group.homes[keys[0]] = rendezvous_home(keys[0], loads)
+            if len(group.homes) > HOMES_KEPT:
+                group.homes.popitem(last=False)
+        return loads[home], "home", 0
+
+
+__all__ = ["RoutingBoard", "TargetIndex"]

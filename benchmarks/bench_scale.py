@@ -1,0 +1,622 @@
+"""The control plane's costs, in process and without Ray (issue 27): each decision timed on the
+pure code at scale, and the control actors' methods called directly with fake stores, compared
+with the targets in the same invocation. Prints a table (and `--markdown FILE` writes it) with
+the machine's load average, which every figure needs beside it.
+
+    .venv/bin/python benchmarks/bench_scale.py [--only routing,pools,limits,ledger,registry]
+        [--quick] [--markdown FILE]
+
+- routing: `app.routing.affinity.rank` + `app.routing.targets.choose_target` at 1,000 workers;
+- pools: one `app.pools.decide.decide` round at 10,000 pools x 1,000 workers;
+- limits: `app.tenancy.quota.LocalLimits.admit` + `finish` with 100,000 API keys known, and
+  the ledger's `QuotaBook.sync` per subject reported;
+- ledger: the TenantLedger's `report_usage` in groups as the ingress sends them (its group
+  commit to a fake GCS KV store whose writes take `--kv-put-ms` each, in a thread as in the
+  actor): requests accounted per second and CPU per request;
+- registry: the PoolAutoscaler's `routing_snapshot` (pickled, as Ray sends it) per pull vs
+  workers, versioned pulls while nothing changes, and a heartbeat (`report`) per worker.
+
+Figures here are one process on this machine; what a multi-node cluster adds (Ray's per-call
+cost between nodes) is `make bench-scale`'s cluster part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import pickle
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.config import AppConfig, Limits
+from app.tenancy.limits import Ticket
+
+Row = tuple[str, str, str, str, str]  # what, scale, measured, target, verdict
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def per_call(fn: Callable[[], object], min_seconds: float = 0.5, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean seconds per call over >= `min_seconds`."""
+    gc.collect()
+    runs = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds / repeats:
+                break
+        runs.append(elapsed / calls)
+    return statistics.median(runs)
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f} us"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f} ms"
+
+
+def verdict(value: float, target: float, lower_is_better: bool = True) -> str:
+    ok = value <= target if lower_is_better else value >= target
+    return "meets" if ok else "MISSES"
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+
+def worker_statuses(count: int, pools: int = 1, now: float | None = None) -> list[Any]:
+    from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
+
+    now = time.time() if now is None else now
+    stats = EngineStats("m", 4096, 16, 0.3, 3, 4096, kv_blocks_used=1200, max_chars_per_token=16)
+    return [
+        WorkerStatus(
+            worker_id=f"worker-{n:05d}",
+            deployment="Generator-gpu",
+            profile="gpu",
+            node_id=f"node-{n // 8:04d}",
+            pool="default" if pools == 1 else f"pool-{n % pools:05d}",
+            models=(ModelStatus("m", "loaded", stats=stats),),
+            active_requests=n % 7,
+            reported_at=now,
+        )
+        for n in range(count)
+    ]
+
+
+def routing_config() -> AppConfig:
+    return AppConfig.model_validate(
+        {
+            "models": [{"id": "m", "source": "null", "profiles": ["gpu"]}],
+            "profiles": [{"name": "gpu"}],
+        }
+    )
+
+
+def routing_stats_of(statuses: list[Any]) -> dict[str, dict[str, object]]:
+    return {
+        s.worker_id: {
+            "active": s.active_requests,
+            "kv": {"m": {"free_blocks": 2000, "block_size": 16, "waiting": 0}},
+        }
+        for s in statuses
+    }
+
+
+def routing_requests(count: int) -> list[Any]:
+    """Chat-like: 20 shared system prompts, each request its own tail."""
+    from app.protocol.generation import GenerationRequest, SamplingOptions
+
+    systems = [f"system prompt {n} " * 40 for n in range(20)]
+    return [
+        GenerationRequest(
+            f"r{n}",
+            "m",
+            SamplingOptions(max_new_tokens=64),
+            prompt=systems[n % 20] + f"question {n} " * 30,
+        )
+        for n in range(count)
+    ]
+
+
+def time_rank_path(count: int) -> float:
+    """What the ingress does per request today: choose_target over the snapshot, a load per
+    ready worker, the prefix match of each, rank over all."""
+    from app.routing.affinity import PrefixIndex, affinity_keys, estimated_blocks, rank, worker_load
+    from app.routing.targets import choose_target
+
+    config, statuses = routing_config(), worker_statuses(count)
+    stats, requests, index = routing_stats_of(statuses), routing_requests(1000), PrefixIndex()
+    now, serial = time.time(), iter(range(10**12))
+
+    def decide() -> None:
+        request = requests[next(serial) % len(requests)]
+        target = choose_target(config, statuses, request, now)
+        loads = [worker_load(w, 0, stats[w], "m") for w in target.ready_workers]
+        keys = affinity_keys(request)
+        decision = rank(
+            loads,
+            keys,
+            {w.worker_id: index.match(w.worker_id, keys) for w in loads},
+            {w.worker_id: estimated_blocks(request, 16) for w in loads},
+            4,
+        )
+        index.record(decision.chosen, keys)
+
+    return per_call(decide, min_seconds=1.0, repeats=3)
+
+
+def time_board_path(count: int) -> float:
+    """The same decisions with app.routing.board: TargetIndex per snapshot, RoutingBoard per
+    replica, with the load updates a request causes (its start at the chosen worker, another
+    request's end, a worker's new stats)."""
+    from app.routing.board import RoutingBoard, TargetIndex
+
+    config, statuses = routing_config(), worker_statuses(count)
+    stats, requests = routing_stats_of(statuses), routing_requests(1000)
+    now, serial = time.time(), iter(range(10**12))
+    targets, board = TargetIndex(config, statuses), RoutingBoard(4)
+    ids = [s.worker_id for s in statuses]
+    ongoing = dict.fromkeys(ids, 0)
+
+    def decide() -> None:
+        n = next(serial)
+        request = requests[n % len(requests)]
+        target = targets.choose(request, now)
+        chosen = board.choose(target.ready_workers, request).chosen
+        ongoing[chosen] += 1
+        board.update(chosen, ongoing[chosen], stats[chosen])
+        other = ids[(n * 7919) % count]  # a request ends elsewhere; a worker sends stats
+        ongoing[other] = max(0, ongoing[other] - 1)
+        board.update(other, ongoing[other], stats[other])
+
+    return per_call(decide, min_seconds=1.0, repeats=3)
+
+
+def bench_routing(quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    for count in (1000,) if quick else (100, 1000):
+        target = count == 1000
+        for label, timer in (
+            ("choose_target + rank over every worker (today's ingress)", time_rank_path),
+            ("TargetIndex + RoutingBoard, with 2 load updates", time_board_path),
+        ):
+            seconds = timer(count)
+            rows.append(
+                (
+                    f"routing decision: {label}",
+                    f"{count:,} workers",
+                    us(seconds),
+                    "<= 50 us" if target else "",
+                    verdict(seconds, 50e-6) if target else "",
+                )
+            )
+    return rows
+
+
+# --- pool decisions ------------------------------------------------------------------------------
+
+
+def pool_round(pools: int, workers: int, assigned: bool) -> float:
+    """One decide() round: half the workers' worth of pools ask for a GPU each, the rest are
+    leased with no requirement. `assigned`: the previous round's assignments hold (a steady
+    round); else every requirement is new (a cold round: every worker is placed)."""
+    from app.pools.decide import Snapshot, WorkerView, decide
+    from app.pools.model import PoolRecord, PoolSpec
+
+    config = AppConfig.model_validate(
+        {
+            "models": [{"id": "m", "source": "null", "profiles": ["gpu"]}],
+            "profiles": [{"name": "gpu", "num_replicas": 10, "max_replicas": 2000}],
+        }
+    )
+    now = time.time()
+    records = {
+        f"pool-{n:05d}": PoolRecord(
+            spec=PoolSpec(name=f"pool-{n:05d}", gpus={"gpu": 1} if n < workers // 2 else {}),
+            created_at=now - 1000 + n * 0.01,
+            last_renewed=now,
+            lease_seconds=3600,
+            state="active",
+        )
+        for n in range(pools)
+    }
+    views = [
+        WorkerView(f"worker-{n:05d}", "gpu", frozenset({"m"}), active_requests=n % 5)
+        for n in range(workers)
+    ]
+    assignments = (
+        {f"worker-{n:05d}": f"pool-{n:05d}" for n in range(workers // 2)} if assigned else {}
+    )
+    snapshot = Snapshot(
+        pools=records, workers=views, assignments=assignments, replicas={"gpu": workers}
+    )
+    return per_call(lambda: decide(snapshot, config, now), min_seconds=2.0, repeats=3)
+
+
+def bench_pools(quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    sizes = ((10_000, 1000),) if quick else ((1000, 1000), (10_000, 1000))
+    for pools, workers in sizes:
+        for assigned in (True, False):
+            seconds = pool_round(pools, workers, assigned)
+            big = pools == 10_000
+            kind = "steady" if assigned else "cold: 500 pools placed"
+            rows.append(
+                (
+                    f"pool decision round (decide), {kind}",
+                    f"{pools:,} pools x {workers:,} workers",
+                    ms(seconds),
+                    "<= 100 ms" if big else "",
+                    verdict(seconds, 0.1) if big else "",
+                )
+            )
+    return rows
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+def bench_limits(quick: bool) -> list[Row]:
+    from app.tenancy.quota import LocalLimits, QuotaBook
+
+    keys = 100_000
+    limits = [Limits(requests_per_minute=600, tokens_per_minute=200_000) for _ in range(10)]
+    pool_limits = Limits(requests_per_minute=10**9, concurrent_streams=100_000)
+    ledger, local = QuotaBook(), LocalLimits()
+    now = 1000.0
+    local.apply_grant(ledger.sync("r0", local.sync_request(now), now), now)
+
+    def ticket(n: int) -> Ticket:
+        key = n % keys
+        return Ticket(
+            f"req-{n}",
+            ((("pool", "p"), pool_limits), (("key", f"key-{key:012d}"), limits[key % 10])),
+            300,
+        )
+
+    # every key known, with a share granted: a sync reporting all of them
+    for n in range(keys):
+        local.admit(ticket(n), now)
+        local.finish(f"req-{n}", 200, now)
+    report = local.sync_request(now)
+    start = time.perf_counter()
+    local.apply_grant(ledger.sync("r0", report, now), now)
+    sync_all = time.perf_counter() - start
+    tickets = [ticket(n) for n in range(keys, keys + 200_000)]
+    position = iter(range(10**12))
+
+    def admit_and_finish() -> None:
+        t = tickets[next(position) % len(tickets)]
+        if local.admit(t, now) is None:
+            local.finish(t.request_id, 200, now)
+
+    seconds = per_call(admit_and_finish, min_seconds=1.0)
+    admitted = local.local_admissions
+    rows: list[Row] = [
+        (
+            "limit admission + finish (LocalLimits), pool + key limits",
+            f"{keys:,} keys known",
+            us(seconds),
+            "<= 20 us",
+            verdict(seconds, 20e-6),
+        ),
+        (
+            "ledger sync (QuotaBook.sync), per subject reported",
+            f"{len(report.entries):,} subjects in one sync",
+            us(sync_all / max(1, len(report.entries))),
+            "",
+            f"{admitted:,} admitted",
+        ),
+        (
+            "sync report size (pickled), per subject",
+            f"{len(report.entries):,} subjects",
+            f"{len(pickle.dumps(report)) / max(1, len(report.entries)):.0f} B",
+            "",
+            "",
+        ),
+    ]
+    return rows
+
+
+# --- the ledger's ceiling ------------------------------------------------------------------------
+
+
+class FakeKv:
+    """Ray's GCS KV store as the ledger calls it, each write taking `put_s` (a GCS round
+    trip), off the event loop as in the actor."""
+
+    def __init__(self, put_s: float) -> None:
+        self.data: dict[str, bytes] = {}
+        self.put_s = put_s
+        self.puts = 0
+        self.bytes = 0
+
+    def get(self, key: str | bytes, namespace: str) -> bytes | None:
+        return self.data.get(key.decode() if isinstance(key, bytes) else key)
+
+    def put(self, key: str, value: str | bytes, namespace: str) -> None:
+        if self.put_s:
+            time.sleep(self.put_s)
+        raw = value.encode() if isinstance(value, str) else value
+        self.data[key] = raw
+        self.puts += 1
+        self.bytes += len(raw)
+
+    def delete(self, key: str | bytes, namespace: str) -> None:
+        self.data.pop(key.decode() if isinstance(key, bytes) else key, None)
+
+    def keys(self, prefix: str, namespace: str) -> list[bytes]:
+        return [k.encode() for k in self.data if k.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def fake_ray_for_ledger(kv: FakeKv) -> Iterator[None]:
+    from app.deployments import tenancy
+
+    with contextlib.ExitStack() as stack:
+        for name, fn in (
+            ("kv_get", kv.get),
+            ("kv_put", kv.put),
+            ("kv_delete", kv.delete),
+            ("kv_keys", kv.keys),
+        ):
+            stack.enter_context(mock.patch.object(tenancy, name, fn))
+        stack.enter_context(
+            mock.patch.object(
+                tenancy.serve, "get_replica_context", lambda: SimpleNamespace(app_name="bench")
+            )
+        )
+        yield
+
+
+def make_ledger(kv: FakeKv) -> Any:
+    from app.deployments.tenancy import TenantLedger
+
+    async def snapshot() -> tuple[list[Any], dict[str, Any]]:
+        return [], {}
+
+    registry = SimpleNamespace(routing_snapshot=SimpleNamespace(remote=snapshot))
+    return TenantLedger(AppConfig().model_dump(mode="json"), registry)  # type: ignore[arg-type]
+
+
+async def ledger_ceiling(
+    seconds: float, group: int, ingresses: int, keys: int, put_s: float
+) -> dict[str, float]:
+    """`ingresses` callers, each sending its next group as soon as the last was acknowledged
+    (the GroupCall pattern at saturation): reports acknowledged per second, CPU per report."""
+    from app.deployments import tenancy
+    from app.tenancy.usage import UsageRecord
+
+    kv = FakeKv(put_s)
+    compact_s = seconds / 4  # several compactions in the run (30 s in production)
+    with fake_ray_for_ledger(kv), mock.patch.object(tenancy, "COMPACT_SECONDS", compact_s):
+        ledger = make_ledger(kv)
+        counted = 0
+        stop_at = time.perf_counter() + seconds
+        serial = iter(range(10**12))
+
+        async def ingress(n: int) -> None:
+            nonlocal counted
+            while time.perf_counter() < stop_at:
+                reports = []
+                for _ in range(group):
+                    i = next(serial)
+                    reports.append(
+                        (
+                            f"req-{n}-{i}",
+                            UsageRecord(
+                                f"req-{n}-{i}", "default", "m", f"key-{i % keys:012d}", 120, 40, 64
+                            ),
+                        )
+                    )
+                await ledger.report_usage(reports)
+                counted += len(reports)
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(ingress(n) for n in range(ingresses)))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        for task in ledger._tasks:
+            task.cancel()
+        await asyncio.gather(*ledger._tasks, return_exceptions=True)
+    return {
+        "per_second": counted / wall,
+        "cpu_per_request": cpu / max(1, counted),
+        "puts_per_second": kv.puts / wall,
+        "bytes_per_request": kv.bytes / max(1, counted),
+    }
+
+
+def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
+    seconds = 5.0 if quick else 20.0
+    rows: list[Row] = []
+    for group in (16, 64):
+        result = asyncio.run(ledger_ceiling(seconds, group, 4, 100_000, put_ms / 1000))
+        rows.append(
+            (
+                f"ledger report_usage, groups of {group} from 4 callers ({seconds:g} s, "
+                f"KV put {put_ms:g} ms, compaction every {seconds / 4:g} s)",
+                "100,000 keys",
+                f"{result['per_second']:,.0f} requests/s; {us(result['cpu_per_request'])} CPU each",
+                ">= 20,000 requests/s",
+                verdict(result["per_second"], 20_000, lower_is_better=False)
+                + f" ({result['puts_per_second']:,.0f} KV writes/s, "
+                f"{result['bytes_per_request']:,.0f} B written per request)",
+            )
+        )
+    return rows
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_ray_for_autoscaler() -> Iterator[None]:
+    from app.deployments import autoscaler, pool_store
+
+    kv = FakeKv(0.0)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(
+                autoscaler.serve, "get_replica_context", lambda: SimpleNamespace(app_name="bench")
+            )
+        )
+        stack.enter_context(mock.patch.object(pool_store, "kv_get", kv.get))
+        stack.enter_context(mock.patch.object(pool_store, "kv_put", kv.put))
+        yield
+
+
+def registry_costs(count: int, pools: int = 50) -> dict[str, float]:
+    """The PoolAutoscaler's registry with `count` workers and `pools` pools, called directly:
+    a pull as Ray carries it (built, pickled, unpickled), a heartbeat (with a scale event
+    waiting to be reached, as after every scale-up), and a versioned pull while nothing
+    changed."""
+    from app.deployments.autoscaler import ScaleEvent
+    from app.pools.model import PoolRecord, PoolSpec
+
+    with fake_ray_for_autoscaler():
+        scaler = asyncio.run(_make_autoscaler())
+        scaler._loop.cancel()
+        now = time.time()
+        statuses = worker_statuses(count, now=now)
+        for status in statuses:
+            scaler.report(status)
+        for n in range(pools):
+            spec = PoolSpec(name=f"pool-{n:05d}", gpus={"gpu": 1})
+            scaler._book.pools[spec.name] = PoolRecord(
+                spec=spec, created_at=now, last_renewed=now, lease_seconds=3600
+            )
+        scaler._registry._full_at = 0.0
+        scaler._events.append(ScaleEvent("gpu", count, count + 1, now, applied_at=now))
+        loop = asyncio.new_event_loop()
+
+        def pull() -> object:
+            return pickle.loads(pickle.dumps(loop.run_until_complete(scaler.routing_snapshot())))
+
+        payload = pickle.dumps(loop.run_until_complete(scaler.routing_snapshot()))
+        costs = {"pull_s": per_call(pull, min_seconds=1.0, repeats=3), "bytes": len(payload)}
+        beat = iter(range(10**12))
+        costs["report_s"] = per_call(
+            lambda: scaler.report(statuses[next(beat) % count]), min_seconds=0.5
+        )
+        if hasattr(scaler, "routing_snapshot_since"):
+            version = loop.run_until_complete(scaler.routing_snapshot_since(None))[0]
+
+            def unchanged() -> object:
+                reply = loop.run_until_complete(scaler.routing_snapshot_since(version))
+                return pickle.loads(pickle.dumps(reply))
+
+            costs["unchanged_s"] = per_call(unchanged, min_seconds=0.5)
+            reply = loop.run_until_complete(scaler.routing_snapshot_since(version))
+            costs["unchanged_bytes"] = len(pickle.dumps(reply))
+        loop.close()
+    return costs
+
+
+def bench_registry(quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    for count in (100, 1000) if quick else (100, 1000, 4000):
+        costs = registry_costs(count)
+        rows.append(
+            (
+                "registry: routing_snapshot pull (built + pickled + unpickled)",
+                f"{count:,} workers",
+                f"{ms(costs['pull_s'])}; {costs['bytes'] / 1024:,.0f} KiB",
+                "",
+                f"each ingress (2 pulls/s): {2 * costs['pull_s'] * 1000:.1f} ms CPU/s",
+            )
+        )
+        rows.append(
+            (
+                "registry: a heartbeat handled (report), a scale event pending",
+                f"{count:,} workers",
+                us(costs["report_s"]),
+                "",
+                f"all workers (1 / 2 s each): {count / 2 * costs['report_s'] * 1000:.1f} ms CPU/s",
+            )
+        )
+        if "unchanged_s" in costs:
+            rows.append(
+                (
+                    "registry: versioned pull, nothing changed (routing_snapshot_since)",
+                    f"{count:,} workers",
+                    f"{us(costs['unchanged_s'])}; {costs['unchanged_bytes']:.0f} B",
+                    "flat in workers",
+                    "",
+                )
+            )
+    return rows
+
+
+async def _make_autoscaler() -> Any:
+    from app.deployments.autoscaler import PoolAutoscaler
+
+    return PoolAutoscaler(routing_config().model_dump(mode="json"))
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+SECTIONS = ("routing", "pools", "limits", "ledger", "registry")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter runs")
+    parser.add_argument("--kv-put-ms", type=float, default=1.0, help="a GCS KV write's time")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    started = load()
+    rows: list[Row] = []
+    for section in wanted:
+        if section == "routing":
+            rows += bench_routing(args.quick)
+        elif section == "pools":
+            rows += bench_pools(args.quick)
+        elif section == "limits":
+            rows += bench_limits(args.quick)
+        elif section == "ledger":
+            rows += bench_ledger(args.quick, args.kv_put_ms)
+        elif section == "registry":
+            rows += bench_registry(args.quick)
+        else:
+            parser.error(f"unknown section {section!r}")
+    header = ("what", "scale", "measured", "target", "")
+    lines = [
+        f"bench_scale ({' '.join(sys.argv[1:]) or 'all'}), {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load (1/5/15 min) "
+        f"{started} at start, {load()} at end",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
