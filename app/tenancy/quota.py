@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 import uuid
@@ -417,34 +418,40 @@ class QuotaBook:
         rpm, tpm, streams = budget.limits
         window = budget.window
         window.trim(now, self.window_s, self.bucket_s)
-        shares = budget.shares.values()
-        cold = max(0, live - len(budget.shares))
-        total_demand = sum(s.demand_now(now) for s in shares)
-        fraction = share.demand_now(now) / total_demand if total_demand > 0 else 0.0
-        others = [s.outstanding() for s in shares if s is not share]
+        shares = budget.shares
+        mine = share.demand_now(now)
+        total_demand, held, in_flight = mine, share.held, share.in_flight
+        others = [0.0, 0.0, 0.0]  # the other replicas' outstanding quota, per kind
+        if len(shares) > 1:
+            for other in shares.values():
+                if other is share:
+                    continue
+                total_demand += other.demand_now(now)
+                held += other.held
+                in_flight += other.in_flight
+                for kind, outstanding in enumerate(other.outstanding()):
+                    if outstanding > 0:
+                        others[kind] += outstanding
+        fraction = mine / total_demand if total_demand > 0 else 0.0
+        idle = mine < IDLE_DEMAND
+        cold = max(0, live - len(shares))
         ceilings = list(share.sent)
         spare = [INF, INF, INF]
         retry = [0.0, 0.0]
         contended = False
         for kind, limit, used, base, need in (
             (0, rpm, window.requests, share.admitted, asked),
-            (
-                1,
-                tpm,
-                window.tokens + sum(s.held for s in shares),
-                share.real + share.held,
-                asked_tokens,
-            ),
-            (2, streams, float(sum(s.in_flight for s in shares)), share.in_flight, asked),
+            (1, tpm, window.tokens + held, share.real + share.held, asked_tokens),
+            (2, streams, float(in_flight), share.in_flight, asked),
         ):
             if limit is None:
                 ceilings[kind] = spare[kind] = INF
                 continue
             starter = _starter(limit, share_of)
             left = limit - used - cold * starter
-            free = max(0.0, left - sum(max(0.0, o[kind]) for o in others))
+            free = max(0.0, left - others[kind])
             fair = max(0.0, left) * (1 - HOLD_BACK) * fraction
-            wanted = max(fair, need, starter if share.demand_now(now) < IDLE_DEMAND else 0.0)
+            wanted = max(fair, need, starter if idle else 0.0)
             granted = math.floor(min(free, wanted))
             ceilings[kind] = base + granted
             spare[kind] = free - granted
@@ -821,10 +828,13 @@ class LocalLimits:
         `apply_grant` or `sync_failed` before the next."""
         snapshot: list[tuple[_Local, int, int, int]] = []
         entries: list[ReportEntry] = []
-        dirty = self._dirty
-        while dirty and len(entries) < MAX_REPORT_SUBJECTS:
-            state = next(iter(dirty))
-            del dirty[state]
+        if len(self._dirty) <= MAX_REPORT_SUBJECTS:
+            taken, self._dirty = list(self._dirty), {}
+        else:  # the rest in the next sync
+            taken = list(itertools.islice(self._dirty, MAX_REPORT_SUBJECTS))
+            for state in taken:
+                del self._dirty[state]
+        for state in taken:
             if self._subjects.get(state.subject) is not state:
                 continue  # dropped since
             snapshot.append((state, state.admitted, state.real, state.attempts))
@@ -889,7 +899,11 @@ class LocalLimits:
             for wait in state.retry:
                 if wait > 0:
                     self.frees_at = min(self.frees_at, pending.sent_at + wait)
-        sent = {each.subject: (each, admitted) for each, admitted, _, _ in pending.snapshot}
+        sent = (
+            {each.subject: (each, admitted) for each, admitted, _, _ in pending.snapshot}
+            if grant.dropped
+            else {}
+        )
         for kind, name, gen in grant.dropped:
             found = sent.get((kind, name))
             if found is None or found[0].gen != gen:
