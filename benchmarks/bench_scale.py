@@ -409,13 +409,26 @@ def make_ledger(kv: FakeKv) -> Any:
     return TenantLedger(AppConfig().model_dump(mode="json"), registry)  # type: ignore[arg-type]
 
 
+def usage_reports(
+    prefix: str, serial: Iterator[int], count: int, keys: int
+) -> list[tuple[str, Any]]:
+    """`count` usage reports as an ingress sends them, spread over `keys` API keys."""
+    from app.tenancy.usage import UsageRecord
+
+    reports = []
+    for _ in range(count):
+        i = next(serial)
+        rid = f"{prefix}-{i}"
+        reports.append((rid, UsageRecord(rid, "default", "m", f"key-{i % keys:012d}", 120, 40, 64)))
+    return reports
+
+
 async def ledger_ceiling(
     seconds: float, group: int, ingresses: int, keys: int, put_s: float
 ) -> dict[str, float]:
     """`ingresses` callers, each sending its next group as soon as the last was acknowledged
     (the GroupCall pattern at saturation): reports acknowledged per second, CPU per report."""
     from app.deployments import tenancy
-    from app.tenancy.usage import UsageRecord
 
     kv = FakeKv(put_s)
     compact_s = seconds / 4  # several compactions in the run (30 s in production)
@@ -428,17 +441,7 @@ async def ledger_ceiling(
         async def ingress(n: int) -> None:
             nonlocal counted
             while time.perf_counter() < stop_at:
-                reports = []
-                for _ in range(group):
-                    i = next(serial)
-                    reports.append(
-                        (
-                            f"req-{n}-{i}",
-                            UsageRecord(
-                                f"req-{n}-{i}", "default", "m", f"key-{i % keys:012d}", 120, 40, 64
-                            ),
-                        )
-                    )
+                reports = usage_reports(f"req-{n}", serial, group, keys)
                 await ledger.report_usage(reports)
                 counted += len(reports)
 
@@ -454,6 +457,26 @@ async def ledger_ceiling(
         "puts_per_second": kv.puts / wall,
         "bytes_per_request": kv.bytes / max(1, counted),
     }
+
+
+def compaction_pause(keys: int) -> tuple[float, int]:
+    """The event loop's pause for a compaction's JSON (the book's totals and the current
+    minute, `keys` usage keys each), and the bytes it writes."""
+    from app.deployments.tenancy import UsageStore
+    from app.tenancy.usage import UsageRecord
+
+    kv = FakeKv(0.0)
+    with fake_ray_for_ledger(kv):
+        store = UsageStore("bench")
+        book = store.load(7 * 24 * 60)
+        now = 1_800_000_000.0
+        for n in range(keys):
+            record = UsageRecord(f"req-{n}", "default", "m", f"key-{n:012d}", 120, 40, 64)
+            if book.record(record, now):
+                store.counted(record, now)
+        start = time.perf_counter()
+        writes, _ = store.changes(book, compact=True)
+        return time.perf_counter() - start, sum(len(value) for value in writes.values())
 
 
 def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
@@ -473,6 +496,93 @@ def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
                 f"{result['bytes_per_request']:,.0f} B written per request)",
             )
         )
+    pause, written = compaction_pause(100_000)
+    rows.append(
+        (
+            "ledger: a compaction's pause of the event loop (every 30 s)",
+            "100,000 keys used in the minute",
+            ms(pause),
+            "",
+            f"{written / 1e6:,.1f} MB written",
+        )
+    )
+    return rows
+
+
+# --- the ledger through Ray ------------------------------------------------------------------------
+
+
+def bench_ledger_ray(quick: bool) -> list[Row]:
+    """A new local Ray instance (not the one `make serve` may run), Serve without HTTP, the
+    TenantLedger alone (a stand-in registry) with the real GCS KV store; this process calls it
+    through a DeploymentHandle as an ingress does: `callers` concurrent report_usage calls of
+    `group` reports each, then sync calls of 200 subjects. Heavy: run only when the machine is
+    free (see the README's benchmark rules)."""
+    import ray
+    from ray import serve
+
+    from app.deployments.tenancy import TenantLedger
+
+    seconds = 10.0 if quick else 30.0
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    rows: list[Row] = []
+    try:
+        serve.start(http_options={"location": "NoServer"})
+
+        @serve.deployment(name="Registry", ray_actor_options={"num_cpus": 0})
+        class Registry:
+            async def routing_snapshot(self) -> tuple[list[Any], dict[str, Any]]:
+                return [], {}
+
+        @serve.deployment(name="TenantLedger", ray_actor_options={"num_cpus": 0})
+        class Ledger(TenantLedger):
+            def cpu(self) -> float:
+                return time.process_time()
+
+        handle = serve.run(
+            Ledger.bind(AppConfig().model_dump(mode="json"), Registry.bind()),
+            name="bench-ledger",
+            route_prefix=None,
+        )
+
+        async def run(group: int, callers: int) -> tuple[float, float, list[float]]:
+            serial = iter(range(10**12))
+            done, latencies = 0, []
+            stop_at = time.perf_counter() + seconds
+
+            async def caller(n: int) -> None:
+                nonlocal done
+                while time.perf_counter() < stop_at:
+                    reports = usage_reports(f"ray-{n}", serial, group, 100_000)
+                    start = time.perf_counter()
+                    await handle.report_usage.remote(reports)
+                    latencies.append(time.perf_counter() - start)
+                    done += group
+
+            cpu0 = await handle.cpu.remote()
+            wall = time.perf_counter()
+            await asyncio.gather(*(caller(n) for n in range(callers)))
+            wall = time.perf_counter() - wall
+            cpu = await handle.cpu.remote() - cpu0
+            return done / wall, cpu / max(1, done), sorted(latencies)
+
+        for group, callers in ((16, 4), (64, 4)):
+            per_second, cpu, latencies = asyncio.run(run(group, callers))
+            rows.append(
+                (
+                    f"ledger through Ray: report_usage, groups of {group} from {callers} "
+                    f"callers ({seconds:g} s, real GCS KV)",
+                    "100,000 keys",
+                    f"{per_second:,.0f} requests/s; {us(cpu)} ledger CPU each",
+                    ">= 20,000 requests/s",
+                    verdict(per_second, 20_000, lower_is_better=False)
+                    + f" (call p50 {ms(latencies[len(latencies) // 2])})",
+                )
+            )
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
     return rows
 
 
@@ -591,7 +701,11 @@ SECTIONS = ("routing", "pools", "limits", "ledger", "registry")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(SECTIONS))
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"sections, of {', '.join((*SECTIONS, 'ledger-ray'))} (ledger-ray: a local Ray)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter runs")
     parser.add_argument("--kv-put-ms", type=float, default=1.0, help="a GCS KV write's time")
     parser.add_argument("--markdown", type=Path)
@@ -610,6 +724,8 @@ def main() -> None:
             rows += bench_ledger(args.quick, args.kv_put_ms)
         elif section == "registry":
             rows += bench_registry(args.quick)
+        elif section == "ledger-ray":
+            rows += bench_ledger_ray(args.quick)
         else:
             parser.error(f"unknown section {section!r}")
     header = ("what", "scale", "measured", "target", "")
