@@ -5,6 +5,7 @@ the machine's load average, which every figure needs beside it.
 
     .venv/bin/python benchmarks/bench_scale.py [--only routing,pools,limits,ledger,registry]
         [--quick] [--markdown FILE]
+    .venv/bin/python benchmarks/bench_scale.py --only ledger-ray
 
 - routing: `app.routing.affinity.rank` + `app.routing.targets.choose_target` at 1,000 workers;
 - pools: one `app.pools.decide.decide` round at 10,000 pools x 1,000 workers;
@@ -14,7 +15,9 @@ the machine's load average, which every figure needs beside it.
   commit to a fake GCS KV store whose writes take `--kv-put-ms` each, in a thread as in the
   actor): requests accounted per second and CPU per request;
 - registry: the PoolAutoscaler's `routing_snapshot` (pickled, as Ray sends it) per pull vs
-  workers, versioned pulls while nothing changes, and a heartbeat (`report`) per worker.
+  workers, versioned pulls while nothing changes, and a heartbeat (`report`) per worker;
+- ledger-ray (only when named: heavy, it starts its own local Ray instance): the ledger's
+  `report_usage` through a DeploymentHandle and Serve, with the real GCS KV store.
 
 Figures here are one process on this machine; what a multi-node cluster adds (Ray's per-call
 cost between nodes) is `make bench-scale`'s cluster part.
@@ -290,6 +293,32 @@ def limit_ticket(n: int, keys: int) -> Ticket:
 KEY_LIMITS = [Limits(requests_per_minute=600, tokens_per_minute=200_000) for _ in range(10)]
 
 
+async def client_latency(ledger: Any, keys: int) -> tuple[float, float, int]:
+    """Requests one after another through a QuotaClient whose syncs reach `ledger` directly
+    (no Ray): the time each spends in limits, its syncs running beside them."""
+    from app.tenancy.quota import QuotaClient, SyncReport
+
+    async def send(report: SyncReport) -> Any:
+        await asyncio.sleep(0.001)  # a round trip
+        return ledger.sync("client", report, time.monotonic())
+
+    client = QuotaClient(send)
+    times: list[float] = []
+    serial = iter(range(10**12))
+    stop_at = time.perf_counter() + 2.0
+    while time.perf_counter() < stop_at:
+        ticket = limit_ticket(next(serial), keys)
+        start = time.perf_counter()
+        await client.admit(ticket)
+        client.finish(ticket.request_id, 200)
+        times.append(time.perf_counter() - start)
+        if len(times) % 64 == 0:
+            await asyncio.sleep(0)  # other requests' turn (and the sync loop's)
+    await client.stop()
+    times.sort()
+    return times[len(times) // 2], times[len(times) * 99 // 100], client.limits.syncs
+
+
 def bench_limits(quick: bool) -> list[Row]:
     """4 ingress replicas and one QuotaBook; 100,000 API keys, every one used once per round
     (a key's requests land on one replica a round), a sync per replica per round."""
@@ -329,6 +358,7 @@ def bench_limits(quick: bool) -> list[Row]:
 
     seconds = per_call(admit_and_finish, min_seconds=1.0)
     waits = sum(each.grant_waits for each in locals_)
+    client_p50, client_p99, client_syncs = asyncio.run(client_latency(ledger, keys))
     return [
         (
             "limit admission + finish (LocalLimits), pool + key limits",
@@ -336,6 +366,13 @@ def bench_limits(quick: bool) -> list[Row]:
             us(seconds),
             "<= 20 us",
             verdict(seconds, 20e-6) + f" ({local.local_admissions:,} admitted, {waits} waits)",
+        ),
+        (
+            "limits added to a request: await QuotaClient.admit + finish, sync in background",
+            f"{keys:,} keys, 1 replica, 2 s",
+            f"p50 {us(client_p50)}, p99 {us(client_p99)}",
+            "p50 <= 0.2 ms",
+            verdict(client_p50, 200e-6) + f" ({client_syncs} syncs)",
         ),
         (
             "ledger: QuotaBook.sync, per subject reported (steady)",
