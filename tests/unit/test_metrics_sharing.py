@@ -277,3 +277,48 @@ def test_steps_merge_into_new_objects() -> None:
     merged = history.merge_steps([{index: step}, {index: step}], NOW)
     assert merged[index].total.requests == 2 and merged[index].total.ttft == {3: 2}
     assert step.total.requests == 1 and step.total.ttft == {3: 1}
+
+
+def test_generations_are_labelled_by_pool_and_model_over_http() -> None:
+    config = AppConfig.model_validate(
+        {
+            "engine_adapter": "tests.fakes.fake_engine:FakeAdapter",
+            "models": [{"id": MODEL}],
+            "profiles": [{"name": "cpu"}],
+        }
+    )
+    backend = LocalBackend(config)
+    route = "/v1/generate/{model:path}"
+    generate = "/v1/generate/org__fake-model"
+    body = {"prompt": "one two", "max_new_tokens": 3}
+    ttft = "poolserve_time_to_first_token_seconds_count"
+
+    def count(name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for family in metrics.REGISTRY.collect()
+            for s in family.samples
+            if s.name == name and labels.items() <= s.labels.items()
+        )
+
+    bench = {"route": route, "pool": "labels-bench", "model": MODEL}
+    missing = {"route": route, "pool": metrics.UNKNOWN_POOL, "model": MODEL}
+    before = (
+        count(ttft, **bench),
+        count("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
+    )
+    with TestClient(instrument(create_app(config, backend))) as client:
+        client.portal.call(backend.start)  # type: ignore[union-attr]
+        created = client.post("/v1/pools", json={"name": "labels-bench", "gpus": {"cpu": 1}})
+        assert created.status_code == 200
+        for _ in range(2):
+            response = client.post(generate, json=body, headers={"X-SIE-Pool": "labels-bench"})
+            assert response.status_code == 200
+        refused = client.post(generate, json=body, headers={"X-SIE-Pool": "no-such-pool-91c2"})
+        assert refused.status_code == 404
+    after = (
+        count(ttft, **bench),
+        count("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
+    )
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
+    assert count("poolserve_requests_total", pool="no-such-pool-91c2") == 0
