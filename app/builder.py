@@ -76,8 +76,6 @@ def _generator(profile: MachineProfile, config: AppConfig) -> Deployment:
         max_surge_percent=profile.rollout_surge_percent,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_PATH,  # type: ignore[arg-type]
-            request_router_kwargs=config.routing.model_dump(exclude={"stats_period_seconds"}),
-            request_routing_stats_period_s=config.routing.stats_period_seconds,  # type: ignore[arg-type]
         ),
     )
     if profile.num_replicas == 0:  # scaled from zero by the PoolAutoscaler

@@ -381,7 +381,8 @@ class ApiKeys(NamedTuple):
 
 
 class RoutingConfig(ClosedModel):
-    """How the ingress picks a worker among the eligible ones (`app.routing.affinity`)."""
+    """How the ingress picks a worker among the eligible ones (`app.routing.affinity`), from
+    the load it sent each worker and the KV headroom each worker reports on every call."""
 
     policy: Literal["affinity", "power_of_two"] = Field(
         "affinity",
@@ -396,9 +397,6 @@ class RoutingConfig(ClosedModel):
     )
     prefix_index_capacity: int = Field(
         4096, gt=0, description="Prefix keys remembered per worker (LRU)."
-    )
-    stats_period_seconds: float = Field(
-        1.0, gt=0, description="How often workers publish KV headroom to the routers."
     )
 
 

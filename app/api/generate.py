@@ -64,7 +64,7 @@ async def generate(model: str, request: Request) -> Response:
     headers = {"X-SIE-Request-ID": generation.request_id}
     if body.stream:
         formatter = GenerateStreamFormatter(generation.request_id)
-        return sse_response(stream, formatter, keepalive_s=context.keepalive_s, headers=headers)
+        return sse_response(stream, formatter, headers=headers)
     result = GenerationResult.collect(await stream.collect())
     raise_if_failed(result)
     payload: dict[str, Any] = {

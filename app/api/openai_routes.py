@@ -19,7 +19,7 @@ from app.api.body import read_json_bytes
 from app.api.convert import new_request_id, request_priority, routing_from_headers
 from app.api.errors import as_service_error, error_object, parse_json_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
-from app.api.streaming import DONE_EVENT, SSE_HEADERS, ChunkStream, sse_event, with_keepalive
+from app.api.streaming import DONE_EVENT, KEEPALIVE_EVENT, SSE_HEADERS, ChunkStream, sse_event
 from app.config import AppConfig
 from app.errors import InvalidRequest, ModelNotFound, ServiceError, UnknownLora
 from app.protocol.generation import (
@@ -199,7 +199,7 @@ async def relay(request: Request, route: OpenAIRoute) -> Response:
         await stream.collect()  # the one reply is the whole answer (and feeds the metrics)
         return Response(first.data, media_type="application/json", headers=headers)
     return StreamingResponse(
-        with_keepalive(_events(stream), context.keepalive_s),
+        _events(stream),
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )
@@ -210,6 +210,9 @@ async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
     lost, the stream cut) is an in-band error event in the OpenAI error shape, then [DONE]."""
     try:
         async for batch in stream.batches():
+            if not batch:  # the backend's sign of a silent stream
+                yield KEEPALIVE_EVENT
+                continue
             # one write per batch, not per event: a coalesced batch carries many events
             data: list[bytes] = []
             done = False

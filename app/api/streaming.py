@@ -5,7 +5,6 @@ starts become ordinary HTTP error responses; after that they travel in-band."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from app.api.errors import as_service_error
 from app.errors import ServiceError
 from app.metrics import StreamWatch
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import GenerationChunk, GenerationRequest, StreamBatch
 from app.web.backend import GenerationBackend
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -45,10 +44,15 @@ class StreamFormatter(Protocol):
     def error(self, error: ServiceError) -> dict[str, Any]: ...
 
 
+def chunks(batch: StreamBatch) -> list[GenerationChunk]:
+    """The generation chunks of a batch (a generate request's stream has nothing else)."""
+    return [item for item in batch if isinstance(item, GenerationChunk)]
+
+
 class ChunkStream:
     """An opened generation: the first batch already received, the rest still to come."""
 
-    def __init__(self, first: list[GenerationChunk], rest: AsyncIterator[list[GenerationChunk]]):
+    def __init__(self, first: StreamBatch, rest: AsyncIterator[StreamBatch]):
         self.first = first
         self.rest = rest
         self.watch = StreamWatch()  # metrics hook (issue 6): TTFT/TPOT, in-flight, cancellations
@@ -58,6 +62,8 @@ class ChunkStream:
         batches = backend.stream(request)
         try:
             first = await anext(batches)
+            while not first:  # keep-alives before the first batch: the headers wait anyway
+                first = await anext(batches)
         except StopAsyncIteration:
             first = []
         except BaseException:
@@ -65,7 +71,7 @@ class ChunkStream:
             raise
         return cls(first, batches)
 
-    async def batches(self) -> AsyncIterator[list[GenerationChunk]]:
+    async def batches(self) -> AsyncIterator[StreamBatch]:
         try:
             self.watch.batch(self.first)  # metrics hook
             yield self.first
@@ -80,12 +86,13 @@ class ChunkStream:
             await _close(self.rest)
 
     async def collect(self) -> list[GenerationChunk]:
-        chunks: list[GenerationChunk] = []
+        """Every chunk up to the terminal one (for an OpenAI reply: none; this drains it)."""
+        collected: list[GenerationChunk] = []
         async for batch in self.batches():
-            chunks.extend(batch)
-            if any(chunk.done for chunk in batch):
+            collected.extend(chunks(batch))
+            if any(item.done for item in batch):
                 break
-        return chunks
+        return collected
 
 
 async def _close(iterator: AsyncIterator[Any]) -> None:
@@ -95,20 +102,15 @@ async def _close(iterator: AsyncIterator[Any]) -> None:
             await aclose()
 
 
-async def sse_body(
-    stream: ChunkStream, formatter: StreamFormatter, *, keepalive_s: float
-) -> AsyncIterator[bytes]:
-    events = _events(stream, formatter)
-    async for event in with_keepalive(events, keepalive_s):
-        yield event
-
-
 async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncIterator[bytes]:
     batches = stream.batches()
     try:
         async for batch in batches:
+            if not batch:  # the backend's sign of a silent stream
+                yield KEEPALIVE_EVENT
+                continue
             # one write per batch, not per token: a coalesced batch carries many events
-            payloads = formatter.feed(batch)
+            payloads = formatter.feed(chunks(batch))
             if payloads:
                 yield b"".join(sse_event(payload) for payload in payloads)
             if formatter.finished:
@@ -123,40 +125,13 @@ async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncItera
     yield DONE_EVENT
 
 
-async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
-    """Forward `source`, inserting an SSE comment whenever it is silent for `interval_s`."""
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait({pending}, timeout=interval_s)
-            if not done:
-                yield KEEPALIVE_EVENT
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        await _close(source)
-
-
 def sse_response(
-    stream: ChunkStream,
-    formatter: StreamFormatter,
-    *,
-    keepalive_s: float,
-    headers: dict[str, str],
+    stream: ChunkStream, formatter: StreamFormatter, *, headers: dict[str, str]
 ) -> StreamingResponse:
+    """SSE events of the stream; an empty batch from the backend (a silent stream) becomes
+    a keep-alive comment."""
     return StreamingResponse(
-        sse_body(stream, formatter, keepalive_s=keepalive_s),
+        _events(stream, formatter),
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -15,9 +15,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
+from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
 from app.engine.worker import Worker
-from app.errors import ServiceError, WorkerUnavailable
-from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
+from app.errors import InternalError, ServiceError, WorkerUnavailable
+from app.protocol.generation import GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 from app.routing.targets import request_pool
@@ -38,6 +39,7 @@ class Generator:
         self._worker_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._pool = "default"  # pushed by the PoolAutoscaler in its heartbeat replies
+        self._running: dict[str, asyncio.Task[None]] = {}  # request id -> its task
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._worker.load_all())
         self._heartbeat = loop.create_task(self._report_forever())
@@ -48,34 +50,91 @@ class Generator:
         await self._loading
 
     async def generate(
-        self, request: GenerationRequest, workers: tuple[str, ...] | None = None
-    ) -> AsyncIterator[list[GenerationChunk] | list[WireReply] | ServiceError]:
-        """`workers`: the replicas the ingress chose (pool + profile + ready), which the
-        request router honours. A replica assigned to another pool than the request's refuses
-        (retryable) rather than serve another pool's request; one of the request's pool that
-        the ingress did not know of yet (it replaced a draining one) serves it.
+        self, requests: list[GenerationRequest], worker: str | None = None
+    ) -> AsyncIterator[WorkerMessage]:
+        """A group of requests the ingress sent to `worker` (this replica, unless an
+        assignment moved), answered on one stream (`app.deployments.calls`): first an
+        acknowledgement with this worker's routing stats, then messages carrying every item
+        ready at that moment, each request's items in order and ending with ENDED or a
+        refusal. A refusal (400, 503 QUEUE_FULL, ...) is an answer for the client, not a
+        failure of this replica, so it travels as an item: Serve neither logs a traceback nor
+        counts an error for it. Cancelling the call cancels its requests.
 
-        A refusal (400, 503 QUEUE_FULL, ...) is an answer for the client, not a failure of
-        this replica: it is the stream's last item, so Serve neither logs a traceback nor
-        counts an error for each of them (an overloaded service refuses thousands a minute)."""
-        if workers is not None and self._worker_id not in workers:
-            pool = request_pool(request)
-            if pool != self._pool:
-                yield WorkerUnavailable(f"the chosen worker left pool '{pool}'; retry")
-                return
+        A replica assigned to another pool than a request's refuses it (retryable) rather
+        than serve another pool's request; one of the request's pool that the ingress did not
+        name (it replaced a draining one) serves it."""
+        ready: list[tuple[str, WorkerItem]] = []
+        wake = asyncio.Event()
+        tasks: dict[str, asyncio.Task[None]] = {}
+
+        def put(request_id: str, item: WorkerItem) -> None:
+            ready.append((request_id, item))
+            wake.set()
+
+        for request in requests:
+            if worker not in (None, self._worker_id) and request_pool(request) != self._pool:
+                pool = request_pool(request)
+                put(
+                    request.request_id,
+                    WorkerUnavailable(f"the chosen worker left pool '{pool}'; retry"),
+                )
+                continue
+            task = asyncio.ensure_future(self._serve(request, put))
+            tasks[request.request_id] = task
+            self._running[request.request_id] = task
+        stats: dict[str, Any] | None = routing_stats(
+            self._worker.status(self._worker_id, self._node_id, self._pool)
+        )
+        try:
+            while True:
+                items = ready[:]  # taken before the yield: more arrive while it is suspended
+                ready.clear()
+                wake.clear()
+                for request_id, item in items:
+                    if item is ENDED or isinstance(item, ServiceError):
+                        tasks.pop(request_id, None)
+                if items or stats is not None:
+                    yield stats, items  # the first message (the acknowledgement) has the stats
+                    stats = None
+                if not tasks and not ready:
+                    return
+                if not ready:
+                    await wake.wait()
+        finally:
+            for request_id, task in tasks.items():
+                task.cancel()
+                self._running.pop(request_id, None)
+
+    async def _serve(
+        self, request: GenerationRequest, put: Callable[[str, WorkerItem], None]
+    ) -> None:
+        request_id = request.request_id
         try:
             async for batch in self._worker.stream(request):
-                yield batch
+                put(request_id, batch)
+            put(request_id, ENDED)
         except ServiceError as refusal:
-            yield refusal
+            put(request_id, refusal)
+        except asyncio.CancelledError:
+            put(request_id, ENDED)  # `cancel`: the call goes on without it
+            raise
+        except Exception:
+            logger.exception("request %s failed on this worker", request_id)
+            put(request_id, InternalError(request_id))
+        finally:
+            self._running.pop(request_id, None)
+
+    async def cancel(self, request_ids: list[str], worker: str | None = None) -> None:
+        """Stop requests of a call whose client left (the call goes on for the others).
+        `worker`: the replica the caller's router sends this to (the one serving them)."""
+        for request_id in request_ids:
+            task = self._running.get(request_id)
+            if task is not None:
+                task.cancel()
 
     def status(self) -> WorkerStatus:
         status = self._worker.status(self._worker_id, self._node_id, self._pool)
         return dataclasses.replace(status, memory_used_bytes=_resident_bytes())
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Serve polls this for the request routers (KV headroom per model, load)."""
-        return routing_stats(self._worker.status(self._worker_id, self._node_id, self._pool))
 
     async def _report_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
 
+from app import metrics
 from app.api.observe import instrument
 from app.config import AppConfig
+from app.deployments.calls import ENDED, WorkerCalls, WorkerMessage
 from app.deployments.ray_private import route_on_this_loop
-from app.errors import PoolNotFound, Provisioning, ServiceError, WorkerUnavailable
+from app.errors import PoolNotFound, Provisioning, ServiceError
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import GenerationRequest, StreamBatch
 from app.protocol.workers import WorkerStatus
+from app.routing.affinity import (
+    PrefixIndex,
+    affinity_keys,
+    estimated_blocks,
+    rank,
+    routing_stats,
+    worker_load,
+)
 from app.routing.targets import Target, carry_over, choose_target, request_pool
 from app.server import create_app
 from app.tenancy.batching import GroupCall
@@ -39,9 +50,9 @@ SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one
 ADMIT_TIMEOUT_SECONDS = 2.0
 REPORT_BEFORE_REPLY_SECONDS = 2.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
-GRPC_REQUEST_BYTES = (
-    3 * 1024 * 1024
-)  # under Serve's 4 MiB replica gRPC message limit  # e.g. while the PoolAutoscaler replica restarts
+# Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
+# requests): bigger requests travel as Ray objects
+GRPC_REQUEST_BYTES = 48 * 1024
 
 
 class ServeBackend:
@@ -68,18 +79,12 @@ class ServeBackend:
         self._open: set[str] = set()  # admitted requests in flight (their limit leases)
         self._reports: set[asyncio.Task[None]] = set()
         self._renewing: asyncio.Task[None] | None = None
-        by_reference = config.streaming.transport == "object_refs"
-        self._generators = {
-            name: handle.options(stream=True, _by_reference=by_reference)
-            for name, handle in generators.items()
-        }
-        # Serve's replica gRPC server takes messages up to 4 MiB
-        # (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); bigger requests (bodies go up to
-        # ingress.max_body_bytes) travel as Ray objects instead
-        self._large_request_generators = {
-            name: handle.options(stream=True, _by_reference=True)
-            for name, handle in generators.items()
-        }
+        self._generators = generators
+        self._by_reference = config.streaming.transport == "object_refs"
+        self._calls: dict[tuple[str, str, bool], WorkerCalls] = {}  # (profile, worker, large)
+        # worker id -> (unix time, routing stats) from its last call or heartbeat
+        self._stats: dict[str, tuple[float, Any]] = {}
+        self._index = PrefixIndex(config.routing.prefix_index_capacity)
         self._registry = registry
         self._snapshot: list[WorkerStatus] = []
         self._pools: dict[str, PoolRecord] = {}
@@ -109,8 +114,18 @@ class ServeBackend:
             self._snapshot_at = time.monotonic()
         except Exception:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
+            return
+        known = {status.worker_id for status in self._snapshot}
+        for status in self._snapshot:  # heartbeat stats, unless a call brought fresher ones
+            if self._stats.get(status.worker_id, (0.0,))[0] < status.reported_at:
+                self._stats[status.worker_id] = (status.reported_at, routing_stats(status))
+        for key in [key for key in self._calls if key[1] not in known]:
+            if self._calls[key].in_flight == 0:
+                del self._calls[key]
+        for gone in [worker for worker in self._stats if worker not in known]:
+            del self._stats[gone]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         """Limits first (service-wide, before any engine work), then the worker's stream. The
         terminal batch (it carries the usage) is passed on only once the TenantLedger has
         it durable (counted once per request id), so no client holds a usage block the ledger
@@ -226,39 +241,91 @@ class ServeBackend:
         )
         return usage
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         target = await self._target(request)
-        response = cast(
-            DeploymentResponseGenerator[list[GenerationChunk] | ServiceError],
-            self._handle(request, target.profile).generate.remote(
-                request, workers=target.ready_workers
-            ),
-        )
-        finished = False
+        worker = self._choose(request, target)
+        inbox = self._worker_calls(target.profile, worker, request).submit(request)
+        keepalive_s = self._config.streaming.keepalive_seconds
         try:
-            async for batch in response:
-                if isinstance(batch, ServiceError):  # the worker's refusal, in-band
-                    finished = True
-                    raise batch
-                finished = any(chunk.done for chunk in batch)
-                yield batch
-        except RayTaskError as error:
-            cause = error.cause
-            if isinstance(cause, ServiceError):
-                raise cause from None
-            if isinstance(cause, (RayActorError, ActorUnavailableError)):
-                raise _worker_lost(cause) from None
-            raise
-        except (RayActorError, ActorUnavailableError) as error:
-            raise _worker_lost(error) from None
+            while True:
+                item = await inbox.get(keepalive_s)
+                if isinstance(item, TimeoutError):
+                    yield []  # silent for keepalive_s: the HTTP layer sends a keep-alive
+                    continue
+                if item is ENDED:
+                    return
+                if isinstance(item, ServiceError):
+                    raise item
+                yield inbox.with_ready(item)  # what else has arrived: one write to the client
         finally:
-            if not finished:
-                response.cancel()  # type: ignore[no-untyped-call]
+            inbox.close()
 
-    def _handle(self, request: GenerationRequest, profile: str) -> DeploymentHandle[Any]:
-        if request_bytes(request) > GRPC_REQUEST_BYTES:
-            return self._large_request_generators[profile]
-        return self._generators[profile]
+    def _choose(self, request: GenerationRequest, target: Target) -> str:
+        """The worker, chosen once: among the target's ready workers, by prefix affinity
+        guarded by KV headroom and load (`app.routing.affinity`), from the requests this
+        replica has in flight on each and the stats each worker sent on its last call (or its
+        heartbeat)."""
+        ready = target.ready_workers
+        if len(ready) == 1:
+            return ready[0]
+        routing = self._config.routing
+        loads = [
+            worker_load(
+                worker,
+                self._in_flight(target.profile, worker),
+                self._stats.get(worker, (0.0, None))[1],
+                request.model,
+            )
+            for worker in ready
+        ]
+        if routing.policy != "affinity":
+            pair = random.sample(loads, 2)
+            return min(pair, key=lambda load: load.load).worker_id
+        keys = affinity_keys(request)
+        decision = rank(
+            loads,
+            keys,
+            {worker: self._index.match(worker, keys) for worker in ready},
+            {
+                load.worker_id: estimated_blocks(request, load.kv_block_size)
+                for load in loads
+                if load.kv_block_size
+            },
+            routing.max_imbalance,
+        )
+        metrics.record_routing(decision.reason, decision.prefix_match)
+        self._index.record(decision.chosen, keys)
+        return decision.chosen
+
+    def _in_flight(self, profile: str, worker: str) -> int:
+        return sum(
+            calls.in_flight
+            for large in (False, True)
+            if (calls := self._calls.get((profile, worker, large))) is not None
+        )
+
+    def _worker_calls(self, profile: str, worker: str, request: GenerationRequest) -> WorkerCalls:
+        large = request_bytes(request) > GRPC_REQUEST_BYTES
+        key = (profile, worker, large)
+        calls = self._calls.get(key)
+        if calls is None:
+            handle = self._generators[profile]
+            streaming = handle.options(stream=True, _by_reference=large or self._by_reference)
+
+            def start(requests: list[GenerationRequest]) -> AsyncIterator[WorkerMessage]:
+                return cast(
+                    AsyncIterator[WorkerMessage],
+                    streaming.generate.remote(requests, worker=worker),
+                )
+
+            async def cancel(request_ids: list[str]) -> None:
+                await handle.cancel.remote(request_ids, worker=worker)
+
+            def note(stats: Any) -> None:
+                self._stats[worker] = (time.time(), stats)
+
+            calls = self._calls[key] = WorkerCalls(start, cancel, note)
+        return calls
 
     async def _target(self, request: GenerationRequest) -> Target:
         try:
@@ -323,11 +390,6 @@ def request_bytes(request: GenerationRequest) -> int:
         return request.openai.size_bytes
     prompt = request.prompt or ""
     return len(prompt) if len(prompt) * 4 <= GRPC_REQUEST_BYTES else len(prompt.encode())
-
-
-def _worker_lost(error: Exception) -> WorkerUnavailable:
-    logger.warning("worker lost mid-request: %s", error)
-    return WorkerUnavailable("the worker serving this request became unavailable")
 
 
 @serve.ingress()

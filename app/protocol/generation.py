@@ -190,3 +190,8 @@ class GenerationResult:
     @property
     def failed(self) -> bool:
         return self.finish_reason == "error" or self.error_code is not None
+
+
+StreamBatch = list[GenerationChunk] | list[WireReply]
+"""One coalesced batch of one request's stream: chunks (SIE generation, handles) or the bytes
+of vLLM's OpenAI layer (the OpenAI routes)."""

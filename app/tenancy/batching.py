@@ -9,6 +9,7 @@ request rate, and each item still waits for the call that carried it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -34,7 +35,8 @@ class GroupCall(Generic[T]):
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((item, done))
         if self._sending is None or self._sending.done():
-            self._sending = loop.create_task(self._send_all())
+            # a context of its own: the calls carry other requests than the one starting them
+            self._sending = loop.create_task(self._send_all(), context=contextvars.Context())
         await done  # cancelling this wait leaves the item in its group (it may be sent)
 
     async def _send_all(self) -> None:

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from app.pools.model import PoolRecord, PoolSpec
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import GenerationRequest, StreamBatch
 from app.protocol.workers import WorkerStatus
 
 
 class GenerationBackend(Protocol):
-    def stream(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         """Batches of chunks for one request; raises ServiceError before or during the stream.
         Closing the iterator cancels the request on its worker."""
         ...

@@ -25,10 +25,6 @@ class ApiContext:
         bucket = ByteBucket(rate=ingress.body_bytes_per_second, capacity=ingress.max_body_bytes)
         object.__setattr__(self, "body_bucket", bucket)
 
-    @property
-    def keepalive_s(self) -> float:
-        return self.config.streaming.keepalive_seconds
-
     @staticmethod
     def of(request: Request) -> ApiContext:
         context: ApiContext = request.app.state.context

@@ -14,6 +14,7 @@ import pytest
 
 from app.protocol.generation import GenerationRequest, SamplingOptions
 from tests.conftest import REAL_MODEL, Stack
+from tests.support.worker_calls import WorkerStream
 
 pytestmark = pytest.mark.e2e
 MAX_NEW = 600
@@ -45,7 +46,7 @@ def test_ledger_holds_the_whole_budget_and_covers_the_engine(stack: Stack) -> No
         prompt=prompt,
         sampling=SamplingOptions(max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True),
     )
-    response = stack.handle("Generator-cpu").options(stream=True).generate.remote(request)
+    response = WorkerStream(stack.handle("Generator-cpu"), request)
     try:
         assert next(iter(response))
         busy = wait_for(stack, lambda w: w["kv_handles_open"] == 1 and w["kv_engine_usage"] > 0)

@@ -29,6 +29,7 @@ from app.protocol.generation import (
 )
 from tests.conftest import FAKE_MODEL, REAL_MODEL, Stack
 from tests.support.sse import DONE, parse
+from tests.support.worker_calls import worker_items
 
 pytestmark = pytest.mark.integration
 
@@ -90,9 +91,8 @@ def run(stack: Stack, engine: str, sampling: SamplingOptions) -> list[Any]:
     groups chunks; a refusal is the stream's one item)."""
     app, model = ENGINES[engine]
     request = GenerationRequest(uuid.uuid4().hex, model, sampling, prompt=PROMPT)
-    handle = stack.handle("Generator-cpu", app).options(stream=True)
     items: list[Any] = []
-    for batch in handle.generate.remote(request):
+    for batch in worker_items(stack.handle("Generator-cpu", app), request):
         items.extend(batch if isinstance(batch, list) else [batch])
     return items
 
@@ -231,8 +231,11 @@ def run_openai(stack: Stack, engine: str, route: str, body: dict[str, Any]) -> l
     app, model = ENGINES[engine]
     call = OpenAICall(route, {**body, "model": model})  # type: ignore[arg-type]
     request = GenerationRequest(uuid.uuid4().hex, model, SamplingOptions(), openai=call)
-    handle = stack.handle("Generator-cpu", app).options(stream=True)
-    replies = [reply for batch in handle.generate.remote(request) for reply in batch]
+    replies = [
+        reply
+        for batch in worker_items(stack.handle("Generator-cpu", app), request)
+        for reply in batch
+    ]
     data = b"".join(reply.data for reply in replies).decode()
     if not replies[-1].stream:
         return [json.loads(data)]
