@@ -61,6 +61,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             graceful_shutdown_timeout_s=config.drain_timeout_seconds,
             # a changed config starts the new ingress replicas before the old ones drain
             max_surge_percent=100,
+            logging_config={"enable_access_log": config.ingress.access_log},
         )
         .bind(plain, registry, generators, ledger)
     )
