@@ -74,6 +74,16 @@ bench-routing: model
 	$(PY) benchmarks/stream_overhead.py
 	$(PY) benchmarks/routing.py $(ROUTING_ARGS)
 
+# Scale-out (~6 min, not part of `make test`): the control decisions in process at 1,000 workers,
+# 10,000 pools and 100,000 API keys, the ledger's and the registry's ceilings, then a local
+# multi-node cluster (cluster/local-cluster.sh) of null-engine workers with 1, 2 and 4 ingress
+# replicas: requests/s, first token, CPU per request. Results: docs/scaling.md.
+SCALE_ARGS ?= --markdown .cache/bench/scale-cluster.md
+bench-scale: install
+	@mkdir -p .cache/bench
+	$(PY) benchmarks/bench_scale.py --markdown .cache/bench/scale-inprocess.md
+	$(PY) benchmarks/scale_cluster.py $(SCALE_ARGS)
+
 # ruff, and import-linter for the layers of docs/architecture.md (contracts in pyproject.toml)
 lint: style imports
 
