@@ -1,6 +1,6 @@
-"""The dashboard in a real headless Chromium (Debian's `chromium`, driven over the DevTools
-protocol) against the running stack: a pool created over HTTP appears, a worker's KV bar appears
-and moves under traffic, the latency charts fill in. Screenshots go to artifacts/.
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against
+the running stack: a pool created over HTTP appears, a worker's KV bar appears and moves under
+traffic, the latency charts fill in. Screenshots go to artifacts/.
 
 Chromium comes from `tests.browser` (installed with apt-get when missing); one that cannot be
 installed fails the test under CI and skips it in a local run."""
@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from playwright.sync_api import Page
 
-from tests.browser import Page, open_page
+from tests.browser import open_page, screenshot, wait_for
 from tests.conftest import REAL_MODEL, Stack
 
 pytestmark = pytest.mark.e2e
@@ -69,9 +70,10 @@ def test_dashboard_shows_pool_workers_and_traffic(stack: Stack, page: Page) -> N
     stop = threading.Event()
     worker_thread: threading.Thread | None = None
     try:
-        page.send("Page.navigate", url=f"{base}/dashboard")
-        page.wait_for("Number(document.body.dataset.updates || 0) >= 1", 30, "the first update")
-        page.wait_for(
+        page.goto(f"{base}/dashboard")
+        wait_for(page, "Number(document.body.dataset.updates || 0) >= 1", 30, "the first update")
+        wait_for(
+            page,
             f'document.querySelector(\'tr[data-pool="{POOL}"][data-state="active"]\') !== null',
             120,
             f"pool {POOL} to show as active",
@@ -84,34 +86,38 @@ def test_dashboard_shows_pool_workers_and_traffic(stack: Stack, page: Page) -> N
             f'document.querySelector(\'tr[data-pool="{POOL}"] [data-profile="cpu"]\').textContent'
         )
         assert assigned.startswith("cpu: 1 assigned / 1 required"), assigned
-        idle = page.wait_for(
+        idle = wait_for(
+            page,
             WORKER_KV + f" && ({WORKER_KV}).pool === '{POOL}' && {WORKER_KV}",
             60,
             f"a ready worker of pool {POOL} with a KV bar",
         )
         assert idle["total"] > 0, idle
         updates_before = page.evaluate("Number(document.body.dataset.updates)")
-        page.screenshot("dashboard-pool.png")
+        screenshot(page, "dashboard-pool.png")
 
         worker_thread = threading.Thread(target=traffic(base, 200, stop), daemon=True)
         worker_thread.start()
-        busy = page.wait_for(
+        busy = wait_for(
+            page,
             f"(() => {{ const kv = {WORKER_KV}; return kv && (kv.used > 0 || kv.queue > 0) && kv; }})()",
             300,
             "the worker's KV bar or queue to move under traffic",
         )
-        page.screenshot("dashboard-traffic.png")
+        screenshot(page, "dashboard-traffic.png")
         assert busy["used"] > 0, f"queue moved but the KV bar did not: {busy}"
-        page.wait_for(
+        wait_for(
+            page,
             "document.querySelector('[data-chart=\"TTFT (ingress)\"]') !== null",
             600,
             "the latency charts after the first finished generation",
         )
         time.sleep(3)  # one more heartbeat with traffic on
-        page.screenshot("dashboard-charts.png")
+        screenshot(page, "dashboard-charts.png")
         stop.set()
         worker_thread.join(timeout=600)
-        page.wait_for(
+        wait_for(
+            page,
             f"(() => {{ const kv = {WORKER_KV}; return kv && kv.used === 0 && kv.queue === 0; }})()",
             60,
             "the KV bar to return to empty after traffic",
@@ -123,7 +129,7 @@ def test_dashboard_shows_pool_workers_and_traffic(stack: Stack, page: Page) -> N
         assert int(served) >= 2
         decisions = page.evaluate("document.querySelectorAll('ul.decisions li').length")
         assert decisions >= 1  # the worker's move to the pool, with its reason
-        page.screenshot("dashboard-after.png")
+        screenshot(page, "dashboard-after.png")
         exported = httpx.get(f"{base}/metrics", timeout=30).text
         assert (
             f'poolserve_pool_workers{{pool="{POOL}",profile="cpu",state="ready"}} 1.0' in exported

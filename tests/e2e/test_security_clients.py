@@ -6,7 +6,6 @@ streaming), curl for the dashboard's cookie sign-in and /metrics, the sie-sdk, a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import uvicorn
 from app.config import AppConfig
 from app.serve_env import free_port
 from app.server import create_app
-from tests.browser import open_page
+from tests.browser import open_page, screenshot, wait_for
 from tests.fakes.local_backend import LocalBackend
 from tests.needs import missing
 from tests.sie import SIEFailure, run_sie
@@ -295,39 +294,35 @@ def test_browser_sign_in_and_out_of_the_dashboard(server: Server) -> None:
     """A real headless Chromium: the form, a wrong key, the right key (an HttpOnly SameSite=Strict
     cookie the page's script cannot read), the live dashboard, and "Sign out"."""
     with open_page() as page:
-        page.send("Page.navigate", url=f"{server.base_url}/dashboard")
-        page.wait_for("document.querySelector('input[name=key]') !== null", 30, "the form")
+        page.goto(f"{server.base_url}/dashboard")
+        wait_for(page, "document.querySelector('input[name=key]') !== null", 30, "the form")
 
         def submit(key: str) -> None:
-            page.evaluate(
-                f"document.querySelector('input[name=key]').value = {json.dumps(key)};"
-                "document.querySelector('button[type=submit]').click()"
-            )
+            page.fill("input[name=key]", key)
+            page.click("button[type=submit]")
 
         submit(WRONG_KEY)
-        page.wait_for(
+        wait_for(
+            page,
             "(document.querySelector('p.error') || {}).textContent === 'That key is not valid here.'",
             30,
             "the wrong key's message",
         )
         submit(API_KEY)
-        page.wait_for(
+        wait_for(
+            page,
             "location.pathname === '/dashboard' && Number(document.body.dataset.updates || 0) >= 2",
             60,
             "the dashboard's live updates",
         )
         assert page.evaluate("document.cookie") == ""  # HttpOnly: out of the page's reach
-        (cookie,) = page.send("Network.getCookies", urls=[f"{server.base_url}/dashboard"])[
-            "cookies"
-        ]
+        (cookie,) = page.context.cookies(f"{server.base_url}/dashboard")
         assert cookie["name"] == "poolserve_session" and API_KEY not in cookie["value"]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert cookie["path"] == "/dashboard"
         assert page.evaluate("document.getElementById('signout').hidden") is False
-        page.screenshot("dashboard-signed-in.png")
+        screenshot(page, "dashboard-signed-in.png")
 
-        page.evaluate("document.querySelector('#signout button').click()")
-        page.wait_for("document.querySelector('input[name=key]') !== null", 30, "the form again")
-        assert (
-            page.send("Network.getCookies", urls=[f"{server.base_url}/dashboard"])["cookies"] == []
-        )
+        page.click("#signout button")
+        wait_for(page, "document.querySelector('input[name=key]') !== null", 30, "the form again")
+        assert page.context.cookies(f"{server.base_url}/dashboard") == []
