@@ -1,9 +1,10 @@
-"""compare.py's report, without running a system: its own unit test, beside it (tests/ never
-import benchmarks/). Collected by `make test` and `make unit` (pytest's testpaths)."""
+"""compare.py's report (benchmarks/report.py) without running a system: its unit test, beside it
+(tests/ never import benchmarks/). Collected by `make test` and `make unit` (pytest's
+testpaths)."""
 
 from __future__ import annotations
 
-from benchmarks import compare
+from benchmarks import report
 
 
 def test_main_table_ratios() -> None:
@@ -26,10 +27,10 @@ def test_main_table_ratios() -> None:
             ("vllm", vllm, 100.0),
             ("rayllm", rayllm, 204.0),
         ):
-            record = compare.RunRecord(system, str(round_index))
+            record = report.RunRecord(system, str(round_index))
             record.results["random c=1"] = metrics(tok_s, ttft)
             records.append(record)
-    table = compare.main_table(records, ["random c=1"], ["vllm", "rayllm", "ours"])
+    table = report.main_table(records, ["random c=1"], ["vllm", "rayllm", "ours"])
     assert "| random c=1 | poolserve | 100.0 (95.0-105.0) | 102 (102-102) |" in table
     assert "| random c=1 | **ours / bare vLLM** | **1.00x** | **1.02x (+2 ms)** |" in table
     assert "| random c=1 | **ours / Ray Serve LLM** | **1.25x** | **0.50x (-102 ms)** |" in table
