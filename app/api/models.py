@@ -69,6 +69,9 @@ async def health(request: Request) -> dict[str, Any]:
         {**pool_list_item(record), "assigned_workers": list(record.assigned_workers)}
         for record in await context.backend.list_pools()
     ]
+    limits = context.backend.limits_health()
+    if limits is not None:
+        body["limits"] = limits  # how this replica decides limits now (leased or fallback)
     return body
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from app.routing.affinity import (
 from app.routing.targets import Target, carry_over, choose_target, request_pool
 from app.server import create_app
 from app.tenancy.batching import GroupCall
+from app.tenancy.quota import QuotaClient
 from app.tenancy.requests import (
     tenant_pool,
     terminal_stats,
@@ -47,7 +49,6 @@ logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
-ADMIT_TIMEOUT_SECONDS = 2.0
 REPORT_BEFORE_REPLY_SECONDS = 2.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 # Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
@@ -74,11 +75,12 @@ class ServeBackend:
         self._ledger = ledger
         # each call to the ledger carries the reports that ended while the last one was out
         self._reports_call: GroupCall[tuple[str, UsageRecord | None]] | None = None
+        self._quota: QuotaClient | None = None
         if ledger is not None:
             self._reports_call = GroupCall(lambda reports: ledger.report_usage.remote(reports))
-        self._open: set[str] = set()  # admitted requests in flight (their limit leases)
+            replica = uuid.uuid4().hex  # this replica (or Ray job) among the ledger's lessees
+            self._quota = QuotaClient(lambda report: ledger.sync.remote(replica, report))
         self._reports: set[asyncio.Task[None]] = set()
-        self._renewing: asyncio.Task[None] | None = None
         self._generators = generators
         self._by_reference = config.streaming.transport == "object_refs"
         self._calls: dict[tuple[str, str, bool], WorkerCalls] = {}  # (profile, worker, large)
@@ -151,29 +153,27 @@ class ServeBackend:
                         reported = await self._report_before_reply(request.request_id, usage)
                 yield batch
         finally:
-            self._open.discard(request.request_id)
-            if not reported and (admitted or usage is not None):
+            if admitted and self._quota is not None:
+                self._quota.finish(request.request_id, usage.tokens if usage else None)
+            if not reported and usage is not None:
                 self._report_later(request.request_id, usage)
 
     async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> bool:
-        """Ask the TenantLedger; raises its refusal (429). False: no limit applies (no round
-        trip), or the ledger is unreachable (fail open: limits are protection, not billing)."""
+        """Decide the request's limits here, from the quota this replica leases from the
+        TenantLedger (`app.tenancy.quota`): no round trip while the quota lasts. Raises the
+        refusal (429 + Retry-After). False: no limit applies."""
         ticket = ticket_for(request, self._config, record)
-        if self._ledger is None or not ticket.subjects:
+        if self._quota is None or not ticket.subjects:
             return False
-        try:
-            refusal = await asyncio.wait_for(
-                self._ledger.admit.remote(ticket), ADMIT_TIMEOUT_SECONDS
-            )
-        except Exception:
-            logger.warning("tenant ledger unreachable; admitting without limits", exc_info=True)
-            return False
-        if refusal is not None:
-            raise refusal
-        self._open.add(request.request_id)
-        if self._renewing is None or self._renewing.done():
-            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
+        await self._quota.admit(ticket)
         return True
+
+    def limits_health(self) -> dict[str, Any] | None:
+        """How this replica decides limits now (leased, starting, or the fallback while the
+        ledger is out, with since when), for /health."""
+        if self._quota is None:
+            return None
+        return self._quota.limits.health(time.monotonic())
 
     async def _report_before_reply(self, request_id: str, usage: UsageRecord) -> bool:
         """The usage, durable in the ledger before the client sees it. False: the ledger did
@@ -212,18 +212,6 @@ class ServeBackend:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
         logger.error("usage of request %s could not be reported: %s", request_id, usage)
-
-    async def _renew_forever(self) -> None:
-        """Keep this replica's admitted requests counted as in flight (their leases lapse if
-        this replica dies)."""
-        assert self._ledger is not None
-        interval = self._config.tenancy.stream_lease_seconds / 3
-        while self._open:
-            await asyncio.sleep(interval)
-            try:
-                await self._ledger.renew.remote(sorted(self._open))
-            except Exception:
-                logger.warning("renewing request leases failed", exc_info=True)
 
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
         if self._ledger is None:

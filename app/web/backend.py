@@ -41,6 +41,12 @@ class GenerationBackend(Protocol):
         """Delete the pool and free its workers; False if there was none."""
         ...
 
+    def limits_health(self) -> dict[str, Any] | None:
+        """How limits are decided in this process now: `mode` leased (quota leased from the
+        ledger), starting, or fallback (the ledger unavailable: a per-replica share of each
+        limit), with counters; None when no ledger runs."""
+        ...
+
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
         """Usage per (pool, model, key id), per pool (with worker-seconds) and in total, since
         `since` (unix seconds; None: since counting began), of one pool or all."""

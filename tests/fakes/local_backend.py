@@ -110,6 +110,9 @@ class LocalBackend:
         self.settle()
         return deleted
 
+    def limits_health(self) -> dict[str, Any] | None:
+        return None
+
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
         return self.usage.report(since, pool)
 
