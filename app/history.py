@@ -280,7 +280,11 @@ def by_target(
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None when there is nothing to rank."""
+    """The q-th percentile (0-100) by nearest rank: the smallest of `values` with at least q % of
+    them at or below it. Always one of the values, never an interpolation: p50 of [1, 2, 3, 4]
+    is 2, p99 of 1..100 is 99, p100 the largest. None when there are no values. The project's
+    one percentile (benchmarks and tests use this one; `sketch_quantile` is the same definition
+    on a sketch)."""
     if not values:
         return None
     ordered = sorted(values)
