@@ -221,10 +221,11 @@ def bench_routing(quick: bool) -> list[Row]:
 # --- pool decisions ------------------------------------------------------------------------------
 
 
-def pool_round(pools: int, workers: int, assigned: bool) -> float:
+def pool_round(pools: int, workers: int, assigned: bool) -> tuple[float, float]:
     """One decide() round: half the workers' worth of pools ask for a GPU each, the rest are
     leased with no requirement. `assigned`: the previous round's assignments hold (a steady
     round); else every requirement is new (a cold round: every worker is placed)."""
+    from app.pools.book import PoolBook
     from app.pools.decide import Snapshot, WorkerView, decide
     from app.pools.model import PoolRecord, PoolSpec
 
@@ -255,7 +256,15 @@ def pool_round(pools: int, workers: int, assigned: bool) -> float:
     snapshot = Snapshot(
         pools=records, workers=views, assignments=assignments, replicas={"gpu": workers}
     )
-    return per_call(lambda: decide(snapshot, config, now), min_seconds=2.0, repeats=3)
+    decide_s = per_call(lambda: decide(snapshot, config, now), min_seconds=2.0, repeats=3)
+    decision = decide(snapshot, config, now)
+    book = PoolBook(pools=records, assignments=assignments, replicas={"gpu": workers})
+
+    def apply_and_save() -> None:
+        book.apply(decision)  # compares the book's JSON before and after
+        book.model_dump_json()  # what GcsStore.save writes when it changed
+
+    return decide_s, per_call(apply_and_save, min_seconds=1.0, repeats=3)
 
 
 def bench_pools(quick: bool) -> list[Row]:
@@ -263,7 +272,7 @@ def bench_pools(quick: bool) -> list[Row]:
     sizes = ((10_000, 1000),) if quick else ((1000, 1000), (10_000, 1000))
     for pools, workers in sizes:
         for assigned in (True, False):
-            seconds = pool_round(pools, workers, assigned)
+            seconds, apply_s = pool_round(pools, workers, assigned)
             big = pools == 10_000
             kind = "steady" if assigned else "cold: 500 pools placed"
             rows.append(
@@ -275,6 +284,16 @@ def bench_pools(quick: bool) -> list[Row]:
                     verdict(seconds, 0.1) if big else "",
                 )
             )
+            if assigned:
+                rows.append(
+                    (
+                        "  then PoolBook.apply + the book's JSON (saved when changed)",
+                        f"{pools:,} pools x {workers:,} workers",
+                        ms(apply_s),
+                        "",
+                        "every control round (1 s)",
+                    )
+                )
     return rows
 
 

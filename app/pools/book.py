@@ -60,17 +60,21 @@ class PoolBook(BaseModel):
         return self.pools.get(normalize_name(name))
 
     def apply(self, decision: Decision) -> bool:
-        """Take a decision's states, assignments and targets; True if anything changed."""
-        before = self.model_dump_json()
-        self.assignments = dict(decision.assignments)
-        self.replicas = {**self.replicas, **decision.targets}
+        """Take a decision's states, assignments and targets; True if anything changed (the
+        fields it sets are compared, not the whole book's JSON: a round at 10,000 pools)."""
+        assignments = dict(decision.assignments)
+        replicas = {**self.replicas, **decision.targets}
+        changed = assignments != self.assignments or replicas != self.replicas
+        self.assignments, self.replicas = assignments, replicas
         by_pool: dict[str, list[str]] = {}
         for worker, pool in decision.assignments.items():
             by_pool.setdefault(pool, []).append(worker)
         for name, record in list(self.pools.items()):
             workers = sorted(by_pool.get(name, ()))
             state = decision.states.get(name, record.state)
-            self.pools[name] = record.model_copy(
-                update={"state": state, "assigned_workers": workers}
-            )
-        return self.model_dump_json() != before
+            if state != record.state or workers != record.assigned_workers:
+                self.pools[name] = record.model_copy(
+                    update={"state": state, "assigned_workers": workers}
+                )
+                changed = True
+        return changed
