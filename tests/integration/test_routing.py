@@ -1,7 +1,13 @@
 """KV- and prefix-aware routing across two real vLLM workers (a third Serve app, `affinity`, in
 the session cluster): follow-up turns find their prefix cached, a worker without KV headroom
 is passed over, and 200 random cancellations and disconnects leave no handle and no block.
-This app streams with `streaming.transport: object_refs` (one Ray object per batch)."""
+This app streams with `streaming.transport: object_refs` (one Ray object per batch).
+
+The ingress chooses the worker (`ServeBackend._choose`); the Generators' request router only
+sends a call where it is told. So requests go through the ingress's own ServeBackend, built in
+this process by `app.handles.connect` (same snapshot, choice, prefix index and grouped calls):
+its decisions count in this process's `metrics.REGISTRY`. The HTTP test reads the ingress's
+own counts on its /metrics."""
 
 from __future__ import annotations
 
@@ -9,17 +15,21 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
+from app.api.streaming import ChunkStream
+from app.handles import Client, connect
 from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
 from tests.conftest import REAL_MODEL, Stack
 from tests.support.sse import adata
+from tests.support.worker_calls import worker_items
 
 pytestmark = pytest.mark.integration
 APP = "affinity"
@@ -39,7 +49,6 @@ def app_args() -> dict[str, Any]:
             }
         ],
         "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
-        "routing": {"stats_period_seconds": 0.5},
         "worker_heartbeat_seconds": 0.5,
         # the session's other apps stream over gRPC (the default): keep the Ray-object path
         # (cancels, disconnects, refusals in-band) under test here
@@ -65,6 +74,16 @@ def two_workers(stack: Stack) -> Iterator[str]:
         yield base
     finally:
         serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def ingress(two_workers: str) -> Iterator[Client]:
+    """The app's ingress routing in this process (`app.handles.connect`)."""
+    client = connect(APP)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def health(base: str) -> dict[str, Any]:
@@ -102,10 +121,23 @@ def idle(workers: dict[str, dict[str, Any]]) -> bool:
 
 
 def decisions(reason: str) -> float:
+    """Routing decisions of the ServeBackend in this process (`ingress`)."""
     value = metrics.REGISTRY.get_sample_value(
         "poolserve_routing_decisions_total", {"reason": reason}
     )
     return value or 0.0
+
+
+def ingress_decisions(base: str) -> float:
+    """Routing decisions the app's ingress made for HTTP requests (its /metrics)."""
+    text = httpx.get(f"{base}/metrics", timeout=30).raise_for_status().text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "poolserve_routing_decisions"
+        for sample in family.samples
+        if sample.name == "poolserve_routing_decisions_total"
+    )
 
 
 def document(rng: random.Random, words: int) -> str:
@@ -133,14 +165,28 @@ def generation(
     )
 
 
-def run(stack: Stack, request: GenerationRequest) -> GenerationChunk:
-    handle = stack.handle("Generator-cpu", APP).options(stream=True)
-    chunks = [chunk for batch in handle.generate.remote(request) for chunk in batch]
+def open_stream(ingress: Client, request: GenerationRequest) -> ChunkStream:
+    """`request` routed and started by the ingress; its first batch received."""
+    return ingress._loop.run(ChunkStream.open(ingress._backend, request))
+
+
+def close(ingress: Client, stream: ChunkStream) -> None:
+    """Leave the stream: the ingress cancels the request on its worker."""
+
+    async def leave() -> None:
+        await cast(AsyncGenerator[Any, None], stream.rest).aclose()
+
+    ingress._loop.run(leave())
+
+
+def run(ingress: Client, request: GenerationRequest) -> GenerationChunk:
+    stream = open_stream(ingress, request)
+    chunks = ingress._loop.run(stream.collect())
     assert chunks[-1].done and chunks[-1].error_code is None, chunks[-1]
     return chunks[-1]
 
 
-def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_workers: str) -> None:
+def test_follow_up_turns_land_where_their_prefix_is_cached(ingress: Client) -> None:
     rng = random.Random(7)
     sessions = [document(rng, 260) for _ in range(6)]  # ~2,000 chars, > 3 KV blocks each
     prefix_before, home_before = decisions("prefix"), decisions("home")
@@ -151,7 +197,7 @@ def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_wor
                 chat_turn("system", f"Session {number}. Answer from this document:\n{doc}"),
                 chat_turn("user", f"Question {turn}: which word comes first?"),
             )
-            terminal = run(stack, generation(messages))
+            terminal = run(ingress, generation(messages))
             if turn and (terminal.cached_tokens or 0) < 256:
                 misses.append((number, turn, terminal.cached_tokens, terminal.prompt_tokens))
     assert not misses, f"follow-ups that missed their cached prefix: {misses}"
@@ -159,7 +205,7 @@ def test_follow_up_turns_land_where_their_prefix_is_cached(stack: Stack, two_wor
     assert decisions("prefix") - prefix_before == 2 * len(sessions)
 
 
-def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: str) -> None:
+def test_a_worker_without_kv_headroom_is_passed_over(two_workers: str, ingress: Client) -> None:
     workers = wait_until(two_workers, idle)
     ids = sorted(workers)
     busy, spare = ids[0], ids[1]
@@ -181,10 +227,11 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
         n=max(1, (total - 8) // per_candidate),
         prompt_cache_key=keyed_home_on(busy, "hog"),
     )
-    handle = stack.handle("Generator-cpu", APP).options(stream=True)
-    hogging = handle.generate.remote(hog)
+    home_before = decisions("home")
+    hogging = open_stream(ingress, hog)
     try:
-        assert next(iter(hogging))
+        assert hogging.first
+        assert decisions("home") - home_before == 1
         # the hog's own reservation: /health may still show a heartbeat from the previous
         # test's last request (one handle, a few blocks) for a second or so
         hog_blocks = per_candidate * hog.sampling.n
@@ -193,7 +240,9 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
             lambda w: w[busy]["kv_handles_open"] == 1 and w[busy]["kv_blocks_used"] >= hog_blocks,
         )
         free = total - workers[busy]["kv_blocks_used"]
-        time.sleep(1.5)  # routing stats reach the router (period 0.5 s)
+        # the ingress looks at the registry again now (the heartbeat /health just showed):
+        # a request only waits for a snapshot older than 5 s, and this one may be 1 s old
+        ingress._loop.run(ingress._backend.workers(max_age_s=0.0))
         # a request the router estimates at more blocks than `busy` has free (but that fits
         # on the idle `spare`), whose affinity home is `busy`
         key = keyed_home_on(busy, "probe")
@@ -203,23 +252,28 @@ def test_a_worker_without_kv_headroom_is_passed_over(stack: Stack, two_workers: 
                 break
         assert free < estimated_blocks(probe, 128) <= total
         headroom_before = decisions("headroom")
-        probing = handle.generate.remote(probe)
+        probing = open_stream(ingress, probe)
         try:
-            assert next(iter(probing))
+            assert probing.first
+            assert decisions("headroom") - headroom_before == 1
             workers = wait_until(two_workers, lambda w: w[spare]["kv_handles_open"] == 1)
             assert workers[busy]["kv_handles_open"] == 1 and workers[busy]["kv_waiting"] == 0
-            assert decisions("headroom") - headroom_before == 1
         finally:
-            probing.cancel()
+            close(ingress, probing)
     finally:
-        hogging.cancel()
+        close(ingress, hogging)
     wait_until(two_workers, idle)
 
 
-def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_workers: str) -> None:
+def test_200_random_cancels_and_disconnects_leave_nothing(
+    stack: Stack, two_workers: str, ingress: Client
+) -> None:
     rng = random.Random(11)
     shared = [document(rng, 150) for _ in range(4)]
     outcomes: dict[str, int] = {}
+    answered: list[int] = []  # requests whose response (status line) came back
+
+    routed_before = ingress_decisions(two_workers)
 
     async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, number: int) -> None:
         local = random.Random(number)
@@ -240,17 +294,20 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
                     await client.post(
                         "/v1/chat/completions", json=body, timeout=local.uniform(0.01, 0.3)
                     )
+                    answered.append(number)
                 elif not body["stream"]:
                     await client.post(
                         "/v1/chat/completions",
                         json=body,
                         timeout=60 if mode == "complete" else local.uniform(0.05, 1.0),
                     )
+                    answered.append(number)
                 else:
                     stop_after = local.randint(1, 6) if mode == "mid_stream" else 10**6
                     async with client.stream(
                         "POST", "/v1/chat/completions", json=body, timeout=60
                     ) as response:
+                        answered.append(number)
                         if response.status_code != 200:  # a refusal: a JSON body, no events
                             await response.aread()
                         else:
@@ -271,8 +328,16 @@ def test_200_random_cancels_and_disconnects_leave_nothing(stack: Stack, two_work
     asyncio.run(main())
     assert sum(outcomes.values()) == 200
     assert outcomes.get("timed_out", 0) > 10 and outcomes.get("mid_stream", 0) > 40
+    # the ingress chose a worker for each request that was answered (at least), once each
+    routed = ingress_decisions(two_workers) - routed_before
+    assert len(answered) <= routed <= 200, (len(answered), routed)
     workers = wait_until(two_workers, idle, timeout_s=60)
     assert all(w["kv_blocks_total"] > 0 for w in workers.values())
-    # and both workers still serve
+    # and both workers still serve, called directly and through the ingress's routing
+    handle = stack.handle("Generator-cpu", APP)
+    for worker in workers:
+        items = worker_items(handle, generation((chat_turn("user", "hi"),)), worker=worker)
+        chunks = [chunk for batch in items for chunk in batch]
+        assert chunks and chunks[-1].done and chunks[-1].error_code is None, (worker, items)
     for prompt_cache_key in ("after-1", "after-2", "after-3"):
-        run(stack, generation((chat_turn("user", "hi"),), prompt_cache_key=prompt_cache_key))
+        run(ingress, generation((chat_turn("user", "hi"),), prompt_cache_key=prompt_cache_key))
