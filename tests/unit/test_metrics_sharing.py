@@ -24,6 +24,7 @@ from app.history import Sample, Step, Tally
 from app.metrics import Shard
 from app.server import create_app
 from tests.fakes.local_backend import LocalBackend
+from tests.unit.test_metrics import value as sample_sum
 
 MODEL = "org/fake-model"
 CHAT = "/v1/chat/completions"
@@ -293,19 +294,11 @@ def test_generations_are_labelled_by_pool_and_model_over_http() -> None:
     body = {"prompt": "one two", "max_new_tokens": 3}
     ttft = "poolserve_time_to_first_token_seconds_count"
 
-    def count(name: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for family in metrics.REGISTRY.collect()
-            for s in family.samples
-            if s.name == name and labels.items() <= s.labels.items()
-        )
-
     bench = {"route": route, "pool": "labels-bench", "model": MODEL}
     missing = {"route": route, "pool": metrics.UNKNOWN_POOL, "model": MODEL}
     before = (
-        count(ttft, **bench),
-        count("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
+        sample_sum(ttft, **bench),
+        sample_sum("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
     )
     with TestClient(instrument(create_app(config, backend))) as client:
         client.portal.call(backend.start)  # type: ignore[union-attr]
@@ -317,8 +310,8 @@ def test_generations_are_labelled_by_pool_and_model_over_http() -> None:
         refused = client.post(generate, json=body, headers={"X-SIE-Pool": "no-such-pool-91c2"})
         assert refused.status_code == 404
     after = (
-        count(ttft, **bench),
-        count("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
+        sample_sum(ttft, **bench),
+        sample_sum("poolserve_requests_total", code="POOL_NOT_FOUND", **missing),
     )
     assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
-    assert count("poolserve_requests_total", pool="no-such-pool-91c2") == 0
+    assert sample_sum("poolserve_requests_total", pool="no-such-pool-91c2") == 0
