@@ -19,6 +19,7 @@ from app import metrics
 from app.api.observe import instrument
 from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerCalls, WorkerMessage
+from app.deployments.metrics_sink import share_metrics
 from app.deployments.ray_private import route_on_this_loop
 from app.errors import PoolNotFound, Provisioning, ServiceError
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
@@ -390,6 +391,7 @@ class Ingress:
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._config = AppConfig.model_validate(config)
+        share_metrics()  # this replica's request metrics add up with the other replicas'
         self._backend = ServeBackend(self._config, generators, registry, ledger)
         self._connection = (self._config.model_dump(mode="json"), registry, generators, ledger)
 
@@ -406,4 +408,4 @@ class Ingress:
         return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return instrument(create_app(self._config, self._backend))  # request metrics (issue 6)
+        return instrument(create_app(self._config, self._backend))  # request metrics
