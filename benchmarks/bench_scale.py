@@ -32,6 +32,7 @@ import gc
 import os
 import pickle
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -494,7 +495,12 @@ async def ledger_ceiling(
 
     kv = FakeKv(put_s)
     compact_s = seconds / 4  # several compactions in the run (30 s in production)
-    with fake_ray_for_ledger(kv), mock.patch.object(tenancy, "COMPACT_SECONDS", compact_s):
+    compacting = (
+        mock.patch.object(tenancy, "COMPACT_SECONDS", compact_s)
+        if hasattr(tenancy, "COMPACT_SECONDS")  # (a tree before the log wrote no compaction)
+        else contextlib.nullcontext()
+    )
+    with fake_ray_for_ledger(kv), compacting:
         ledger = make_ledger(kv)
         counted = 0
         stop_at = time.perf_counter() + seconds
@@ -542,6 +548,8 @@ def compaction_pause(keys: int) -> tuple[float, int]:
 
 
 def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
+    from app.deployments.tenancy import UsageStore
+
     seconds = 5.0 if quick else 20.0
     rows: list[Row] = []
     for group in (16, 64):
@@ -558,6 +566,8 @@ def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
                 f"{result['bytes_per_request']:,.0f} B written per request)",
             )
         )
+    if not hasattr(UsageStore, "counted"):
+        return rows
     pause, written = compaction_pause(100_000)
     rows.append(
         (
@@ -574,7 +584,11 @@ def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
 # --- the ledger through Ray ------------------------------------------------------------------------
 
 
-def bench_ledger_ray(quick: bool) -> list[Row]:
+async def _call(method: Any) -> Any:
+    return await method.remote()
+
+
+def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
     """A new local Ray instance (not the one `make serve` may run), Serve without HTTP, the
     TenantLedger alone (a stand-in registry) with the real GCS KV store; this process calls it
     through a DeploymentHandle as an ingress does: `callers` concurrent report_usage calls of
@@ -600,6 +614,9 @@ def bench_ledger_ray(quick: bool) -> list[Row]:
         class Ledger(TenantLedger):
             def cpu(self) -> float:
                 return time.process_time()
+
+            def pid(self) -> int:
+                return os.getpid()
 
         handle = serve.run(
             Ledger.bind(AppConfig().model_dump(mode="json"), Registry.bind()),
@@ -629,7 +646,32 @@ def bench_ledger_ray(quick: bool) -> list[Row]:
             return done / wall, cpu / max(1, done), sorted(latencies)
 
         for group, callers in ((16, 4), (64, 4)):
+            spy = None
+            if profile is not None:
+                pid = asyncio.run(_call(handle.pid))
+                profile.mkdir(parents=True, exist_ok=True)
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--duration",
+                        str(int(seconds)),
+                        "--rate",
+                        "50",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(profile / f"ledger-groups-{group}.txt"),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             per_second, cpu, latencies = asyncio.run(run(group, callers))
+            if spy is not None:
+                spy.wait(timeout=60)
             rows.append(
                 (
                     f"ledger through Ray: report_usage, groups of {group} from {callers} "
@@ -772,6 +814,11 @@ def main() -> None:
     parser.add_argument("--kv-put-ms", type=float, default=1.0, help="a GCS KV write's time")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument(
+        "--profile-ledger",
+        type=Path,
+        help="ledger-ray: py-spy the ledger replica into this folder (collapsed stacks)",
+    )
+    parser.add_argument(
         "--tree", type=Path, help="measure the app package of this tree (e.g. `git archive`d)"
     )
     args = parser.parse_args()
@@ -797,7 +844,7 @@ def main() -> None:
         elif section == "registry":
             rows += bench_registry(args.quick)
         elif section == "ledger-ray":
-            rows += bench_ledger_ray(args.quick)
+            rows += bench_ledger_ray(args.quick, args.profile_ledger)
         else:
             parser.error(f"unknown section {section!r}")
     header = ("what", "scale", "measured", "target", "")
