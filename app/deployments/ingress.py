@@ -93,6 +93,7 @@ class ServeBackend:
         self._pools: dict[str, PoolRecord] = {}
         self._demand_calls: set[asyncio.Task[Any]] = set()
         self._snapshot_at = float("-inf")
+        self._snapshot_version: str | None = None
         self._refresh: asyncio.Task[None] | None = None
 
     async def workers(self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS) -> list[WorkerStatus]:
@@ -108,10 +109,17 @@ class ServeBackend:
         return self._snapshot
 
     async def _load_snapshot(self) -> None:
+        """A versioned pull: a few bytes while nothing an ingress routes by changed."""
         try:
-            workers, self._pools = await asyncio.wait_for(
-                self._registry.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
+            version, snapshot = await asyncio.wait_for(
+                self._registry.routing_snapshot_since.remote(self._snapshot_version),
+                SNAPSHOT_TIMEOUT_SECONDS,
             )
+            if snapshot is None:
+                self._snapshot_at = time.monotonic()
+                return
+            workers, self._pools = snapshot
+            self._snapshot_version = version
             keep_s = 2 * self._config.worker_heartbeat_seconds
             self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)
             self._snapshot_at = time.monotonic()

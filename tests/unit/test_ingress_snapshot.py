@@ -13,24 +13,25 @@ from app.deployments.ingress import SNAPSHOT_STALE_SECONDS, ServeBackend
 
 
 class SlowSnapshot:
-    """Stands in for `PoolAutoscaler.routing_snapshot`: answers only when `gate` is open."""
+    """Stands in for `PoolAutoscaler.routing_snapshot_since`: answers only when `gate` is open,
+    each time with a new version (a whole snapshot)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.gate = asyncio.Event()
 
-    def remote(self) -> Any:
+    def remote(self, version: str | None) -> Any:
         self.calls += 1
         return self._answer()
 
-    async def _answer(self) -> tuple[list[Any], dict[str, Any]]:
+    async def _answer(self) -> tuple[str, tuple[list[Any], dict[str, Any]]]:
         await self.gate.wait()
-        return [], {}
+        return str(self.calls), ([], {})
 
 
 async def test_old_snapshot_is_served_while_it_refreshes_stale_one_is_awaited() -> None:
     snapshot = SlowSnapshot()
-    backend = ServeBackend(AppConfig(), {}, SimpleNamespace(routing_snapshot=snapshot))  # type: ignore[arg-type]
+    backend = ServeBackend(AppConfig(), {}, SimpleNamespace(routing_snapshot_since=snapshot))  # type: ignore[arg-type]
 
     first = asyncio.create_task(backend.workers())  # no snapshot yet: must wait
     await asyncio.sleep(0.05)
@@ -56,3 +57,28 @@ async def test_old_snapshot_is_served_while_it_refreshes_stale_one_is_awaited() 
     assert not stale.done()
     snapshot.gate.set()
     await stale
+
+
+async def test_an_unchanged_version_keeps_the_snapshot_and_sends_the_version_back() -> None:
+    """A versioned pull (`routing_snapshot_since`): the ingress sends the version it holds, and
+    an answer without a snapshot (nothing changed) keeps what it has, fresh again."""
+    versions: list[str | None] = []
+
+    async def answer(version: str | None) -> tuple[str, Any]:
+        versions.append(version)
+        if version == "7":
+            return "7", None
+        return "7", ([], {"eval": "record"})
+
+    backend = ServeBackend(
+        AppConfig(),
+        {},
+        SimpleNamespace(routing_snapshot_since=SimpleNamespace(remote=answer)),  # type: ignore[arg-type]
+    )
+    await backend.workers(max_age_s=0.0)
+    assert backend._pools == {"eval": "record"}
+    before = backend._snapshot_at
+    await backend.workers(max_age_s=0.0)
+    assert versions == [None, "7"]
+    assert backend._pools == {"eval": "record"}  # kept
+    assert backend._snapshot_at > before  # and counted as fresh

@@ -33,10 +33,10 @@ class Ledger:
 
 
 def backend_with(ledger: Ledger) -> ServeBackend:
-    async def snapshot() -> tuple[list[Any], dict[str, Any]]:
-        return [], {}
+    async def snapshot(version: str | None) -> tuple[str, tuple[list[Any], dict[str, Any]]]:
+        return "1", ([], {})
 
-    registry = SimpleNamespace(routing_snapshot=SimpleNamespace(remote=snapshot))
+    registry = SimpleNamespace(routing_snapshot_since=SimpleNamespace(remote=snapshot))
     backend = ServeBackend(
         AppConfig(),
         {},
