@@ -233,6 +233,13 @@ ENGINE_TIME_PER_OUTPUT_TOKEN = Timings(
 )
 PROMPT_TOKENS = Counts("prompt_tokens", "Prompt tokens of finished generations.", TARGET)
 GENERATION_TOKENS = Counts("generation_tokens", "Output tokens of finished generations.", TARGET)
+LIMIT_DECISIONS = Counts(
+    "limit_decisions",
+    "Requests with a limit, decided by an ingress replica: mode 'leased' (from quota leased from "
+    "the TenantLedger), 'starting' (before its first grant) or 'fallback' (the ledger "
+    "unavailable: each limit divided among the ingress replicas); outcome admitted or refused.",
+    ("mode", "outcome"),
+)
 STREAMS_IN_FLIGHT = Level(
     "streams_in_flight",
     "Generations the ingress replicas are relaying right now.",

@@ -174,7 +174,13 @@ class ServeBackend:
         ticket = ticket_for(request, self._config, record)
         if self._quota is None or not ticket.subjects:
             return False
-        await self._quota.admit(ticket)
+        mode = self._quota.limits.mode(time.monotonic())
+        try:
+            await self._quota.admit(ticket)
+        except ServiceError:
+            metrics.LIMIT_DECISIONS.inc((mode, "refused"))
+            raise
+        metrics.LIMIT_DECISIONS.inc((mode, "admitted"))
         return True
 
     def limits_health(self) -> dict[str, Any] | None:
