@@ -683,6 +683,29 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
                     + f" (call p50 {ms(latencies[len(latencies) // 2])})",
                 )
             )
+
+        async def empty_calls(callers: int, count: int) -> tuple[float, float]:
+            cpu0 = await handle.cpu.remote()
+            wall = time.perf_counter()
+
+            async def caller() -> None:
+                for _ in range(count // callers):
+                    await handle.pid.remote()
+
+            await asyncio.gather(*(caller() for _ in range(callers)))
+            wall = time.perf_counter() - wall
+            return (await handle.cpu.remote() - cpu0) / count, count / wall
+
+        cpu_per_call, calls_per_s = asyncio.run(empty_calls(4, 2000))
+        rows.append(
+            (
+                "ledger through Ray: a call that does nothing (Serve's own cost per call)",
+                "4 callers",
+                f"{us(cpu_per_call)} ledger CPU each",
+                "",
+                f"{calls_per_s:,.0f} calls/s",
+            )
+        )
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
