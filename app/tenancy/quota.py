@@ -191,17 +191,25 @@ def _starter(limit: int | None, share: float) -> float:
 
 
 @dataclass(slots=True, eq=False)
-class _Share:
-    """One replica's share of one subject, as the ledger last heard of it."""
+class _Counters:
+    """One subject's counters at one replica (the replica's own, or as the ledger last heard
+    of them): requests admitted, real tokens of finished requests and admission attempts
+    (cumulative), token estimates held and requests in flight (now)."""
 
-    replica: str
-    subject: Subject
-    gen: int
     admitted: int = 0
     real: int = 0
     held: int = 0
     in_flight: int = 0
     attempts: int = 0
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Share(_Counters):
+    """One replica's share of one subject, as the ledger last heard of it."""
+
+    replica: str
+    subject: Subject
+    gen: int
     in_force: list[float] = field(default_factory=lambda: [INF, INF, INF])
     sent: list[float] = field(default_factory=lambda: [-INF, -INF, -INF])
     demand: float = 0.0
@@ -358,7 +366,14 @@ class QuotaBook:
                 self._drop_share(replica, budget, subject)
             # not heard of in this generation (new, dropped, or this ledger restarted): count
             # from what the replica says was acknowledged
-            share = _Share(replica_id, subject, entry[2], entry[11], entry[12], 0, 0, entry[13])
+            share = _Share(
+                replica=replica_id,
+                subject=subject,
+                gen=entry[2],
+                admitted=entry[11],
+                real=entry[12],
+                attempts=entry[13],
+            )
             share.demand_at = share.active_at = share.scanned_at = now
             budget.shares[replica_id] = share
             replica.shares[subject] = share
@@ -530,19 +545,14 @@ def _grant_entry(
 # --- the replica's side --------------------------------------------------------------------------
 
 
-@dataclass(slots=True, eq=False)
-class _Local:
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Local(_Counters):
     """One subject at one replica."""
 
     subject: Subject
     gen: int
     limits: LimitsTuple
     source: Limits
-    admitted: int = 0
-    real: int = 0
-    held: int = 0
-    in_flight: int = 0
-    attempts: int = 0
     acked: tuple[int, int, int] = (0, 0, 0)  # admitted, real, attempts
     ceil_requests: float = 0.0
     ceil_tokens: float = 0.0
@@ -681,7 +691,7 @@ class LocalLimits:
 
     def _new_state(self, subject: Subject, limits: Limits, now: float) -> _Local:
         self._gen += 1
-        state = _Local(subject, self._gen, _as_tuple(limits), limits)
+        state = _Local(subject=subject, gen=self._gen, limits=_as_tuple(limits), source=limits)
         share = self._share or 0.0
         rpm, tpm, streams = state.limits
         state.ceil_requests = _starter(rpm, share)
