@@ -94,12 +94,24 @@ class ServeBackend:
         self._demand_calls: set[asyncio.Task[Any]] = set()
         self._snapshot_at = float("-inf")
         self._snapshot_version: str | None = None
+        self._full_at = float("-inf")  # the last pull that answered the whole snapshot
         self._refresh: asyncio.Task[None] | None = None
 
     async def workers(self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS) -> list[WorkerStatus]:
-        """The registry's snapshot. Older than `max_age_s`: refreshed in the background while
-        requests go on with the current one; a request waits for the round trip only when the
-        snapshot is far older (or `max_age_s` is 0: "look again now")."""
+        """For /health, the dashboard and /metrics: every worker's load and KV figures as fresh
+        as its heartbeats (a whole pull once the last whole one is older than `max_age_s`; the
+        request path's versioned pulls skip heartbeats that change only figures)."""
+        if time.monotonic() - self._full_at > max_age_s:
+            self._snapshot_version = None  # the next pull answers the whole snapshot
+            await self._routing_snapshot(0.0)
+        return self._snapshot
+
+    async def _routing_snapshot(
+        self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS
+    ) -> list[WorkerStatus]:
+        """The registry's snapshot for routing. Older than `max_age_s`: refreshed in the
+        background while requests go on with the current one; a request waits for the round
+        trip only when the snapshot is far older (or `max_age_s` is 0: "look again now")."""
         age = time.monotonic() - self._snapshot_at
         if age > max_age_s:
             if self._refresh is None or self._refresh.done():
@@ -120,6 +132,7 @@ class ServeBackend:
                 return
             workers, self._pools = snapshot
             self._snapshot_version = version
+            self._full_at = time.monotonic()
             keep_s = 2 * self._config.worker_heartbeat_seconds
             self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)
             self._snapshot_at = time.monotonic()
@@ -144,10 +157,10 @@ class ServeBackend:
         on and the report is retried until it does. A request that ends without usage (failed,
         or cut because its ingress died before the end) is not counted; one whose ingress dies
         between the report and the reply's last bytes is (its tokens were generated)."""
-        await self.workers()
+        await self._routing_snapshot()
         pool = tenant_pool(request)
         if pool != DEFAULT_POOL and pool not in self._pools:
-            await self.workers(max_age_s=0.0)  # created since the snapshot: its limits apply
+            await self._routing_snapshot(0.0)  # created since the snapshot: its limits apply
         record = self._pools.get(pool)
         request = with_pool_defaults(request, record)
         admitted = await self._admit(request, record)
@@ -333,11 +346,11 @@ class ServeBackend:
     async def _target(self, request: GenerationRequest) -> Target:
         try:
             return choose_target(
-                self._config, await self.workers(), request, time.time(), self._pools
+                self._config, await self._routing_snapshot(), request, time.time(), self._pools
             )
         except PoolNotFound:
             # a pool created in the last snapshot interval: look again before saying 404
-            workers = await self.workers(max_age_s=0.0)
+            workers = await self._routing_snapshot(0.0)
             return choose_target(self._config, workers, request, time.time(), self._pools)
         except Provisioning as error:
             pool = str(error.extra.get("pool", request_pool(request)))

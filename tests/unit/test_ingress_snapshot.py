@@ -33,7 +33,7 @@ async def test_old_snapshot_is_served_while_it_refreshes_stale_one_is_awaited() 
     snapshot = SlowSnapshot()
     backend = ServeBackend(AppConfig(), {}, SimpleNamespace(routing_snapshot_since=snapshot))  # type: ignore[arg-type]
 
-    first = asyncio.create_task(backend.workers())  # no snapshot yet: must wait
+    first = asyncio.create_task(backend._routing_snapshot())  # no snapshot yet: must wait
     await asyncio.sleep(0.05)
     assert not first.done() and snapshot.calls == 1
     snapshot.gate.set()
@@ -41,10 +41,10 @@ async def test_old_snapshot_is_served_while_it_refreshes_stale_one_is_awaited() 
 
     snapshot.gate.clear()
     backend._snapshot_at = time.monotonic() - 1.0  # old, not stale
-    assert await asyncio.wait_for(backend.workers(), 0.5) == []  # answered at once
+    assert await asyncio.wait_for(backend._routing_snapshot(), 0.5) == []  # answered at once
     assert snapshot.calls == 2  # ...with a refresh started behind it
 
-    looking_again = asyncio.create_task(backend.workers(max_age_s=0.0))
+    looking_again = asyncio.create_task(backend._routing_snapshot(max_age_s=0.0))
     await asyncio.sleep(0.05)
     assert not looking_again.done()  # "look again now" waits for the round trip
     snapshot.gate.set()
@@ -52,7 +52,7 @@ async def test_old_snapshot_is_served_while_it_refreshes_stale_one_is_awaited() 
 
     snapshot.gate.clear()
     backend._snapshot_at = time.monotonic() - SNAPSHOT_STALE_SECONDS - 1
-    stale = asyncio.create_task(backend.workers())
+    stale = asyncio.create_task(backend._routing_snapshot())
     await asyncio.sleep(0.05)
     assert not stale.done()
     snapshot.gate.set()
@@ -75,10 +75,14 @@ async def test_an_unchanged_version_keeps_the_snapshot_and_sends_the_version_bac
         {},
         SimpleNamespace(routing_snapshot_since=SimpleNamespace(remote=answer)),  # type: ignore[arg-type]
     )
-    await backend.workers(max_age_s=0.0)
+    await backend._routing_snapshot(max_age_s=0.0)
     assert backend._pools == {"eval": "record"}
     before = backend._snapshot_at
-    await backend.workers(max_age_s=0.0)
+    await backend._routing_snapshot(max_age_s=0.0)
     assert versions == [None, "7"]
     assert backend._pools == {"eval": "record"}  # kept
     assert backend._snapshot_at > before  # and counted as fresh
+    # /health, the dashboard and /metrics read every figure fresh: a whole pull
+    backend._full_at = time.monotonic() - 1.0
+    await backend.workers()
+    assert versions == [None, "7", None]
