@@ -99,6 +99,7 @@ class TargetIndex:
 @dataclass(slots=True, eq=False)
 class _Group:
     model: str
+    ready: tuple[str, ...]
     members: frozenset[str]
     loads: dict[str, WorkerLoad]
     heap: list[tuple[int, str]] = field(default_factory=list)
@@ -119,6 +120,7 @@ class RoutingBoard:
         self.index = PrefixIndex(prefix_capacity)
         self._raw: dict[str, tuple[int, Mapping[str, object] | None]] = {}
         self._groups: OrderedDict[tuple[str, tuple[str, ...]], _Group] = OrderedDict()
+        self._last: dict[int, _Group] = {}  # id(ready) -> its group: no hashing of the tuple
         self._of_worker: dict[str, list[_Group]] = {}
 
     def update(self, worker_id: str, ongoing: int, stats: Mapping[str, object] | None) -> None:
@@ -140,21 +142,29 @@ class RoutingBoard:
         self.index.forget(worker_id)
 
     def _group(self, model: str, ready: tuple[str, ...]) -> _Group:
+        """The target group (TargetIndex hands out the same tuple for the same group, so it
+        is found by identity; hashing a tuple of 1,000 ids costs more than a decision)."""
+        group = self._last.get(id(ready))
+        if group is not None and group.ready is ready and group.model == model:
+            return group
         key = (model, ready)
         group = self._groups.get(key)
         if group is not None:
             self._groups.move_to_end(key)
+            self._remember(group)
             return group
         loads = {
             worker: worker_load(worker, *self._raw.get(worker, (0, None)), model)
             for worker in ready
         }
-        group = self._groups[key] = _Group(model, frozenset(ready), loads)
+        group = self._groups[key] = _Group(model, ready, frozenset(ready), loads)
         group.rebuild()
+        self._remember(group)
         for worker in ready:
             self._of_worker.setdefault(worker, []).append(group)
         while len(self._groups) > GROUPS_KEPT:
             _, old = self._groups.popitem(last=False)
+            self._last.pop(id(old.ready), None)
             for worker in old.members:
                 kept = [g for g in self._of_worker.get(worker, ()) if g is not old]
                 if kept:
@@ -162,6 +172,11 @@ class RoutingBoard:
                 else:
                     self._of_worker.pop(worker, None)
         return group
+
+    def _remember(self, group: _Group) -> None:
+        if len(self._last) > GROUPS_KEPT:
+            self._last.clear()
+        self._last[id(group.ready)] = group
 
     def choose(
         self, ready: tuple[str, ...], request: GenerationRequest, record: bool = True
