@@ -31,7 +31,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     plain = config.model_dump(mode="json")
     registry = (
         _deployment(PoolAutoscaler)
-        .options(name="PoolAutoscaler", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .options(
+            name="PoolAutoscaler",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            logging_config={"enable_access_log": False},  # heartbeats and pulls, not requests
+        )
         .bind(plain)
     )
     ledger = (

@@ -269,6 +269,13 @@ class TenancyConfig(ClosedModel):
     usage_retention_minutes: int = Field(
         7 * 24 * 60, gt=0, description="Per-minute usage kept for `GET /v1/usage?since=`."
     )
+    leased_limits: bool = Field(
+        False,
+        description="Decide limits in each ingress replica from quota leased from the "
+        "TenantLedger (app/tenancy/quota.py: no round trip per request while quota lasts) "
+        "instead of asking the ledger per limited request. Off by default: with 2 ingress "
+        "replicas a limit of 4 requests per window admitted 5 in tests/e2e/test_tenancy.py.",
+    )
     stream_lease_seconds: float = Field(
         30.0,
         gt=0,

@@ -235,9 +235,10 @@ PROMPT_TOKENS = Counts("prompt_tokens", "Prompt tokens of finished generations."
 GENERATION_TOKENS = Counts("generation_tokens", "Output tokens of finished generations.", TARGET)
 LIMIT_DECISIONS = Counts(
     "limit_decisions",
-    "Requests with a limit, decided by an ingress replica: mode 'leased' (from quota leased from "
-    "the TenantLedger), 'starting' (before its first grant) or 'fallback' (the ledger "
-    "unavailable: each limit divided among the ingress replicas); outcome admitted or refused.",
+    "Requests with a limit: mode 'ledger' (asked the TenantLedger), 'leased' (decided by the "
+    "ingress replica from quota leased from the ledger: tenancy.leased_limits), 'starting' "
+    "(before its first grant) or 'fallback' (the ledger unavailable: admitted without limits, "
+    "or with leased limits each limit divided among the replicas); outcome admitted/refused.",
     ("mode", "outcome"),
 )
 STREAMS_IN_FLIGHT = Level(

@@ -36,7 +36,8 @@ from app.routing.affinity import (
 from app.routing.targets import Target, carry_over, choose_target, request_pool
 from app.server import create_app
 from app.tenancy.batching import GroupCall
-from app.tenancy.quota import QuotaClient
+from app.tenancy.limits import Ticket
+from app.tenancy.quota import LocalLimits, QuotaClient
 from app.tenancy.requests import (
     tenant_pool,
     terminal_stats,
@@ -51,6 +52,7 @@ SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
 REPORT_BEFORE_REPLY_SECONDS = 2.0
+ADMIT_TIMEOUT_SECONDS = 2.0
 REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 # Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
 # requests): bigger requests travel as Ray objects
@@ -77,10 +79,20 @@ class ServeBackend:
         # each call to the ledger carries the reports that ended while the last one was out
         self._reports_call: GroupCall[tuple[str, UsageRecord | None]] | None = None
         self._quota: QuotaClient | None = None
+        self._open: set[str] = set()  # requests the ledger admitted, in flight (their leases)
+        self._renewing: asyncio.Task[None] | None = None
         if ledger is not None:
             self._reports_call = GroupCall(lambda reports: ledger.report_usage.remote(reports))
+        if ledger is not None and config.tenancy.leased_limits:
             replica = uuid.uuid4().hex  # this replica (or Ray job) among the ledger's lessees
-            self._quota = QuotaClient(lambda report: ledger.sync.remote(replica, report))
+            self._quota = QuotaClient(
+                lambda report: ledger.sync.remote(replica, report),
+                # without the ledger: each limit divided among the ingress replicas
+                LocalLimits(
+                    config.tenancy.limit_window_seconds,
+                    fallback_replicas=config.ingress.num_replicas,
+                ),
+            )
         self._reports: set[asyncio.Task[None]] = set()
         self._generators = generators
         self._by_reference = config.streaming.transport == "object_refs"
@@ -177,16 +189,19 @@ class ServeBackend:
         finally:
             if admitted and self._quota is not None:
                 self._quota.finish(request.request_id, usage.tokens if usage else None)
-            if not reported and usage is not None:
-                self._report_later(request.request_id, usage)
+            self._open.discard(request.request_id)
+            if not reported and (usage is not None or (admitted and self._quota is None)):
+                self._report_later(request.request_id, usage)  # None: releases its limits
 
     async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> bool:
         """Decide the request's limits here, from the quota this replica leases from the
         TenantLedger (`app.tenancy.quota`): no round trip while the quota lasts. Raises the
         refusal (429 + Retry-After). False: no limit applies."""
         ticket = ticket_for(request, self._config, record)
-        if self._quota is None or not ticket.subjects:
+        if not ticket.subjects or self._ledger is None:
             return False
+        if self._quota is None:
+            return await self._admit_at_ledger(request, ticket)
         mode = self._quota.limits.mode(time.monotonic())
         try:
             await self._quota.admit(ticket)
@@ -196,11 +211,43 @@ class ServeBackend:
         metrics.LIMIT_DECISIONS.inc((mode, "admitted"))
         return True
 
+    async def _admit_at_ledger(self, request: GenerationRequest, ticket: Ticket) -> bool:
+        """Ask the TenantLedger (one round trip); raises its refusal. False: the ledger is
+        unreachable (fail open: limits are protection, not billing)."""
+        assert self._ledger is not None
+        try:
+            refusal = await asyncio.wait_for(
+                self._ledger.admit.remote(ticket), ADMIT_TIMEOUT_SECONDS
+            )
+        except Exception:
+            logger.warning("tenant ledger unreachable; admitting without limits", exc_info=True)
+            metrics.LIMIT_DECISIONS.inc(("fallback", "admitted"))
+            return False
+        metrics.LIMIT_DECISIONS.inc(("ledger", "admitted" if refusal is None else "refused"))
+        if refusal is not None:
+            raise refusal
+        self._open.add(request.request_id)
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
+        return True
+
+    async def _renew_forever(self) -> None:
+        """Keep this replica's admitted requests counted as in flight (their leases lapse if
+        this replica dies)."""
+        assert self._ledger is not None
+        interval = self._config.tenancy.stream_lease_seconds / 3
+        while self._open:
+            await asyncio.sleep(interval)
+            try:
+                await self._ledger.renew.remote(sorted(self._open))
+            except Exception:
+                logger.warning("renewing request leases failed", exc_info=True)
+
     def limits_health(self) -> dict[str, Any] | None:
         """How this replica decides limits now (leased, starting, or the fallback while the
         ledger is out, with since when), for /health."""
         if self._quota is None:
-            return None
+            return None if self._ledger is None else {"mode": "ledger"}
         return self._quota.limits.health(time.monotonic())
 
     async def _report_before_reply(self, request_id: str, usage: UsageRecord) -> bool:

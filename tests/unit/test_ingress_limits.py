@@ -1,5 +1,5 @@
-"""Limits in the ingress replica (ServeBackend over app.tenancy.quota): decided locally; with
-the TenantLedger unavailable they fall back to each limit divided among the replicas, which
+"""Leased limits in the ingress replica (`tenancy.leased_limits`: ServeBackend over
+app.tenancy.quota): decided locally; with the TenantLedger unavailable they fall back to each limit divided among the replicas, which
 /health shows and `poolserve_limit_decisions_total{mode="fallback"}` counts."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def backend_with_ledger_down() -> ServeBackend:
         return None
 
     config = AppConfig.model_validate(
-        {"tenancy": {"default_key_limits": {"requests_per_minute": 3}}}
+        {"tenancy": {"leased_limits": True, "default_key_limits": {"requests_per_minute": 3}}}
     )
     backend = ServeBackend(
         config,
