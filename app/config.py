@@ -400,7 +400,7 @@ class RoutingConfig(ClosedModel):
     policy: Literal["affinity", "power_of_two"] = Field(
         "affinity",
         description="affinity: prefix/key affinity guarded by KV headroom and load balance; "
-        "power_of_two: Serve's default (the less loaded of two random workers).",
+        "power_of_two: the less loaded of two random ready workers (as Serve's default router).",
     )
     max_imbalance: int = Field(
         4,

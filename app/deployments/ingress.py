@@ -61,8 +61,8 @@ GRPC_REQUEST_BYTES = 48 * 1024
 
 class ServeBackend:
     """GenerationBackend over Serve: worker and pool snapshots from the PoolAutoscaler (which
-    also owns pool changes), streams from the Generator deployment of the chosen profile,
-    restricted to the chosen workers by `app.deployments.router.PoolRequestRouter`."""
+    also owns pool changes); each request's worker chosen here, once, and its stream carried
+    with the other requests to that worker on one call (`app.deployments.calls`)."""
 
     def __init__(
         self,

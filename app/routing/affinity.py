@@ -1,6 +1,6 @@
 """Which worker should serve a request, among the eligible workers of its pool and profile.
-Pure: the Serve request router (`app.deployments.router`) feeds it each worker's load and KV
-headroom and its own memory of which prefixes it sent where.
+Pure: the ingress (`ServeBackend._choose`) feeds it each worker's load and KV headroom and its
+own memory of which prefixes it sent where.
 
 A request's affinity keys are either its explicit key (`prompt_cache_key`, else `routing_key`)
 or a chain of hashes over the leading blocks of its prompt text (the model, the LoRA adapter and
