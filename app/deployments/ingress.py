@@ -114,8 +114,7 @@ class ServeBackend:
         as its heartbeats (a whole pull once the last whole one is older than `max_age_s`; the
         request path's versioned pulls skip heartbeats that change only figures)."""
         if time.monotonic() - self._full_at > max_age_s:
-            self._snapshot_version = None  # the next pull answers the whole snapshot
-            await self._routing_snapshot(0.0)
+            await self._load_snapshot(whole=True)
         return self._snapshot
 
     async def _routing_snapshot(
@@ -132,18 +131,24 @@ class ServeBackend:
                 await asyncio.shield(self._refresh)
         return self._snapshot
 
-    async def _load_snapshot(self) -> None:
-        """A versioned pull: a few bytes while nothing an ingress routes by changed."""
+    async def _load_snapshot(self, whole: bool = False) -> None:
+        """A versioned pull (a few bytes while nothing an ingress routes by changed), or with
+        `whole` the registry's current snapshot, every figure as fresh as the heartbeats."""
         try:
-            version, snapshot = await asyncio.wait_for(
-                self._registry.routing_snapshot_since.remote(self._snapshot_version),
-                SNAPSHOT_TIMEOUT_SECONDS,
-            )
-            if snapshot is None:
-                self._snapshot_at = time.monotonic()
-                return
+            if whole:
+                snapshot = await asyncio.wait_for(
+                    self._registry.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
+                )
+            else:
+                version, snapshot = await asyncio.wait_for(
+                    self._registry.routing_snapshot_since.remote(self._snapshot_version),
+                    SNAPSHOT_TIMEOUT_SECONDS,
+                )
+                if snapshot is None:
+                    self._snapshot_at = time.monotonic()
+                    return
+                self._snapshot_version = version
             workers, self._pools = snapshot
-            self._snapshot_version = version
             self._full_at = time.monotonic()
             keep_s = 2 * self._config.worker_heartbeat_seconds
             self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)

@@ -70,10 +70,17 @@ async def test_an_unchanged_version_keeps_the_snapshot_and_sends_the_version_bac
             return "7", None
         return "7", ([], {"eval": "record"})
 
+    async def whole() -> Any:
+        versions.append("whole")
+        return [], {"eval": "record"}
+
     backend = ServeBackend(
         AppConfig(),
         {},
-        SimpleNamespace(routing_snapshot_since=SimpleNamespace(remote=answer)),  # type: ignore[arg-type]
+        SimpleNamespace(  # type: ignore[arg-type]
+            routing_snapshot_since=SimpleNamespace(remote=answer),
+            routing_snapshot=SimpleNamespace(remote=whole),
+        ),
     )
     await backend._routing_snapshot(max_age_s=0.0)
     assert backend._pools == {"eval": "record"}
@@ -82,7 +89,7 @@ async def test_an_unchanged_version_keeps_the_snapshot_and_sends_the_version_bac
     assert versions == [None, "7"]
     assert backend._pools == {"eval": "record"}  # kept
     assert backend._snapshot_at > before  # and counted as fresh
-    # /health, the dashboard and /metrics read every figure fresh: a whole pull
+    # /health, the dashboard and /metrics read every figure fresh: the registry's current one
     backend._full_at = time.monotonic() - 1.0
     await backend.workers()
-    assert versions == [None, "7", None]
+    assert versions == [None, "7", "whole"]
