@@ -222,6 +222,12 @@ class _Share(_Counters):
     def demand_now(self, now: float) -> float:
         return self.demand * math.exp(-(now - self.demand_at) / DEMAND_TAU_SECONDS)
 
+    def fold_sent(self) -> None:
+        """Before sending it a grant the replica did not report on: the last one sent may be
+        in force there now (a replica applies each grant before its next report), so the
+        ceilings in force are the larger of both until it reports again."""
+        self.in_force = [max(a, b) for a, b in zip(self.in_force, self.sent, strict=True)]
+
     def outstanding(self) -> tuple[float, float, float]:
         """What it may still admit: the larger ceiling (in force, or sent and maybe applied)
         above its counters."""
@@ -333,6 +339,7 @@ class QuotaBook:
                 continue
             held = budget.shares.get(replica_id)
             if held is not None and subject not in reported:
+                held.fold_sent()
                 grants.append(self._grant(budget, held, live, share_of, now, 0, 0))
         # shrink this replica's idle shares back to their starter (dropped at their next report)
         cutoff = now - self.idle_s
@@ -344,6 +351,7 @@ class QuotaBook:
             shares.move_to_end(subject)
             share.scanned_at = now  # looked at once per idle period
             if subject not in reported and share.in_flight == 0:
+                share.fold_sent()
                 grants.append(self._starter_grant(self._budgets[subject], share, share_of))
         if now >= self._prune_at:
             self.prune(now)
