@@ -53,7 +53,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         .bind(plain, registry)
     )
     generators = {
-        profile.name: _generator(profile, config).bind(plain, profile.name, registry)
+        profile.name: _generator(profile, config).bind(plain, profile.name, registry, ledger)
         for profile in config.profiles
     }
     return (

@@ -552,6 +552,13 @@ ENGINE_PREEMPTIONS = Gauge(
     ["worker", "profile"],
     registry=REGISTRY,
 )
+ENGINE_TOKENS = Gauge(
+    f"{PREFIX}_engine_tokens",
+    "vLLM's own token counters of a worker's engines since they started (kind: prompt, "
+    "generation): what billed usage reconciles with.",
+    ["worker", "profile", "kind"],
+    registry=REGISTRY,
+)
 WORKER_ACTIVE_REQUESTS = Gauge(
     f"{PREFIX}_worker_active_requests",
     "Requests a worker is serving (its queue depth as reported in its last heartbeat).",
@@ -883,6 +890,7 @@ def update_snapshot(
         KV_BLOCKS,
         KV_HANDLES_OPEN,
         ENGINE_PREEMPTIONS,
+        ENGINE_TOKENS,
         WORKER_ACTIVE_REQUESTS,
         POOL_WORKERS,
     ):
@@ -902,9 +910,15 @@ def update_snapshot(
         )
         if kv.handles_open is not None:
             KV_HANDLES_OPEN.labels(worker.worker_id, worker.profile).set(kv.handles_open)
+        stats = [s.stats for s in worker.models if s.stats is not None]
         ENGINE_PREEMPTIONS.labels(worker.worker_id, worker.profile).set(
-            sum(s.stats.preemptions for s in worker.models if s.stats is not None)
+            sum(s.preemptions for s in stats)
         )
+        for kind, tokens in (
+            ("prompt", sum(s.prompt_tokens_total for s in stats)),
+            ("generation", sum(s.generation_tokens_total for s in stats)),
+        ):
+            ENGINE_TOKENS.labels(worker.worker_id, worker.profile, kind).set(tokens)
     for (pool, profile, state), count in counts.items():
         POOL_WORKERS.labels(pool, profile, state).set(count)
     if pool_states is not None:

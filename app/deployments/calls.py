@@ -43,7 +43,7 @@ class Inbox:
     """What a worker sent for one request, in order; `get` waits with a timeout (for SSE
     keep-alives) without a task per wait."""
 
-    __slots__ = ("_items", "_waiter", "ended", "on_close", "released")
+    __slots__ = ("_items", "_waiter", "accepted", "ended", "on_close", "released")
 
     def __init__(self) -> None:
         self._items: collections.deque[WorkerItem] = collections.deque()
@@ -51,6 +51,7 @@ class Inbox:
         self.ended = False  # no more items will come (the stream ended, failed or was left)
         self.on_close: Callable[[], None] | None = None  # set once the worker has the request
         self.released = False  # counted out of its WorkerCalls' in_flight
+        self.accepted = False  # the worker acknowledged the call carrying it (it reports it)
 
     def put(self, item: WorkerItem) -> None:
         if self.ended:
@@ -164,6 +165,7 @@ class WorkerCalls:
             raise
         self._note(stats)
         for request_id, inbox in list(live.items()):
+            inbox.accepted = True
             if inbox.ended:  # left while the group was on its way
                 self._left(request_id, live, stream)
             else:

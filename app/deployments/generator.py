@@ -18,10 +18,12 @@ from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
 from app.engine.worker import Worker
 from app.errors import InternalError, ServiceError, WorkerUnavailable
-from app.protocol.generation import GenerationRequest
+from app.protocol.generation import EngineCounts, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 from app.routing.targets import request_pool
+from app.tenancy.reports import UsageReports
+from app.tenancy.requests import engine_usage, terminal_stats
 
 logger = logging.getLogger("ray.serve")
 FORGET_TIMEOUT_S = 2.0
@@ -31,11 +33,21 @@ class Generator:
     """Plain class; `builder.py` turns it into one Serve deployment per machine profile."""
 
     async def __init__(  # type: ignore[misc]  # Serve (and Ray actors) await an async __init__
-        self, config: dict[str, Any], profile: str, registry: DeploymentHandle[Any]
+        self,
+        config: dict[str, Any],
+        profile: str,
+        registry: DeploymentHandle[Any],
+        ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._config = AppConfig.model_validate(config)
         self._worker = Worker(self._config, profile)
         self._registry = registry
+        # requests are billed here, from the engine's counts, however they end
+        self._reports = (
+            UsageReports(lambda reports: ledger.report_usage.remote(reports))
+            if ledger is not None
+            else None
+        )
         self._worker_id = serve.get_replica_context().replica_id.unique_id
         self._node_id = ray.get_runtime_context().get_node_id()
         self._pool = "default"  # pushed by the PoolAutoscaler in its heartbeat replies
@@ -108,21 +120,39 @@ class Generator:
     async def _serve(
         self, request: GenerationRequest, put: Callable[[str, WorkerItem], None]
     ) -> None:
+        """Serve one request and bill it with what the engine did (`EngineCounts`): before
+        its last item goes out when it ends here (so its client's usage block is in the
+        ledger first), in the background when its client left. A request that never reached
+        the engine is reported without usage (its limits released)."""
         request_id = request.request_id
+        counts = EngineCounts()
+        billed = False
+        last: WorkerItem = ENDED
         try:
-            async for batch in self._worker.stream(request):
+            async for batch in self._worker.stream(request, counts):
+                if not billed and terminal_stats(batch) is not None:
+                    billed = True
+                    await self._bill(request, counts)
                 put(request_id, batch)
-            put(request_id, ENDED)
         except ServiceError as refusal:
-            put(request_id, refusal)
+            last = refusal
         except asyncio.CancelledError:
-            put(request_id, ENDED)  # `cancel`: the call goes on without it
+            if not billed and self._reports is not None:  # `cancel`: the call goes on
+                self._reports.later(request_id, engine_usage(request, counts))
+            put(request_id, ENDED)
             raise
         except Exception:
             logger.exception("request %s failed on this worker", request_id)
-            put(request_id, InternalError(request_id))
+            last = InternalError(request_id)
         finally:
             self._running.pop(request_id, None)
+        if not billed:
+            await self._bill(request, counts)
+        put(request_id, last)
+
+    async def _bill(self, request: GenerationRequest, counts: EngineCounts) -> None:
+        if self._reports is not None:
+            await self._reports.before_reply(request.request_id, engine_usage(request, counts))
 
     async def cancel(self, request_ids: list[str], worker: str | None = None) -> None:
         """Stop requests of a call whose client left (the call goes on for the others).

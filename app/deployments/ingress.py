@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from app import metrics
 from app.api.observe import instrument
 from app.config import AppConfig
-from app.deployments.calls import ENDED, WorkerCalls, WorkerMessage
+from app.deployments.calls import ENDED, Inbox, WorkerCalls, WorkerMessage
 from app.deployments.metrics_sink import share_metrics
 from app.deployments.ray_private import route_on_this_loop
 from app.errors import PoolNotFound, Provisioning, ServiceError
@@ -35,25 +35,16 @@ from app.routing.affinity import (
 )
 from app.routing.targets import Target, carry_over, choose_target, request_pool
 from app.server import create_app
-from app.tenancy.batching import GroupCall
 from app.tenancy.limits import Ticket
 from app.tenancy.quota import LocalLimits, QuotaClient
-from app.tenancy.requests import (
-    tenant_pool,
-    terminal_stats,
-    ticket_for,
-    usage_record,
-    with_pool_defaults,
-)
-from app.tenancy.usage import UsageRecord
+from app.tenancy.reports import UsageReports
+from app.tenancy.requests import tenant_pool, terminal_stats, ticket_for, with_pool_defaults
 
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
-REPORT_BEFORE_REPLY_SECONDS = 2.0
 ADMIT_TIMEOUT_SECONDS = 2.0
-REPORT_ATTEMPTS = 12  # usage reports retried with backoff (0.5 s doubling to 15 s: ~2 min)
 # Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
 # requests): bigger requests travel as Ray objects
 GRPC_REQUEST_BYTES = 48 * 1024
@@ -76,13 +67,13 @@ class ServeBackend:
         logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
         self._ledger = ledger
-        # each call to the ledger carries the reports that ended while the last one was out
-        self._reports_call: GroupCall[tuple[str, UsageRecord | None]] | None = None
+        # releases of ledger-decided limits held by requests no worker took
+        self._reports: UsageReports | None = None
         self._quota: QuotaClient | None = None
         self._open: set[str] = set()  # requests the ledger admitted, in flight (their leases)
         self._renewing: asyncio.Task[None] | None = None
         if ledger is not None:
-            self._reports_call = GroupCall(lambda reports: ledger.report_usage.remote(reports))
+            self._reports = UsageReports(lambda reports: ledger.report_usage.remote(reports))
         if ledger is not None and config.tenancy.leased_limits:
             replica = uuid.uuid4().hex  # this replica (or Ray job) among the ledger's lessees
             self._quota = QuotaClient(
@@ -93,7 +84,6 @@ class ServeBackend:
                     fallback_replicas=config.ingress.num_replicas,
                 ),
             )
-        self._reports: set[asyncio.Task[None]] = set()
         self._generators = generators
         self._by_reference = config.streaming.transport == "object_refs"
         self._calls: dict[tuple[str, str, bool], WorkerCalls] = {}  # (profile, worker, large)
@@ -168,45 +158,41 @@ class ServeBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         """Limits first (service-wide, before any engine work), then the worker's stream. The
-        terminal batch (it carries the usage) is passed on only once the TenantLedger has
-        it durable (counted once per request id), so no client holds a usage block the ledger
-        lacks; if the ledger does not answer within REPORT_BEFORE_REPLY_SECONDS, the reply goes
-        on and the report is retried until it does. A request that ends without usage (failed,
-        or cut because its ingress died before the end) is not counted; one whose ingress dies
-        between the report and the reply's last bytes is (its tokens were generated)."""
+        worker bills the request from the engine's counts, however it ends (`Generator`); here
+        only the limits it holds are settled when it ends."""
         await self._routing_snapshot()
         pool = tenant_pool(request)
         if pool != DEFAULT_POOL and pool not in self._pools:
             await self._routing_snapshot(0.0)  # created since the snapshot: its limits apply
         record = self._pools.get(pool)
         request = with_pool_defaults(request, record)
-        admitted = await self._admit(request, record)
-        usage: UsageRecord | None = None
-        reported = False
+        ticket = await self._admit(request, record)
+        if ticket is None:
+            async for batch in self._generate(request):
+                yield batch
+            return
+        tokens: int | None = None
+        started = False
         try:
             async for batch in self._generate(request):
+                started = True
                 terminal = terminal_stats(batch)
                 if terminal is not None:
-                    usage = usage_record(request, terminal)
-                    if usage is not None:
-                        reported = await self._report_before_reply(request.request_id, usage)
+                    tokens = (terminal.prompt_tokens or 0) + (terminal.completion_tokens or 0)
                 yield batch
         finally:
-            if admitted and self._quota is not None:
-                self._quota.finish(request.request_id, usage.tokens if usage else None)
-            self._open.discard(request.request_id)
-            if not reported and (usage is not None or (admitted and self._quota is None)):
-                self._report_later(request.request_id, usage)  # None: releases its limits
+            self._settle(ticket, tokens, started)
 
-    async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> bool:
+    async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> Ticket | None:
         """Decide the request's limits here, from the quota this replica leases from the
-        TenantLedger (`app.tenancy.quota`): no round trip while the quota lasts. Raises the
-        refusal (429 + Retry-After). False: no limit applies."""
+        TenantLedger (`app.tenancy.quota`): no round trip while the quota lasts; or (leased
+        limits off) at the ledger. Raises the refusal (429 + Retry-After). None: no limit
+        applies (or the ledger is out and limits fail open)."""
         ticket = ticket_for(request, self._config, record)
         if not ticket.subjects or self._ledger is None:
-            return False
+            return None
         if self._quota is None:
-            return await self._admit_at_ledger(request, ticket)
+            return ticket if await self._admit_at_ledger(request, ticket) else None
         mode = self._quota.limits.mode(time.monotonic())
         try:
             await self._quota.admit(ticket)
@@ -214,7 +200,18 @@ class ServeBackend:
             metrics.LIMIT_DECISIONS.inc((mode, "refused"))
             raise
         metrics.LIMIT_DECISIONS.inc((mode, "admitted"))
-        return True
+        return ticket
+
+    def _settle(self, ticket: Ticket, tokens: int | None, started: bool) -> None:
+        """The request ended: leased quota counts its real tokens (its estimate when it was
+        cut after its stream started: the engine may have run it to the end). At the ledger,
+        the worker's usage report settles it (`_generate` releases one no worker took)."""
+        request_id = ticket.request_id
+        if self._quota is not None:
+            estimate = ticket.estimated_tokens if started else None
+            self._quota.finish(request_id, tokens if tokens is not None else estimate)
+            return
+        self._open.discard(request_id)  # the worker's report releases it at the ledger
 
     async def _admit_at_ledger(self, request: GenerationRequest, ticket: Ticket) -> bool:
         """Ask the TenantLedger (one round trip); raises its refusal. False: the ledger is
@@ -255,44 +252,6 @@ class ServeBackend:
             return None if self._ledger is None else {"mode": "ledger"}
         return self._quota.limits.health(time.monotonic())
 
-    async def _report_before_reply(self, request_id: str, usage: UsageRecord) -> bool:
-        """The usage, durable in the ledger before the client sees it. False: the ledger did
-        not acknowledge in time (the reply goes on; `_report_later` retries)."""
-        if self._reports_call is None:
-            return True
-        try:
-            await asyncio.wait_for(
-                self._reports_call.submit((request_id, usage)), REPORT_BEFORE_REPLY_SECONDS
-            )
-        except Exception:
-            logger.warning("usage of %s not reported yet; retrying", request_id, exc_info=True)
-            return False
-        return True
-
-    def _report_later(self, request_id: str, usage: UsageRecord | None) -> None:
-        """Report in the background: a usage the ledger did not acknowledge before the reply,
-        or a request that ended without usage (it releases the request's limits)."""
-        if self._reports_call is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._report(request_id, usage))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
-
-    async def _report(self, request_id: str, usage: UsageRecord | None) -> None:
-        """Tell the ledger, retrying until it acknowledges (the report is durable; it counts a
-        request id once)."""
-        assert self._reports_call is not None
-        delay = 0.5
-        for _ in range(REPORT_ATTEMPTS):
-            try:
-                await self._reports_call.submit((request_id, usage))
-                return
-            except Exception:
-                logger.warning("usage report of %s failed; retrying", request_id, exc_info=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15.0)
-        logger.error("usage of request %s could not be reported: %s", request_id, usage)
-
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
         if self._ledger is None:
             raise ServiceError("usage accounting is not running in this deployment")
@@ -310,11 +269,12 @@ class ServeBackend:
         return usage
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
-        target = await self._target(request)
-        worker = self._choose(request, target)
-        inbox = self._worker_calls(target.profile, worker, request).submit(request)
-        keepalive_s = self._config.streaming.keepalive_seconds
+        inbox: Inbox | None = None
         try:
+            target = await self._target(request)
+            worker = self._choose(request, target)
+            inbox = self._worker_calls(target.profile, worker, request).submit(request)
+            keepalive_s = self._config.streaming.keepalive_seconds
             while True:
                 item = await inbox.get(keepalive_s)
                 if isinstance(item, TimeoutError):
@@ -326,7 +286,13 @@ class ServeBackend:
                     raise item
                 yield inbox.with_ready(item)  # what else has arrived: one write to the client
         finally:
-            inbox.close()
+            if inbox is not None:
+                inbox.close()
+            if (inbox is None or not inbox.accepted) and request.request_id in self._open:
+                # no worker took it (so none reports it): release its ledger-decided limits
+                self._open.discard(request.request_id)
+                if self._reports is not None:
+                    self._reports.later(request.request_id, None)
 
     def _choose(self, request: GenerationRequest, target: Target) -> str:
         """The worker, chosen once: among the target's ready workers, by prefix affinity

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from app.errors import InputTooLong
 from app.protocol.generation import (
+    EngineCounts,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -63,17 +64,20 @@ class GenerationAdapter(ABC):
 
     @abstractmethod
     def generate(
-        self, request: GenerationRequest, prompt_token_ids: list[int]
+        self, request: GenerationRequest, prompt_token_ids: list[int], counts: EngineCounts
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream the generation; raises ServiceError for refusals before the first chunk."""
+        """Stream the generation; raises ServiceError for refusals before the first chunk.
+        Every engine output is added to `counts` as it arrives (what the request is billed,
+        whether or not its chunks reach the client)."""
 
     @abstractmethod
     def serve_openai(
-        self, call: OpenAICall, request_id: str, admission: Admission
+        self, call: OpenAICall, request_id: str, admission: Admission, counts: EngineCounts
     ) -> AsyncIterator[WireReply]:
         """An OpenAI-route request answered as vLLM's OpenAI server answers it: one JSON
         `WireReply`, or SSE events ending with a `done` one. Every engine request holds a KV
-        handle from `admission` while it runs; ServiceErrors before the first reply are refusals."""
+        handle from `admission` while it runs, and adds its outputs to `counts`; ServiceErrors
+        before the first reply are refusals."""
 
     @abstractmethod
     def stats(self) -> EngineStats: ...

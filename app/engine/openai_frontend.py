@@ -27,7 +27,7 @@ from app.errors import (
     UnsupportedField,
     WorkerUnavailable,
 )
-from app.protocol.generation import GenerationChunk, OpenAICall, WireReply
+from app.protocol.generation import EngineCounts, GenerationChunk, OpenAICall, WireReply
 
 logger = logging.getLogger(__name__)
 
@@ -56,29 +56,27 @@ class CallBook:
     of a completion list). Reached through a context variable, since vLLM calls the engine."""
 
     admission: Admission | None = None
+    counts: EngineCounts = field(default_factory=EngineCounts)
     started: float = field(default_factory=time.perf_counter)
     refusal: ServiceError | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
 
     def stats(self) -> GenerationChunk:
         ttft = tpot = None
+        counts = self.counts
         if self.first_token_at is not None:
             ttft = (self.first_token_at - self.started) * 1000
-            if self.completion_tokens > 1 and self.last_token_at is not None:
-                tpot = (
-                    (self.last_token_at - self.first_token_at) * 1000 / (self.completion_tokens - 1)
-                )
+            if counts.completion_tokens > 1 and self.last_token_at is not None:
+                gaps = counts.completion_tokens - 1
+                tpot = (self.last_token_at - self.first_token_at) * 1000 / gaps
         return GenerationChunk(
             text_delta="",
             done=True,
             finish_reason="stop",
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cached_tokens=self.cached_tokens,
+            prompt_tokens=counts.prompt_tokens,
+            completion_tokens=counts.completion_tokens,
+            cached_tokens=counts.cached_tokens,
             ttft_ms=ttft,
             tpot_ms=tpot,
         )
@@ -126,18 +124,18 @@ class AdmittedEngine:
             async with admission.reserve(
                 request_id, token_ids, max(1, max_tokens), candidates, namespace
             ):
-                book.prompt_tokens += len(token_ids)
+                first = True
                 async for output in self._engine.generate(prompt, params, request_id, **kwargs):
                     now = time.perf_counter()
                     produced = sum(len(each.token_ids) for each in output.outputs)
+                    cached = int(output.num_cached_tokens or 0)
+                    book.counts.output(len(token_ids), cached, produced, first)
+                    first = False
                     if produced:
                         if book.first_token_at is None:
                             admission.prefilled(request_id)
                         book.first_token_at = book.first_token_at or now
                         book.last_token_at = now
-                        book.completion_tokens += produced
-                    if output.finished:
-                        book.cached_tokens += int(output.num_cached_tokens or 0)
                     yield output
         except ServiceError as refusal:
             book.refusal = refusal
@@ -228,10 +226,16 @@ class OpenAIFrontend:
         unknown = next(unknown_fields(request), None)
         if unknown is not None:
             raise UnsupportedField(unknown)
+        if getattr(request, "use_beam_search", False):
+            raise UnsupportedField(
+                "use_beam_search",
+                "beam search is not served: vLLM runs it as one engine request per beam per "
+                "step, and requests are billed what the engine did",
+            )
         return request, ranking
 
     async def serve(
-        self, call: OpenAICall, request_id: str, admission: Admission
+        self, call: OpenAICall, request_id: str, admission: Admission, counts: EngineCounts
     ) -> AsyncIterator[WireReply]:
         """The reply as vLLM's server makes it: one JSON body, or SSE events as they come."""
         from starlette.requests import Request
@@ -247,7 +251,7 @@ class OpenAIFrontend:
         raw = Request(
             {"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""}
         )
-        book = CallBook(admission)
+        book = CallBook(admission, counts)
         _CALL.set(book)  # this task's; vLLM calls the engine from within it
         try:
             result = await getattr(serving, method)(request, raw)

@@ -27,6 +27,7 @@ from app.engine.demo_lora import resolve_lora_source
 from app.engine.openai_frontend import OpenAIFrontend
 from app.errors import InvalidRequest, ModelLoading, UnknownLora
 from app.protocol.generation import (
+    EngineCounts,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -139,6 +140,8 @@ class VLLMAdapter(GenerationAdapter):
         self._loras: dict[str, str] = {}
         self._kv_usage = 0.0
         self._preemptions = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
         self.kv_dtype = (
             "float32" if model.engine.dtype in ("float", "float32") else model.engine.dtype
         )
@@ -212,14 +215,15 @@ class VLLMAdapter(GenerationAdapter):
         return options
 
     def serve_openai(
-        self, call: OpenAICall, request_id: str, admission: Admission
+        self, call: OpenAICall, request_id: str, admission: Admission, counts: EngineCounts
     ) -> AsyncIterator[WireReply]:
         if self._frontend is None:
             raise ModelLoading(f"model '{self.model_id}' is loading")
-        return self._frontend.serve(call, request_id, admission)
+        return self._frontend.serve(call, request_id, admission, counts)
 
     def _stat_logger_factory(self) -> Any:
-        """vLLM reports live KV usage only to stat loggers: keep the latest value."""
+        """vLLM reports live KV usage and its token counters only to stat loggers: keep the
+        latest usage and add up the counters (as its Prometheus logger does)."""
         from vllm.v1.metrics.loggers import StatLoggerBase
 
         adapter = self
@@ -235,6 +239,8 @@ class VLLMAdapter(GenerationAdapter):
                     adapter._kv_usage = float(scheduler_stats.kv_cache_usage)
                 if iteration_stats is not None:
                     adapter._preemptions += int(iteration_stats.num_preempted_reqs)
+                    adapter._prompt_tokens += int(iteration_stats.num_prompt_tokens)
+                    adapter._generation_tokens += int(iteration_stats.num_generation_tokens)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -261,6 +267,8 @@ class VLLMAdapter(GenerationAdapter):
             running_requests=engine.get_num_unfinished_requests(),
             max_model_len=self._max_model_len,
             preemptions=self._preemptions,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
             max_chars_per_token=self._max_chars_per_token,
             prefill_chunk_tokens=_chunk_tokens(engine.vllm_config.scheduler_config),
         )
@@ -322,7 +330,7 @@ class VLLMAdapter(GenerationAdapter):
         return self._max_model_len
 
     async def generate(
-        self, request: GenerationRequest, prompt_ids: list[int]
+        self, request: GenerationRequest, prompt_ids: list[int], counts: EngineCounts
     ) -> AsyncIterator[GenerationChunk]:
         engine = self._engine
         if engine is None:
@@ -331,7 +339,7 @@ class VLLMAdapter(GenerationAdapter):
             params = self._sampling_params(request, len(prompt_ids))
         except request_errors() as error:  # vLLM's checks, e.g. n > 1 with greedy sampling
             raise InvalidRequest(str(error)) from error
-        chunks = self._stream(engine, request, prompt_ids, params)
+        chunks = self._stream(engine, request, prompt_ids, params, counts)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -339,7 +347,12 @@ class VLLMAdapter(GenerationAdapter):
             await chunks.aclose()
 
     async def _stream(
-        self, engine: Any, request: GenerationRequest, prompt_ids: list[int], params: Any
+        self,
+        engine: Any,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        params: Any,
+        counts: EngineCounts,
     ) -> AsyncGenerator[GenerationChunk, None]:
         timer = StreamTimer()
         top_n = request.sampling.top_logprobs
@@ -359,8 +372,16 @@ class VLLMAdapter(GenerationAdapter):
                 output = await anext(outputs)
             except request_errors() as error:  # vLLM's validation (bad schema, token ids)
                 raise InvalidRequest(str(error)) from error
+            first_output = True
             while True:
                 is_first = False
+                counts.output(
+                    len(prompt_ids),
+                    int(output.num_cached_tokens or 0),
+                    sum(len(each.token_ids) for each in output.outputs),
+                    first_output,
+                )
+                first_output = False
                 for completion in output.outputs:
                     completion_tokens += len(completion.token_ids)
                     text = completion.text

@@ -22,7 +22,7 @@ from app.errors import (
 )
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger
-from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
+from app.protocol.generation import EngineCounts, GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 from app.tenancy.fairshare import FairShare, Flow
 
@@ -116,13 +116,18 @@ class Worker:
         return adapter
 
     def stream(
-        self, request: GenerationRequest
+        self, request: GenerationRequest, counts: EngineCounts
     ) -> AsyncIterator[list[GenerationChunk]] | AsyncIterator[list[WireReply]]:
         """The request's coalesced batches: chunks (SIE generation), or the bytes of vLLM's
-        OpenAI layer for an OpenAI-route request."""
-        return self._generate(request) if request.openai is None else self._openai(request)
+        OpenAI layer for an OpenAI-route request. What the engine did for it goes in `counts`
+        as it happens (what it is billed, however it ends)."""
+        if request.openai is None:
+            return self._generate(request, counts)
+        return self._openai(request, counts)
 
-    async def _openai(self, request: GenerationRequest) -> AsyncIterator[list[WireReply]]:
+    async def _openai(
+        self, request: GenerationRequest, counts: EngineCounts
+    ) -> AsyncIterator[list[WireReply]]:
         """An OpenAI-route request through vLLM's OpenAI layer: every engine request it makes
         holds a KV handle; the SSE events come coalesced like chunks (a JSON reply is one)."""
         assert request.openai is not None
@@ -132,7 +137,7 @@ class Worker:
         self.active_requests += 1
         try:
             replies = adapter.serve_openai(
-                request.openai, request.request_id, admission.for_flow(flow_of(request))
+                request.openai, request.request_id, admission.for_flow(flow_of(request)), counts
             )
             batches = coalesce(
                 replies,
@@ -147,7 +152,9 @@ class Worker:
         finally:
             self.active_requests -= 1
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+    async def _generate(
+        self, request: GenerationRequest, counts: EngineCounts
+    ) -> AsyncIterator[list[GenerationChunk]]:
         """Admit against the KV ledger (holding a handle for the whole stream), then coalesced
         batches: the first at once, then one per window."""
         adapter = self.adapter(request.model)
@@ -172,7 +179,7 @@ class Worker:
                 request.request_id, prompt_ids, budget, candidates, namespace, flow=flow_of(request)
             ):
                 batches = coalesce(
-                    adapter.generate(request, prompt_ids),
+                    adapter.generate(request, prompt_ids, counts),
                     window_s=streaming.coalesce_window_ms / 1000,
                     max_items=streaming.coalesce_max_chunks,
                 )

@@ -97,6 +97,28 @@ class GenerationRequest:
     """The pool's fair-share weight at KV admission (its `gpus`)."""
 
 
+@dataclass(slots=True)
+class EngineCounts:
+    """What the engine did for one request so far, as vLLM's own counters count it: a prompt
+    once its engine request produced its first output (prefilled), the cached part of it,
+    every token generated. A request can make several engine requests (a completion list,
+    `best_of`); they add up. What a request is billed (`app.tenancy.requests.engine_usage`)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    engine_requests: int = 0
+    """Engine requests that produced output."""
+
+    def output(self, prompt_tokens: int, cached_tokens: int, produced: int, first: bool) -> None:
+        """One engine output of `produced` new tokens (`first`: its engine request's first)."""
+        if first:
+            self.engine_requests += 1
+            self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
+        self.completion_tokens += produced
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationChunk:
     text_delta: str

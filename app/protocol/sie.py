@@ -88,6 +88,10 @@ class HealthWorker(BaseModel):
     """The engine's own KV usage fraction (vLLM scheduler stats)."""
     engine_preemptions: int = 0
     """Requests the engine preempted since it started (vLLM iteration stats)."""
+    engine_prompt_tokens: int = 0
+    engine_generation_tokens: int = 0
+    """vLLM's own token counters since its engines started (`vllm:prompt_tokens`,
+    `vllm:generation_tokens`): what billed usage reconciles with."""
 
 
 class HealthCluster(BaseModel):

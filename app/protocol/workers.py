@@ -26,6 +26,11 @@ class EngineStats:
     """Requests queued for KV space on this engine."""
     preemptions: int = 0
     """Requests the engine preempted since it started (0 while admission never overcommits)."""
+    prompt_tokens_total: int = 0
+    """vLLM's own count of prompt tokens since the engine started (`vllm:prompt_tokens`)."""
+    generation_tokens_total: int = 0
+    """vLLM's own count of generated tokens (`vllm:generation_tokens`): what billing, counted
+    per request on the worker, reconciles with."""
     prefill_chunk_tokens: int = 0
     """Prompt tokens the engine computes in one step when it chunks prefills (0: whole)."""
     max_chars_per_token: int = 0

@@ -1,5 +1,6 @@
-"""Tenancy of one request: its pool's defaults (priority, share weight), its limit ticket, and the
-usage record of its terminal reply. Pure; the ingress's ServeBackend calls these."""
+"""Tenancy of one request: its pool's defaults (priority, share weight), its limit ticket, and
+what it is billed (from the engine's counts). Pure; the ingress's ServeBackend and the
+Generator call these."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable
 
 from app.config import AppConfig, Limits
 from app.pools.model import DEFAULT_POOL, PoolRecord, normalize_name
-from app.protocol.generation import GenerationChunk, GenerationRequest, WireReply
+from app.protocol.generation import EngineCounts, GenerationChunk, GenerationRequest, WireReply
 from app.tenancy.keys import NO_KEY
 from app.tenancy.limits import Ticket, estimate_tokens, subjects_for
 from app.tenancy.usage import UsageRecord
@@ -74,19 +75,18 @@ def terminal_stats(batch: Iterable[GenerationChunk | WireReply]) -> GenerationCh
     return None
 
 
-def usage_record(request: GenerationRequest, terminal: GenerationChunk) -> UsageRecord | None:
-    """What the client's `usage` block says, or None when the request ended without one
-    (an error, a cancellation)."""
-    if not metered(request):
-        return None
-    if terminal.error_code or terminal.finish_reason in ("error", "cancelled"):
+def engine_usage(request: GenerationRequest, counts: EngineCounts) -> UsageRecord | None:
+    """What the request is billed: the engine's own counts, however it ended (finished,
+    cancelled, failed or refused mid-way). None: not metered, or it never reached the engine
+    (no engine request produced output)."""
+    if not metered(request) or not counts.engine_requests:
         return None
     return UsageRecord(
         request_id=request.request_id,
         pool=tenant_pool(request),
         model=request.model,
         key_id=request.key_id or NO_KEY,
-        prompt_tokens=terminal.prompt_tokens or 0,
-        cached_prompt_tokens=terminal.cached_tokens or 0,
-        completion_tokens=terminal.completion_tokens or 0,
+        prompt_tokens=counts.prompt_tokens,
+        cached_prompt_tokens=counts.cached_tokens,
+        completion_tokens=counts.completion_tokens,
     )

@@ -21,6 +21,8 @@ def kv_fields(worker: WorkerStatus) -> dict[str, Any]:
         "kv_waiting": sum(s.kv_waiting for s in stats),
         "kv_engine_usage": max((s.kv_usage_fraction for s in stats), default=0.0),
         "engine_preemptions": sum(s.preemptions for s in stats),
+        "engine_prompt_tokens": sum(s.prompt_tokens_total for s in stats),
+        "engine_generation_tokens": sum(s.generation_tokens_total for s in stats),
     }
 
 

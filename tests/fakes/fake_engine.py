@@ -17,6 +17,7 @@ from app.config import ModelConfig
 from app.engine.base import Admission, GenerationAdapter, StreamTimer, generation_budget
 from app.errors import InvalidRequest, ModelLoading
 from app.protocol.generation import (
+    EngineCounts,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -68,7 +69,7 @@ class FakeAdapter(GenerationAdapter):
         return self.max_model_len
 
     async def generate(
-        self, request: GenerationRequest, prompt_token_ids: list[int]
+        self, request: GenerationRequest, prompt_token_ids: list[int], counts: EngineCounts
     ) -> AsyncIterator[GenerationChunk]:
         """The vLLM adapter's chunk shapes (tests/integration/test_adapter_contract.py compares
         them): each step one token of every unfinished choice; n = 1: the step that ends the
@@ -89,10 +90,14 @@ class FakeAdapter(GenerationAdapter):
         timer = StreamTimer()
         self.active.add(request.request_id)
         finished = False
+        steps = 0
         try:
             while any(choice.finish_reason is None for choice in choices):
                 await asyncio.sleep(self.token_delay_s)  # 0 still yields, like a real engine
-                for choice in [c for c in choices if c.finish_reason is None]:
+                stepping = [c for c in choices if c.finish_reason is None]
+                counts.output(prompt_tokens, 0, len(stepping), first=not steps)
+                steps += 1
+                for choice in stepping:
                     text, token = choice.step()
                     chunk = GenerationChunk(
                         text_delta=text,
@@ -128,7 +133,7 @@ class FakeAdapter(GenerationAdapter):
                 self.aborted.append(request.request_id)
 
     async def serve_openai(
-        self, call: OpenAICall, request_id: str, admission: Admission
+        self, call: OpenAICall, request_id: str, admission: Admission, counts: EngineCounts
     ) -> AsyncIterator[WireReply]:
         if call.route not in ("chat", "completion"):
             raise InvalidRequest(f"the fake engine does not serve /{call.route}")
@@ -164,7 +169,7 @@ class FakeAdapter(GenerationAdapter):
         text, stats = "", None
         async with admission.reserve(request_id, prompt_ids, budget, 1):
             if not body.get("stream"):
-                async for chunk in self.generate(request, prompt_ids):
+                async for chunk in self.generate(request, prompt_ids, counts):
                     admission.prefilled(request_id)  # as vLLM's layer does on a first token
                     text += chunk.text_delta
                     stats = chunk if chunk.done else stats
@@ -193,7 +198,7 @@ class FakeAdapter(GenerationAdapter):
                 yield WireReply(
                     _event({**head, "object": event_kind, "choices": [role]}), stream=True
                 )
-            async for chunk in self.generate(request, prompt_ids):
+            async for chunk in self.generate(request, prompt_ids, counts):
                 admission.prefilled(request_id)
                 if chunk.done:  # vLLM: the last token's text with the finish reason
                     stats = chunk

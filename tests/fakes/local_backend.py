@@ -16,10 +16,10 @@ from app.errors import Provisioning
 from app.pools.book import PoolBook
 from app.pools.decide import Snapshot, WorkerView, decide
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
-from app.protocol.generation import GenerationChunk, GenerationRequest
+from app.protocol.generation import EngineCounts, GenerationChunk, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.targets import choose_target
-from app.tenancy.requests import terminal_stats, usage_record, with_pool_defaults
+from app.tenancy.requests import engine_usage, with_pool_defaults
 from app.tenancy.usage import UsageBook
 
 
@@ -74,16 +74,16 @@ class LocalBackend:
             self.demand[key] = self.clock()
             raise
         request = with_pool_defaults(request, self.book.get(target.pool))
-        batches = self.workers_by_profile[target.profile].stream(request)
+        counts = EngineCounts()
+        batches = self.workers_by_profile[target.profile].stream(request, counts)
         try:
             async for batch in batches:
-                terminal = terminal_stats(batch)
-                record = usage_record(request, terminal) if terminal is not None else None
-                if record is not None:
-                    self.usage.record(record, self.clock())
                 yield batch
         finally:
             await batches.aclose()
+            record = engine_usage(request, counts)  # as the Generator bills it
+            if record is not None:
+                self.usage.record(record, self.clock())
 
     async def create_pool(self, spec: PoolSpec) -> PoolRecord:
         self.book.upsert(spec, self.clock(), self.config.pools.lease_seconds)

@@ -16,6 +16,7 @@ from app.errors import InvalidRequest
 from app.pools.decide import Snapshot, WorkerView, decide
 from app.pools.model import PoolRecord, PoolRequest, spec_from_request
 from app.protocol.generation import (
+    EngineCounts,
     GenerationChunk,
     GenerationRequest,
     OpenAICall,
@@ -24,7 +25,7 @@ from app.protocol.generation import (
 )
 from app.protocol.workers import ModelStatus, WorkerStatus
 from app.routing.targets import choose_target
-from app.tenancy.requests import terminal_stats, ticket_for, usage_record, with_pool_defaults
+from app.tenancy.requests import engine_usage, terminal_stats, ticket_for, with_pool_defaults
 from app.tenancy.usage import UsageBook, UsageRecord
 
 NOW = 1000.0
@@ -77,26 +78,23 @@ def test_tickets_carry_the_limits_that_apply_and_an_estimate() -> None:
     assert ticket_for(tokenize, CONFIG, record).subjects == ()
 
 
-def test_usage_records_come_from_successful_terminals_only() -> None:
+def test_a_request_is_billed_what_the_engine_did_however_it_ends() -> None:
     terminal = GenerationChunk(
-        "",
-        done=True,
-        finish_reason="length",
-        prompt_tokens=7,
-        completion_tokens=10,
-        cached_tokens=4,
+        "", done=True, finish_reason="length", prompt_tokens=7, completion_tokens=10
     )
     batch = [WireReply(b"data: x\n\n", stream=True), WireReply(b"", True, True, terminal)]
     assert terminal_stats(batch) == terminal
     assert terminal_stats([GenerationChunk("a")]) is None
     request = generation(key_id=None)
-    assert usage_record(request, terminal) == UsageRecord("r1", "team", "org/m", "none", 7, 4, 10)
-    failed = GenerationChunk("", done=True, finish_reason="error", error_code="inference_error")
-    assert usage_record(request, failed) is None
-    cancelled = GenerationChunk("", done=True, finish_reason="cancelled")
-    assert usage_record(request, cancelled) is None
+    counts = EngineCounts()
+    assert engine_usage(request, counts) is None  # never reached the engine: nothing billed
+    counts.output(7, 4, 1, first=True)  # prefilled (4 of 7 cached), first token
+    counts.output(7, 4, 2, first=False)
+    assert engine_usage(request, counts) == UsageRecord("r1", "team", "org/m", "none", 7, 4, 3)
+    counts.output(5, 0, 1, first=True)  # a second engine request (a completion list)
+    assert engine_usage(request, counts) == UsageRecord("r1", "team", "org/m", "none", 12, 4, 4)
     tokenize = generation(openai=OpenAICall("tokenize", {}))
-    assert usage_record(tokenize, terminal) is None
+    assert engine_usage(tokenize, counts) is None
 
 
 def test_spec_fields_and_their_errors() -> None:

@@ -1,117 +1,192 @@
-"""The ingress's usage reports (ServeBackend.stream): a request's terminal batch reaches its
-client only once the TenantLedger acknowledged its usage; reports of requests that end while a
-call is out go together in the next call; a ledger that does not answer does not hold the reply
-(the report is retried behind it); a request without usage makes no call before its reply."""
+"""Billing on the worker (Generator._serve with app/tenancy/reports.py): a request is billed
+with the engine's counts however it ends. A finished one's terminal batch goes out only once
+the TenantLedger acknowledged its usage, and reports of requests that end while a call is out go
+together in the next call; a ledger that does not answer does not hold the reply (the report is
+retried behind it); a client that leaves is billed what the engine generated before it left; a
+refusal before the engine bills nothing and releases the request's limits."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from app.config import AppConfig
-from app.deployments import ingress
-from app.deployments.ingress import ServeBackend
-from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
+from app.deployments.calls import ENDED, WorkerItem
+from app.deployments.generator import Generator
+from app.errors import InvalidRequest, QueueFull
+from app.protocol.generation import (
+    EngineCounts,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+)
+from app.tenancy.reports import UsageReports
+from app.tenancy.usage import UsageRecord
 
 
 class Ledger:
     """Stands in for `TenantLedger.report_usage`: each call waits for its gate (or fails)."""
 
     def __init__(self) -> None:
-        self.calls: list[list[str]] = []
+        self.calls: list[list[tuple[str, UsageRecord | None]]] = []
         self.gates: list[asyncio.Future[None]] = []
 
-    def remote(self, reports: list[tuple[str, Any]]) -> Any:
-        self.calls.append([request_id for request_id, _ in reports])
+    def __call__(self, sent: list[tuple[str, UsageRecord | None]]) -> Any:
+        self.calls.append(list(sent))
         gate = asyncio.get_running_loop().create_future()
         self.gates.append(gate)
         return gate
 
+    def ids(self) -> list[list[str]]:
+        return [[request_id for request_id, _ in call] for call in self.calls]
 
-def backend_with(ledger: Ledger) -> ServeBackend:
-    async def snapshot(version: str | None) -> tuple[str, tuple[list[Any], dict[str, Any]]]:
-        return "1", ([], {})
 
-    registry = SimpleNamespace(routing_snapshot_since=SimpleNamespace(remote=snapshot))
-    backend = ServeBackend(
-        AppConfig(),
-        {},
-        registry,  # type: ignore[arg-type]
-        SimpleNamespace(report_usage=ledger),  # type: ignore[arg-type]
-    )
+class Engine:
+    """A worker whose engine prefills 3 prompt tokens (1 cached), then makes one token per
+    step: `tokens` steps, then the terminal batch; a request id starting with "refused" is
+    refused before the engine, "broken" fails after its first token, "slow" waits forever
+    after its second."""
 
-    async def generate(request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
-        yield [GenerationChunk("hello", is_first=True)]
-        if request.request_id.startswith("failed"):
-            yield [GenerationChunk("", done=True, finish_reason="error", error_code="x")]
-        else:
-            yield [
-                GenerationChunk(
-                    "", done=True, finish_reason="stop", prompt_tokens=3, completion_tokens=1
-                )
-            ]
+    def __init__(self, tokens: int = 2) -> None:
+        self.tokens = tokens
 
-    backend._generate = generate  # type: ignore[method-assign]
-    return backend
+    async def stream(
+        self, request: GenerationRequest, counts: EngineCounts
+    ) -> AsyncIterator[list[GenerationChunk]]:
+        name = request.request_id
+        if name.startswith("refused"):
+            raise QueueFull("the queue is full")
+        for step in range(self.tokens):
+            await asyncio.sleep(0)
+            counts.output(3, 1, 1, first=step == 0)
+            yield [GenerationChunk("x", is_first=step == 0)]
+            if name.startswith("broken"):
+                raise RuntimeError("the engine died")
+            if name.startswith("slow") and step == 1:
+                await asyncio.Event().wait()
+        yield [GenerationChunk("", done=True, finish_reason="stop", completion_tokens=self.tokens)]
+
+
+class Replica(Generator):
+    """The replica's request path, without Serve (nothing to shut down)."""
+
+    def __del__(self) -> None:  # type: ignore[override]
+        pass
+
+
+def generator(ledger: Ledger, engine: Engine) -> Generator:
+    worker = Replica.__new__(Replica)
+    worker._worker = engine  # type: ignore[assignment]
+    worker._reports = UsageReports(ledger)
+    worker._running = {}
+    return worker
+
+
+class Reader:
+    """What the call's stream carries for each request (`put`)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list[WorkerItem]] = {}
+
+    def put(self, request_id: str, item: WorkerItem) -> None:
+        self.items.setdefault(request_id, []).append(item)
+
+    def ended(self, request_id: str) -> bool:
+        items = self.items.get(request_id, [])
+        return bool(items) and (items[-1] is ENDED or isinstance(items[-1], Exception))
 
 
 def request(request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id, "m", SamplingOptions(max_new_tokens=4), prompt="hi")
+    return GenerationRequest(
+        request_id, "m", SamplingOptions(max_new_tokens=4), prompt="hi", pool="team"
+    )
 
 
-async def drain(backend: ServeBackend, request_id: str) -> list[list[GenerationChunk]]:
-    return [batch async for batch in backend.stream(request(request_id))]
+def usage(request_id: str, completion: int) -> UsageRecord:
+    return UsageRecord(request_id, "team", "m", "none", 3, 1, completion)
 
 
 async def settle() -> None:
-    for _ in range(10):
+    for _ in range(20):
         await asyncio.sleep(0)
 
 
 async def test_the_terminal_batch_waits_for_the_ledger_and_reports_travel_together() -> None:
-    ledger = Ledger()
-    backend = backend_with(ledger)
-    first = asyncio.create_task(drain(backend, "a"))
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine())
+    first = asyncio.create_task(worker._serve(request("a"), reader.put))
     await settle()
-    assert ledger.calls == [["a"]]
-    later = [asyncio.create_task(drain(backend, name)) for name in ("b", "c")]
+    assert ledger.calls == [[("a", usage("a", 2))]]  # the engine's counts
+    assert len(reader.items["a"]) == 2  # its tokens went out; not its terminal batch yet
+    later = [asyncio.create_task(worker._serve(request(n), reader.put)) for n in ("b", "c")]
     await settle()
-    assert not first.done()  # its usage block is not sent before the ledger has it
     ledger.gates[0].set_result(None)
-    assert len(await first) == 2
+    await first
+    assert reader.ended("a") and len(reader.items["a"]) == 4  # tokens, terminal, ENDED
     await settle()
-    assert ledger.calls == [["a"], ["b", "c"]]  # ended meanwhile: one call
+    assert ledger.ids() == [["a"], ["b", "c"]]  # ended meanwhile: one call
     ledger.gates[1].set_result(None)
     await asyncio.gather(*later)
     await settle()
     assert len(ledger.calls) == 2  # acknowledged before the reply: no report after it
 
 
-async def test_a_silent_ledger_does_not_hold_the_reply_and_the_report_is_retried(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(ingress, "REPORT_BEFORE_REPLY_SECONDS", 0.05)
-    ledger = Ledger()
-    backend = backend_with(ledger)
-    batches = await asyncio.wait_for(drain(backend, "a"), 1.0)  # not held past the limit
-    assert len(batches) == 2
+async def test_a_silent_ledger_does_not_hold_the_reply_and_the_report_is_retried() -> None:
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine())
+    worker._reports = UsageReports(ledger, before_reply_s=0.05)
+    await asyncio.wait_for(worker._serve(request("a"), reader.put), 1.0)  # not held past it
+    assert reader.ended("a")
     ledger.gates[0].set_exception(ConnectionError("ledger restarting"))
     await settle()
-    assert ledger.calls == [["a"], ["a"]]  # retried behind the reply (counted once by id)
+    assert ledger.ids() == [["a"], ["a"]]  # retried behind the reply (counted once by id)
     ledger.gates[1].set_result(None)
     await settle()
-    assert not backend._reports  # acknowledged: nothing left to retry
+    assert not worker._reports._later  # acknowledged: nothing left to retry
 
 
-async def test_a_request_without_usage_is_reported_after_its_reply() -> None:
-    ledger = Ledger()
-    backend = backend_with(ledger)
-    ledger_free = await asyncio.wait_for(drain(backend, "failed"), 1.0)
-    assert len(ledger_free) == 2 and ledger.calls == []  # no call before the reply
-    # nothing was admitted against a limit (no limits configured) and nothing is counted
+async def test_a_client_that_leaves_is_billed_what_the_engine_generated() -> None:
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine(tokens=400))
+    task = asyncio.create_task(worker._serve(request("slow"), reader.put))
     await settle()
-    assert ledger.calls == []
+    assert len(reader.items["slow"]) == 2 and ledger.calls == []
+    task.cancel()  # Generator.cancel, or the call closed: the client left
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert ledger.calls == [[("slow", usage("slow", 2))]]
+
+
+async def test_a_failure_mid_way_is_billed_before_its_error_goes_out() -> None:
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine())
+    task = asyncio.create_task(worker._serve(request("broken"), reader.put))
+    await settle()
+    assert ledger.calls == [[("broken", usage("broken", 1))]]
+    assert not reader.ended("broken")
+    ledger.gates[0].set_result(None)
+    await task
+    assert reader.ended("broken") and reader.items["broken"][-1].status == 500  # type: ignore[union-attr]
+
+
+async def test_a_refusal_before_the_engine_bills_nothing_and_releases_the_limits() -> None:
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine())
+    task = asyncio.create_task(worker._serve(request("refused"), reader.put))
+    await settle()
+    assert ledger.calls == [[("refused", None)]]  # counted nowhere; its limits released
+    ledger.gates[0].set_result(None)
+    await task
+    assert isinstance(reader.items["refused"][-1], QueueFull)
+
+
+def test_engine_counts_add_every_engine_request() -> None:
+    counts = EngineCounts()
+    counts.output(10, 8, 1, first=True)
+    counts.output(10, 8, 3, first=False)
+    counts.output(6, 0, 2, first=True)
+    assert counts == EngineCounts(16, 8, 6, 2)
+    assert InvalidRequest("x").status == 400  # a refusal is a ServiceError: an item, not a crash
