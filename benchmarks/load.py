@@ -258,7 +258,7 @@ def summarize_profile(path: Path, top: int = 10) -> list[tuple[str, float, float
 
 async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
     from app.config import ModelConfig
-    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from app.protocol.generation import EngineCounts, GenerationRequest, SamplingOptions
     from tests.fakes.fake_engine import FakeAdapter
 
     model = ModelConfig.model_validate(
@@ -280,7 +280,8 @@ async def _inprocess_fake(streams: int, tokens: int) -> dict[str, float]:
         started = time.perf_counter()
         first = 0.0
         count = 0
-        async for chunk in adapter.generate(request, await adapter.prompt_token_ids(request)):
+        prompt_ids = await adapter.prompt_token_ids(request)
+        async for chunk in adapter.generate(request, prompt_ids, EngineCounts()):
             if chunk.text_delta and not first:
                 first = time.perf_counter() - started
             count += len(chunk.token_ids)

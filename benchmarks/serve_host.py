@@ -190,7 +190,7 @@ def serve_fake_http(port: int) -> None:
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from app.config import ModelConfig
-    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from app.protocol.generation import EngineCounts, GenerationRequest, SamplingOptions
     from tests.fakes.fake_engine import FakeAdapter
 
     adapter = FakeAdapter(ModelConfig.model_validate(null_app_args()["models"][0]))
@@ -212,7 +212,7 @@ def serve_fake_http(port: int) -> None:
                 max_new_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 16
             ),
         )
-        chunks = adapter.generate(request, await adapter.prompt_token_ids(request))
+        chunks = adapter.generate(request, await adapter.prompt_token_ids(request), EngineCounts())
         if not body.get("stream"):
             text = "".join([chunk.text_delta async for chunk in chunks])
             return JSONResponse({"choices": [{"index": 0, "message": {"content": text}}]})
