@@ -1,7 +1,8 @@
 """`GET /v1/usage`: what each pool, model and API key id used (requests, prompt, cached prompt
 and completion tokens) and the worker-seconds each pool held, service-wide and exact, from the
 TenantLedger. `since` (unix seconds or RFC 3339) limits it to a window, rounded down to the
-minute; `pool` to one pool. Needs an admin key once admin keys are set."""
+minute; `pool` to one pool, a deleted one too while the ledger holds its usage. Needs an admin
+key once admin keys are set."""
 
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ async def usage(request: Request, since: str | None = None, pool: str | None = N
     start = parse_since(since)
     name = normalize_name(pool) if pool else None
     if name is not None and name != DEFAULT_POOL and await context.backend.get_pool(name) is None:
-        raise PoolNotFound(pool or name)
+        # a deleted pool's invoice outlives it: 404 only when it never used anything
+        ever: dict[str, Any] = await context.backend.usage_report(None, name)
+        if not _used(ever, name):
+            raise PoolNotFound(pool or name)
+        if start is None:
+            return ever
     report: dict[str, Any] = await context.backend.usage_report(start, name)
     return report
+
+
+def _used(report: dict[str, Any], pool: str) -> bool:
+    """The report counts a request or a worker-second of `pool`."""
+    sums = report["pools"].get(pool, {})
+    return bool(report["usage"]) or bool(sums.get("requests") or sums.get("worker_seconds"))
