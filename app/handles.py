@@ -3,12 +3,13 @@
     client = connect("poolserve")
     client.generate("Once upon a time", max_new_tokens=32)          # sageLLM Response
     client.chat([{"role": "user", "content": "Hi"}], max_tokens=32)   # sageLLM Response
+    client.messages([{"role": "user", "content": "Hi"}], max_tokens=32)  # Anthropic Message
     for event in client.stream(prompt="...", max_new_tokens=32): ...  # start, delta..., end
     async for event in client.astream(messages=[...]): ...
 
 Requests go through the ingress's own `ServeBackend` (same registry snapshot, routing and
 admission, same Generator handles with `stream=True`) and are validated as HTTP's are (chat
-by vLLM's own request model on the worker), so `pool=` / `profile=` behave like the `X-SIE-Pool` /
+and messages by vLLM's own request models on the worker), so `pool=` / `profile=` behave like the `X-SIE-Pool` /
 `X-SIE-MACHINE-PROFILE` headers. Failures raise the typed `app.errors` exceptions. Closing a
 stream early (break + close, `with`, `aclose()`) cancels the engine request.
 """
@@ -163,6 +164,58 @@ class Client:
         )
         return self._loop.run(self._collect(request, trace_id))
 
+    def messages(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int,
+        model: str | None = None,
+        pool: str | None = None,
+        profile: str | None = None,
+        request_id: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """An Anthropic Messages request, answered by vLLM's Anthropic layer as
+        `POST /v1/messages` is: the Message as a dict (`content` blocks, `stop_reason`,
+        `usage`). `options` are the other fields of its body (system, stop_sequences, tools,
+        tool_choice, temperature, top_p, top_k, metadata). Buffered."""
+        request = self.messages_request(
+            messages, max_tokens=max_tokens, model=model, pool=pool, profile=profile, **options
+        )
+        request = replace(request, request_id=request_id) if request_id else request
+        return self._loop.run(self._wire_body(request))
+
+    async def amessages(
+        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> dict[str, Any]:
+        """`messages` for callers on an event loop."""
+        request_id = kwargs.pop("request_id", None)
+        request = self.messages_request(messages, **kwargs)
+        request = replace(request, request_id=request_id) if request_id else request
+        return await self._loop.run_async(self._wire_body(request))
+
+    def messages_request(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int,
+        model: str | None = None,
+        pool: str | None = None,
+        profile: str | None = None,
+        **options: Any,
+    ) -> GenerationRequest:
+        """The internal request `POST /v1/messages` would build for the same body."""
+        if options.get("stream"):
+            raise InvalidRequest("messages() is buffered; leave out 'stream'", param="stream")
+        body = {
+            "model": model or self.config.models[0].id,
+            "messages": [dict(m) for m in messages],
+            "max_tokens": max_tokens,
+            **options,
+        }
+        headers = {POOL_HEADER: pool or "", PROFILE_HEADER: profile or ""}
+        return openai_request(self.config, "messages", body, headers, len(json.dumps(body)))
+
     async def agenerate(self, prompt: str, *, max_new_tokens: int, **kwargs: Any) -> Response:
         """`generate` for callers on an event loop."""
         trace_id = kwargs.pop("trace_id", None)
@@ -267,6 +320,26 @@ class Client:
                     yield event
                 if builder.ended:
                     return
+            raise ServiceError("generation stream ended before a terminal event")
+        except ServiceError:
+            raise
+        except Exception as error:  # every other failure surfaces as a typed error
+            raise as_service_error(error) from error
+        finally:
+            await batches.aclose()
+
+    async def _wire_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The JSON body vLLM's layer made on the worker (a buffered OpenAI-route call)."""
+        batches = cast(AsyncGenerator[Any, None], self._backend.stream(request))
+        data: list[bytes] = []
+        try:
+            async for batch in batches:
+                for reply in batch:
+                    if isinstance(reply, WireReply):
+                        data.append(reply.data)
+                        if reply.done:
+                            body: dict[str, Any] = json.loads(b"".join(data))
+                            return body
             raise ServiceError("generation stream ended before a terminal event")
         except ServiceError:
             raise

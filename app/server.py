@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import generate, models, observe, openai_routes, pools, usage
+from app.api import anthropic_routes, generate, models, observe, openai_routes, pools, usage
 from app.api.auth import ApiKeyMiddleware
 from app.api.errors import ErrorShape, error_response, format_location, validation_error
 from app.config import AppConfig
@@ -39,6 +39,8 @@ OPENAI_PREFIXES = (
 
 
 def shape_for(path: str) -> ErrorShape:
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
     return "openai" if path.startswith(OPENAI_PREFIXES) else "sie"
 
 
@@ -48,6 +50,7 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     app.state.authenticator = authenticator = Authenticator.from_config(config.security)
     for module in (openai_routes, generate, models, pools, usage, observe, dashboard, login):
         app.include_router(module.router)
+    app.include_router(anthropic_routes.router)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:

@@ -1,6 +1,7 @@
-"""Render every error in one place: OpenAI routes get `{"error": {...}}`, SIE-native routes and
-pools get `{"detail": {...}}`; both carry `X-SIE-Error-Code` and, for capacity errors,
-`Retry-After`. Unknown exceptions become 500 `internal_error` with a request id."""
+"""Render every error in one place: OpenAI routes get `{"error": {...}}`, the Anthropic routes
+`{"type": "error", "error": {"type", "message"}}` (Anthropic's types and statuses: a full queue
+is 529 `overloaded_error`), SIE-native routes and pools `{"detail": {...}}`; all carry
+`X-SIE-Error-Code` and, for capacity errors, `Retry-After`. Unknown exceptions become 500 `internal_error` with a request id."""
 
 from __future__ import annotations
 
@@ -17,7 +18,21 @@ from app.errors import InternalError, InvalidRequest, ServiceError, UnsupportedF
 
 logger = logging.getLogger(__name__)
 
-ErrorShape = Literal["openai", "sie"]
+ErrorShape = Literal["openai", "anthropic", "sie"]
+
+# Anthropic's error type per status (https://docs.anthropic.com/en/api/errors); 529 is theirs
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_OVERLOADED = 529  # Anthropic's status for "overloaded": our QUEUE_FULL
 
 
 def as_service_error(error: BaseException) -> ServiceError:
@@ -43,12 +58,29 @@ def error_object(error: ServiceError, shape: ErrorShape) -> dict[str, Any]:
     return body
 
 
+def anthropic_status(error: ServiceError) -> int:
+    return ANTHROPIC_OVERLOADED if error.code == "QUEUE_FULL" else error.status
+
+
+def anthropic_error(error: ServiceError) -> dict[str, Any]:
+    """The Anthropic error body (our code travels in `X-SIE-Error-Code`)."""
+    status = anthropic_status(error)
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
 def error_response(error: BaseException, shape: ErrorShape) -> JSONResponse:
     service_error = as_service_error(error)
-    key = "error" if shape == "openai" else "detail"
     headers = {"X-SIE-Error-Code": service_error.code}
     if service_error.retry_after_s is not None:
         headers["Retry-After"] = _retry_after(service_error.retry_after_s)
+    if shape == "anthropic":
+        return JSONResponse(
+            anthropic_error(service_error),
+            status_code=anthropic_status(service_error),
+            headers=headers,
+        )
+    key = "error" if shape == "openai" else "detail"
     return JSONResponse(
         {key: error_object(service_error, shape)},
         status_code=service_error.status,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -38,7 +38,8 @@ router = APIRouter()
 # Request headers vLLM's serving layer reads (X-Request-Id is set to ours on the worker).
 FORWARDED_HEADERS = ("x-session-id", "traceparent", "tracestate")
 ROUTING_TEXT_CHARS = 1 << 16
-UNMETERED = frozenset({"tokenize", "detokenize"})  # no generation: no limits, no usage
+UNMETERED = frozenset({"tokenize", "detokenize", "count_tokens"})  # no generation: no limits
+MESSAGE_ROUTES = frozenset({"chat", "messages", "count_tokens"})  # a `messages` list
 # vLLM's request models are the schema; documented at https://docs.vllm.ai (OpenAI server)
 ANY_JSON_BODY = {
     "requestBody": {
@@ -58,12 +59,20 @@ def _texts(content: Any) -> Iterator[str]:
                 yield part["text"]
 
 
+def _messages(body: Mapping[str, Any]) -> list[Any]:
+    """The messages of a chat body, an Anthropic body's `system` first as a message."""
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    system = body.get("system")
+    return messages if system is None else [{"role": "system", "content": system}, *messages]
+
+
 def routing_text(route: OpenAIRoute, body: Mapping[str, Any]) -> str:
     """The prompt text prefix routing hashes (never parsed beyond plain strings)."""
-    if route == "chat" or (route == "tokenize" and "messages" in body):
+    if route in MESSAGE_ROUTES or (route == "tokenize" and "messages" in body):
         parts: list[str] = []
         size = 0
-        for message in body.get("messages") or ():
+        for message in _messages(body):
             if not isinstance(message, dict):
                 continue
             # separators cannot occur in JSON-decoded text without being escaped first
@@ -84,11 +93,10 @@ def prompt_chars(route: OpenAIRoute, body: Mapping[str, Any]) -> int:
     the call asks vLLM to truncate the prompt (`truncate_prompt_tokens`)."""
     if body.get("truncate_prompt_tokens") is not None:
         return 0
-    if route == "chat" or (route == "tokenize" and "messages" in body):
-        messages = body.get("messages")
+    if route in MESSAGE_ROUTES or (route == "tokenize" and "messages" in body):
         return sum(
             len(text)
-            for message in (messages if isinstance(messages, list) else ())
+            for message in _messages(body)
             if isinstance(message, dict)
             for text in _texts(message.get("content"))
         )
@@ -183,7 +191,19 @@ def openai_request(
     )
 
 
-async def relay(request: Request, route: OpenAIRoute) -> Response:
+ErrorEvents = Callable[[ServiceError], tuple[bytes, ...]]
+
+
+def openai_error_events(error: ServiceError) -> tuple[bytes, ...]:
+    """An in-band error in the OpenAI error shape, then [DONE]."""
+    return sse_event({"error": error_object(error, "openai")}), DONE_EVENT
+
+
+async def relay(
+    request: Request,
+    route: OpenAIRoute,
+    error_events: ErrorEvents = openai_error_events,
+) -> Response:
     context = ApiContext.of(request)
     raw = await read_json_bytes(request, context)
     body = parse_json_object(raw)
@@ -199,15 +219,17 @@ async def relay(request: Request, route: OpenAIRoute) -> Response:
         await stream.collect()  # the one reply is the whole answer (and feeds the metrics)
         return Response(first.data, media_type="application/json", headers=headers)
     return StreamingResponse(
-        _events(stream),
+        _events(stream, error_events),
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )
 
 
-async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
+async def _events(
+    stream: ChunkStream, error_events: ErrorEvents = openai_error_events
+) -> AsyncIterator[bytes]:
     """vLLM's SSE events as the worker made them; a failure after the first byte (the worker
-    lost, the stream cut) is an in-band error event in the OpenAI error shape, then [DONE]."""
+    lost, the stream cut) is an in-band error event in the route's error shape."""
     try:
         async for batch in stream.batches():
             if not batch:  # the backend's sign of a silent stream
@@ -227,8 +249,8 @@ async def _events(stream: ChunkStream) -> AsyncIterator[bytes]:
         error: ServiceError = ServiceError("generation stream ended before a terminal event")
     except Exception as failure:  # noqa: BLE001 - every failure mid-stream is reported in-band
         error = as_service_error(failure)
-    yield sse_event({"error": error_object(error, "openai")})
-    yield DONE_EVENT
+    for event in error_events(error):
+        yield event
 
 
 def _route(path: str, route: OpenAIRoute, summary: str) -> None:

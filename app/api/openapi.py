@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-ErrorShape = Literal["openai", "sie"]
+ErrorShape = Literal["openai", "anthropic", "sie"]
 _STRING = {"type": "string"}
 _ERROR_FIELDS = {"code": _STRING, "message": _STRING, "param": {"type": ["string", "null"]}}
 ERROR_SCHEMAS: dict[ErrorShape, dict[str, Any]] = {
@@ -23,6 +23,18 @@ ERROR_SCHEMAS: dict[ErrorShape, dict[str, Any]] = {
                 "required": ["code", "message", "type"],
                 "properties": {**_ERROR_FIELDS, "type": _STRING},
             }
+        },
+    },
+    "anthropic": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": _STRING, "message": _STRING},
+            },
         },
     },
     "sie": {
@@ -46,6 +58,7 @@ STATUS_TEXT = {
     429: "Rate limited (Retry-After)",
     500: "Internal error, with a request id",
     503: "No capacity now: provisioning, model loading, queue full, worker lost (Retry-After)",
+    529: "Overloaded: the worker's queue is full (Retry-After; Anthropic routes)",
 }
 
 
@@ -54,7 +67,7 @@ def error_responses(shape: ErrorShape, *statuses: int) -> dict[int | str, dict[s
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         headers: dict[str, Any] = {"X-SIE-Error-Code": {"schema": _STRING}}
-        if status in (429, 503):
+        if status in (429, 503, 529):
             headers["Retry-After"] = {"schema": _STRING}
         responses[status] = {
             "description": STATUS_TEXT[status],

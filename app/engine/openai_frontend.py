@@ -1,6 +1,6 @@
 """vLLM's own OpenAI layer on the worker: its request models and their sampling parameters, chat
-templates, tool-call and reasoning parsers, `/tokenize` and `/detokenize`, built by vLLM's
-`init_app_state` exactly as `vllm serve` builds them. What we add sits around each engine
+templates, tool-call and reasoning parsers, `/tokenize` and `/detokenize`, and its Anthropic
+Messages layer, built by vLLM's `init_app_state` exactly as `vllm serve` builds them. What we add sits around each engine
 request: a KV handle from our ledger before the engine sees it (`AdmittedEngine`), and the
 stats our metrics need. Imports vllm (the engine package is the only place that may)."""
 
@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from app.engine.anthropic import ANTHROPIC_ROUTES, error_event, error_event_message, ignored_fields
 from app.engine.base import Admission
 from app.errors import (
     GenerationFailed,
@@ -47,6 +48,8 @@ _SERVING = {
     "responses": ("openai_serving_responses", "create_responses"),
     "tokenize": ("serving_tokenization", "create_tokenize"),
     "detokenize": ("serving_tokenization", "create_detokenize"),
+    "messages": ("anthropic_serving_messages", "create_messages"),
+    "count_tokens": ("anthropic_serving_messages", "count_tokens"),
 }
 
 
@@ -144,6 +147,10 @@ class AdmittedEngine:
 
 def _request_models() -> dict[str, tuple[TypeAdapter[Any], frozenset[str]]]:
     """route -> (vLLM's request model as a validator, the top-level fields it knows)."""
+    from vllm.entrypoints.anthropic.protocol import (
+        AnthropicCountTokensRequest,
+        AnthropicMessagesRequest,
+    )
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
@@ -166,6 +173,11 @@ def _request_models() -> dict[str, tuple[TypeAdapter[Any], frozenset[str]]]:
             fields(TokenizeCompletionRequest, TokenizeChatRequest),
         ),
         "detokenize": (TypeAdapter(DetokenizeRequest), fields(DetokenizeRequest)),
+        "messages": (TypeAdapter(AnthropicMessagesRequest), fields(AnthropicMessagesRequest)),
+        "count_tokens": (
+            TypeAdapter(AnthropicCountTokensRequest),
+            fields(AnthropicCountTokensRequest),
+        ),
     }
 
 
@@ -218,12 +230,16 @@ class OpenAIFrontend:
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first.get("loc", ()) if part != call.route)
-            raise InvalidRequest(f"{where}: {first.get('msg')}", param=where or None) from None
+            message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+            raise InvalidRequest(message, param=where or None) from None
         except VLLMValidationError as error:
             raise InvalidRequest(str(error), param=error.parameter) from None
         except (ValueError, TypeError) as error:
             raise InvalidRequest(str(error)) from None
-        unknown = next(unknown_fields(request), None)
+        if call.route in ANTHROPIC_ROUTES:  # its models drop extras: walk the body beside it
+            unknown = next(ignored_fields(body, request), None)
+        else:
+            unknown = next(unknown_fields(request), None)
         if unknown is not None:
             raise UnsupportedField(unknown)
         if getattr(request, "use_beam_search", False):
@@ -275,7 +291,9 @@ class OpenAIFrontend:
             return
         if _is_error(result):
             raise _service_error(result, str(call.body.get("model", "")), request_id)
-        if ranking is None:
+        if call.route in ANTHROPIC_ROUTES:  # as vLLM's Anthropic router writes them
+            data = result.model_dump_json(exclude_none=True).encode()
+        elif ranking is None:
             # as vLLM's routers write them (Responses by alias: `text.format.schema`)
             data = result.model_dump_json(by_alias=call.route == "responses").encode()
         else:
@@ -369,7 +387,11 @@ def _is_error(result: Any) -> bool:
 
 def public_event(event: str, request_id: str) -> str:
     """An SSE event as the client gets it: vLLM's in-band error for a server-side failure
-    carries the exception's text, which goes to the log with the request id instead."""
+    carries the exception's text, which goes to the log with the request id instead (an
+    Anthropic stream's gets Anthropic's type for it, `api_error`)."""
+    internal = error_event_message(event)
+    if internal is not None:
+        return error_event("api_error", _logged(internal, request_id))
     if not event.startswith(_ERROR_EVENT):
         return event
     try:

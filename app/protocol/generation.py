@@ -42,7 +42,10 @@ class SamplingOptions:
     structured: StructuredOutput | None = None
 
 
-OpenAIRoute = Literal["chat", "completion", "responses", "tokenize", "detokenize"]
+OpenAIRoute = Literal[
+    "chat", "completion", "responses", "tokenize", "detokenize", "messages", "count_tokens"
+]
+"""vLLM's serving routes the worker answers (`messages`, `count_tokens`: its Anthropic layer)."""
 
 
 @dataclass(frozen=True, slots=True)

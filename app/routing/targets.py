@@ -178,4 +178,5 @@ def check_prompt_fits(request: GenerationRequest, engines: Sequence[EngineStats]
 
 def _prompt_param(request: GenerationRequest) -> str:
     route = request.openai.route if request.openai is not None else None
-    return {"chat": "messages", "responses": "input"}.get(route or "", "prompt")
+    params = {"chat": "messages", "messages": "messages", "count_tokens": "messages"}
+    return {**params, "responses": "input"}.get(route or "", "prompt")

@@ -14,7 +14,7 @@ from app.tenancy.keys import NO_KEY
 from app.tenancy.limits import Ticket, estimate_tokens, subjects_for
 from app.tenancy.usage import UsageRecord
 
-UNMETERED_ROUTES = frozenset({"tokenize", "detokenize"})
+UNMETERED_ROUTES = frozenset({"tokenize", "detokenize", "count_tokens"})
 """OpenAI routes that generate nothing: neither limited nor counted."""
 PRIORITY_HEADER = "x-vllm-priority"
 """vLLM's own header for a request's priority (it wins over the body's `priority` there too)."""

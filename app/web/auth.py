@@ -1,5 +1,5 @@
 """API keys: which key tier each route needs, the check of a presented key (`Authorization:
-Bearer <key>`) or of the dashboard's sign-in cookie, and the sign-in throttle. Keys are compared
+Bearer <key>`, or Anthropic's `x-api-key: <key>`) or of the dashboard's sign-in cookie, and the sign-in throttle. Keys are compared
 in constant time and never logged or echoed; with no keys configured every route stays open.
 `app.api.auth.ApiKeyMiddleware` applies the check in front of every route."""
 
@@ -56,10 +56,12 @@ def route_tier(method: str, path: str, security: SecurityConfig) -> Tier:
 
 
 def bearer_token(headers: Headers) -> bytes | None:
-    """The key of `Authorization: Bearer <key>`; b"" for any other Authorization value."""
+    """The key of `Authorization: Bearer <key>`, else of `x-api-key: <key>` (the header the
+    Anthropic SDK sends); b"" for any other Authorization value; None: no key presented."""
     value = headers.get("authorization")
     if value is None:
-        return None
+        key = headers.get("x-api-key")
+        return (key or "").strip().encode("latin-1") or None
     scheme, _, token = value.strip().partition(" ")
     return token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
 
@@ -208,7 +210,10 @@ class Authenticator:
     @staticmethod
     def _unauthorized(key: bytes | None) -> Unauthorized:
         if key is None:
-            return Unauthorized("this service needs an API key: send 'Authorization: Bearer <key>'")
+            return Unauthorized(
+                "this service needs an API key: send 'Authorization: Bearer <key>' or "
+                "'x-api-key: <key>'"
+            )
         if not key:
             return Unauthorized("the Authorization header must be 'Bearer <key>'")
         return Unauthorized("the API key is not valid")
