@@ -13,6 +13,14 @@ POOLSERVE_API_URL (http://127.0.0.1:8000, where /health is polled; Serve's port 
 config), POOLSERVE_READY_TIMEOUT_S (600), POOLSERVE_STACK_STATE (.cache/stack.json: the head
 `stop` may stop), POOLSERVE_RAY_START_ARGS (extra `ray start` arguments, e.g. other ports and a
 --temp-dir for a second head beside this one, as tests/e2e/test_readme.py runs).
+
+GCS fault tolerance (docs/deploy.md): with POOLSERVE_GCS_REDIS=1 `serve` first starts a Redis of
+its own (Debian's `redis-server`, installed with apt-get when missing) on 127.0.0.1 at
+POOLSERVE_GCS_REDIS_PORT (6381), appending to POOLSERVE_GCS_REDIS_DIR (.cache/gcs-redis), and
+starts the head with RAY_REDIS_ADDRESS pointing at it: the GCS keeps its tables and key-value
+store (pools, usage) there, a restarted GCS reloads them, and so does the next `serve` after a
+`stop`. `stop` stops that Redis too, after the head; its data stays (delete the directory to
+start afresh).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +51,12 @@ DASHBOARD_PORT = int(os.environ.get("POOLSERVE_RAY_DASHBOARD_PORT", "8265"))
 API_URL = os.environ.get("POOLSERVE_API_URL", "http://127.0.0.1:8000")
 READY_TIMEOUT_S = float(os.environ.get("POOLSERVE_READY_TIMEOUT_S", "600"))
 RAY_START_ARGS = shlex.split(os.environ.get("POOLSERVE_RAY_START_ARGS", ""))
+GCS_REDIS = os.environ.get("POOLSERVE_GCS_REDIS", "0").strip() not in ("", "0")
+REDIS_PORT = int(os.environ.get("POOLSERVE_GCS_REDIS_PORT", "6381"))
+REDIS_DIR = Path(os.environ.get("POOLSERVE_GCS_REDIS_DIR", str(ROOT / ".cache" / "gcs-redis")))
+REDIS_SERVER = "/usr/bin/redis-server"
+STORAGE_NAMESPACE = "poolserve"
+"""RAY_external_storage_namespace: the GCS's key prefix in Redis (one cluster per namespace)."""
 
 
 def project_path() -> str:
@@ -76,8 +91,12 @@ def log(message: str) -> None:
     print(f"[stack] {message}", flush=True)
 
 
-def run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, env=ENV, cwd=ROOT, check=check, text=True, capture_output=True)
+def run(
+    *command: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, env={**ENV, **(env or {})}, cwd=ROOT, check=check, text=True, capture_output=True
+    )
 
 
 def ray_is_up() -> bool:
@@ -87,12 +106,31 @@ def ray_is_up() -> bool:
         return sock.connect_ex(("127.0.0.1", RAY_PORT)) == 0
 
 
+def save_state(**fields: object) -> None:
+    """Merge `fields` into the state file (what `stop` may stop)."""
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps({**state, **fields}))
+
+
 def start_ray() -> None:
     if ray_is_up():
         log(f"Ray head already running on 127.0.0.1:{RAY_PORT}")
         warn_if_head_lacks_venv()
+        if GCS_REDIS and not head_uses_redis():
+            log(
+                "warning: POOLSERVE_GCS_REDIS is set but this head's GCS runs without Redis; "
+                "`make stop` and `make serve` again to restart it with Redis"
+            )
         return
     run(str(BIN / "ray"), "get-auth-token", "--generate")  # creates ~/.ray/auth_token once
+    redis_env: dict[str, str] = {}
+    if GCS_REDIS:
+        start_redis()
+        redis_env = {
+            "RAY_REDIS_ADDRESS": f"127.0.0.1:{REDIS_PORT}",
+            "RAY_external_storage_namespace": STORAGE_NAMESPACE,
+        }
     log(f"starting a Ray head on 127.0.0.1:{RAY_PORT} (dashboard 127.0.0.1:{DASHBOARD_PORT})")
     started = time.monotonic()
     result = run(
@@ -106,12 +144,103 @@ def start_ray() -> None:
         "--disable-usage-stats",
         *RAY_START_ARGS,
         check=False,
+        env=redis_env,
     )
     if result.returncode != 0:
         sys.exit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
-    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    STATE_FILE.write_text(json.dumps({"ray_port": RAY_PORT, "started_at": time.time()}))
+    save_state(ray_port=RAY_PORT, started_at=time.time())
     log(f"Ray head up in {time.monotonic() - started:.1f} s")
+
+
+# --- GCS fault tolerance: a Redis of the stack's own ----------------------------------------
+
+
+def ensure_redis_server() -> str:
+    """Debian's redis-server, installed with apt-get when missing (as the tests install
+    Chromium). Its package does not start a service of its own where policy-rc.d forbids it
+    (containers); elsewhere the system's Redis on 6379 is left alone: ours has its own port."""
+    found = shutil.which("redis-server")
+    if found or os.access(REDIS_SERVER, os.X_OK):
+        return found or REDIS_SERVER
+    apt = shutil.which("apt-get")
+    if apt is None:
+        sys.exit("POOLSERVE_GCS_REDIS needs redis-server; install it (apt-get is not available)")
+    log("installing redis-server with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "-q", "--no-install-recommends", "redis-server"]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:  # stale package lists: refresh once and retry
+        subprocess.run([apt, "update", "-q"], env=env, capture_output=True, timeout=600)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0 or not os.access(REDIS_SERVER, os.X_OK):
+        sys.exit(f"cannot install redis-server with apt-get:\n{result.stderr.strip()[-800:]}")
+    return REDIS_SERVER
+
+
+def redis_is_up(port: int = REDIS_PORT) -> bool:
+    """Something answers Redis's PING on the port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis() -> None:
+    """Our Redis, appending every write to REDIS_DIR (fsync every second), on 127.0.0.1 only."""
+    if redis_is_up():
+        log(f"Redis already running on 127.0.0.1:{REDIS_PORT}; the GCS keeps its state there")
+        return
+    binary = ensure_redis_server()
+    REDIS_DIR.mkdir(parents=True, exist_ok=True)
+    pidfile = REDIS_DIR / "redis.pid"
+    result = run(
+        binary,
+        "--bind", "127.0.0.1",
+        "--port", str(REDIS_PORT),
+        "--dir", str(REDIS_DIR),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--daemonize", "yes",
+        "--pidfile", str(pidfile),
+        "--logfile", str(REDIS_DIR / "redis.log"),
+        check=False,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not redis_is_up() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not redis_is_up():
+        sys.exit(f"redis-server did not start:\n{result.stdout}\n{result.stderr}")
+    save_state(redis_port=REDIS_PORT, redis_pidfile=str(pidfile))
+    log(f"Redis for the GCS on 127.0.0.1:{REDIS_PORT} (data in {REDIS_DIR})")
+
+
+def head_uses_redis() -> bool:
+    """Our head's GCS server was started with an external Redis."""
+    return any(
+        b"--redis_address=" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in our_ray_pids(RAY_PORT)
+        if Path(f"/proc/{pid}/cmdline").exists()
+    )
+
+
+def stop_redis(state: dict[str, object]) -> None:
+    """SIGTERM (Redis flushes its append-only file first) to the Redis `serve` started."""
+    pidfile = Path(str(state.get("redis_pidfile", "")))
+    port = state.get("redis_port")
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        log(f"Redis on port {port} is not running")
+        return
+    if b"redis-server" not in cmdline or f":{port}".encode() not in cmdline:
+        log(f"pid {pid} of {pidfile} is not our Redis; left alone")
+        return
+    left = stop_processes([pid], grace_s=30)
+    log(f"stopped Redis on port {port}" if not left else f"Redis {pid} survived SIGKILL")
 
 
 def warn_if_head_lacks_venv() -> None:
@@ -237,15 +366,19 @@ def stop() -> None:
         else:
             log("nothing to stop")
         return
-    port = json.loads(STATE_FILE.read_text())["ray_port"]
-    if ray_is_up():
-        log("shutting down Serve")
-        run(str(BIN / "serve"), "shutdown", "-y", check=False)
-    pids = our_ray_pids(port)
-    log(f"stopping {len(pids)} Ray processes of the head on port {port}")
-    left = stop_processes(pids)
-    if left:
-        log(f"{len(left)} processes survived SIGKILL: {left}")
+    state = json.loads(STATE_FILE.read_text())
+    port = state.get("ray_port")
+    if port is not None:
+        if ray_is_up():
+            log("shutting down Serve")
+            run(str(BIN / "serve"), "shutdown", "-y", check=False)
+        pids = our_ray_pids(port)
+        log(f"stopping {len(pids)} Ray processes of the head on port {port}")
+        left = stop_processes(pids)
+        if left:
+            log(f"{len(left)} processes survived SIGKILL: {left}")
+    if "redis_port" in state:
+        stop_redis(state)
     STATE_FILE.unlink()
     log("stopped")
 
