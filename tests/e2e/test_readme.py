@@ -365,11 +365,13 @@ def check_use_it_curl(block: Block, request: pytest.FixtureRequest) -> None:
 
 
 def check_use_it_openai(block: Block, request: pytest.FixtureRequest) -> None:
-    """The openai SDK streams a haiku with the project's interpreter (.venv/bin/python)."""
+    """The openai SDK streams a haiku, then the anthropic SDK answers a Messages request (its
+    text and output tokens on the last line), with the project's interpreter (.venv/bin/python)."""
     base = _session(request).base_url
     tmp_path: Path = request.getfixturevalue("tmp_path")
     ran = run_python(localize(block.code, {LOCAL_API: base}), VENV_PYTHON, tmp_path).ok()
-    assert len(ran.stdout.split()) >= 3, ran.stdout
+    *words, output_tokens = ran.stdout.split()
+    assert len(words) >= 4 and 0 < int(output_tokens) <= 32, ran.stdout
 
 
 def check_pools_sie(block: Block, request: pytest.FixtureRequest) -> None:

@@ -163,6 +163,27 @@ def test_openai_sdk_right_key_buffered_and_streaming(server: Server) -> None:
     assert openai_client(server, ADMIN_KEY).models.list().data
 
 
+def test_anthropic_sdk_x_api_key(server: Server) -> None:
+    """The anthropic SDK sends its key as `x-api-key`: a wrong one is its AuthenticationError
+    (Anthropic's error shape), a right one passes (the fake engine then refuses Messages, a
+    400: the real answers are tests/e2e/test_anthropic.py); `auth_token` (Bearer) works too."""
+    import anthropic
+
+    def messages(**key: str) -> None:
+        client = anthropic.Anthropic(base_url=server.base_url, max_retries=0, **key)
+        client.messages.create(
+            model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    with pytest.raises(anthropic.AuthenticationError) as raised:
+        messages(api_key=WRONG_KEY)
+    assert raised.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert WRONG_KEY not in raised.value.response.text
+    for key in ({"api_key": API_KEY}, {"auth_token": API_KEY}):
+        with pytest.raises(anthropic.BadRequestError):
+            messages(**key)
+
+
 def test_pool_changes_need_the_admin_key_over_http(server: Server) -> None:
     pool = {"name": "sec-e2e", "gpus": {"cpu": 1}}
     with httpx.Client(base_url=server.base_url, timeout=10) as http:
