@@ -4,7 +4,6 @@ dashboard import (the dashboard uses the API's auth and context)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,7 +13,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import anthropic_routes, generate, models, observe, openai_routes, pools, usage
 from app.api.auth import ApiKeyMiddleware
@@ -23,11 +21,11 @@ from app.config import AppConfig
 from app.dashboard import login
 from app.dashboard import routes as dashboard
 from app.errors import InvalidRequest, MethodNotAllowed, RouteNotFound, ServiceError
+from app.protocol.sie import SIE_API_VERSION
 from app.web.auth import Authenticator, route_path
 from app.web.backend import GenerationBackend
 from app.web.context import ApiContext
 
-SIE_API_VERSION = "0.10.1"
 OPENAI_PREFIXES = (
     "/v1/chat/",
     "/v1/completions",
@@ -99,7 +97,7 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
             expose_headers=["X-SIE-Error-Code", "X-SIE-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(ServerHeaders)
+    app.add_middleware(observe.RequestMetrics)  # outermost: it sees (and heads) every response
     return app
 
 
@@ -120,27 +118,3 @@ def _request_validation(error: RequestValidationError) -> ServiceError:
     first: dict[str, Any] = errors[0]
     param = format_location(first.get("loc", ())[1:])
     return InvalidRequest(f"{param}: {first.get('msg', 'invalid value')}", param=param or None)
-
-
-class ServerHeaders:
-    """Adds `X-SIE-Server-Version` to every response, and `X-SIE-Request-ID` to those that have
-    none yet (errors raised before a generation got its id). Pure ASGI: streams stay untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-sie-server-version", SIE_API_VERSION.encode()))
-                if not any(name.lower() == b"x-sie-request-id" for name, _ in headers):
-                    headers.append((b"x-sie-request-id", uuid.uuid4().hex.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)

@@ -1,13 +1,15 @@
-"""`GET /metrics` (Prometheus text), `RequestMetrics`, the pure ASGI middleware that counts
-every HTTP request by route template, status, error code, pool and model and notices client
-disconnects (streaming bodies pass through untouched), and `instrument`, which adds it and shares
-the replica's metrics while the app runs (`app.metrics.SHARING`)."""
+"""`GET /metrics` (Prometheus text); `RequestMetrics`, the app's one pure ASGI middleware at its
+edge: it heads every response (`X-SIE-Server-Version`, `X-SIE-Request-ID`), counts every HTTP
+request by route template, status, error code, pool and model and notices client disconnects
+(streaming bodies pass through untouched); and `instrument`, which labels generations with their
+pool and model and shares the replica's metrics while the app runs (`app.metrics.SHARING`)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -21,20 +23,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.errors import InternalError
 from app.protocol.generation import GenerationRequest
+from app.protocol.sie import SIE_API_VERSION
 from app.web.backend import GenerationBackend
 from app.web.context import ApiContext
 from app.web.snapshot import refresh_snapshot
 
 router = APIRouter()
+SERVER_VERSION = SIE_API_VERSION.encode()
 logger = logging.getLogger(__name__)
 
 
 def instrument(app: FastAPI) -> FastAPI:
-    """Add the request metrics middleware (outermost: it sees every response), label each
-    generation's metrics with its pool and model (`ObservedBackend`), and, while the app runs,
-    publish this replica's metrics if `metrics.SHARING` is connected to a share (the last
-    counts once more as the app stops)."""
-    app.add_middleware(RequestMetrics)
+    """Label each generation's metrics with its pool and model (`ObservedBackend`), and, while
+    the app runs, publish this replica's metrics if `metrics.SHARING` is connected to a share
+    (the last counts once more as the app stops)."""
     context: ApiContext = app.state.context
     if not isinstance(context.backend, ObservedBackend):
         app.state.context = dataclasses.replace(context, backend=ObservedBackend(context.backend))
@@ -79,6 +81,10 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 class RequestMetrics:
+    """The app's outermost middleware, one layer for every response: adds
+    `X-SIE-Server-Version`, and `X-SIE-Request-ID` where a response has none yet (errors
+    raised before a generation got its id); counts the request."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -104,9 +110,18 @@ class RequestMetrics:
             nonlocal status, code, complete, disconnected
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"x-sie-error-code":
+                headers = list(message.get("headers", []))
+                identified = False
+                for name, value in headers:
+                    lowered = name.lower()
+                    if lowered == b"x-sie-error-code":
                         code = value.decode("latin-1")
+                    elif lowered == b"x-sie-request-id":
+                        identified = True
+                headers.append((b"x-sie-server-version", SERVER_VERSION))
+                if not identified:
+                    headers.append((b"x-sie-request-id", uuid.uuid4().hex.encode()))
+                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             try:

@@ -12,14 +12,21 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from app.api.auth import request_key_id
 from app.api.body import read_json_bytes
 from app.api.convert import new_request_id, request_priority, routing_from_headers
 from app.api.errors import as_service_error, error_object, parse_json_object
 from app.api.openapi import GENERATION_ERRORS, STREAMED_OK, error_responses
-from app.api.streaming import DONE_EVENT, KEEPALIVE_EVENT, SSE_HEADERS, ChunkStream, sse_event
+from app.api.streaming import (
+    DONE_EVENT,
+    KEEPALIVE_EVENT,
+    SSE_HEADERS,
+    ChunkStream,
+    StreamResponse,
+    sse_event,
+)
 from app.config import AppConfig
 from app.errors import InvalidRequest, ModelNotFound, ServiceError, UnknownLora
 from app.protocol.generation import (
@@ -218,7 +225,7 @@ async def relay(
     if not first.stream:
         await stream.collect()  # the one reply is the whole answer (and feeds the metrics)
         return Response(first.data, media_type="application/json", headers=headers)
-    return StreamingResponse(
+    return StreamResponse(
         _events(stream, error_events),
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
+SIE_API_VERSION = "0.10.1"
+"""The SIE contract version this server speaks (`X-SIE-Server-Version`, the OpenAPI version)."""
+
 
 class WireModel(BaseModel):
     """Strict, closed request model: no coercion from strings or bools, no unknown keys."""
