@@ -193,6 +193,33 @@ def test_rayservice_has_a_fitting_worker_group_per_profile() -> None:
     assert str(head["num-cpus"]) == "0", "generation must not land on the head"
 
 
+def test_rayservice_keeps_its_gcs_in_the_redis_of_gcs_redis_yaml() -> None:
+    """GCS fault tolerance: the RayService names the Service, port and password Secret that
+    cluster/gcs-redis.yaml creates, and that Redis appends every write to a persistent volume."""
+    options = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"][
+        "gcsFaultToleranceOptions"
+    ]
+    redis = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(
+        (CLUSTER / "gcs-redis.yaml").read_text()
+    )}  # fmt: skip
+    host, port = options["redisAddress"].split(":")
+    (service_port,) = redis[("Service", host)]["spec"]["ports"]
+    assert service_port["port"] == int(port)
+    secret = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert secret["key"] in redis[("Secret", secret["name"])]["stringData"]
+    pod = redis[("Deployment", host)]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    (password,) = container["env"]
+    assert password["valueFrom"]["secretKeyRef"] == secret
+    (volume,) = pod["volumes"]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in redis
+    assert container["volumeMounts"][0]["mountPath"] == args[args.index("--dir") + 1]
+
+
 # -- cluster launcher ------------------------------------------------------------------------
 
 
