@@ -147,7 +147,9 @@ def start_ray() -> None:
         env=redis_env,
     )
     if result.returncode != 0:
-        sys.exit(f"ray start failed:\n{result.stdout}\n{result.stderr}")
+        left = stop_processes(our_ray_pids(RAY_PORT))  # what the failed start left running
+        sys.exit(f"ray start failed{f' ({len(left)} left: {left})' if left else ''}:\n"
+                 f"{result.stdout}\n{result.stderr}")  # fmt: skip
     save_state(ray_port=RAY_PORT, started_at=time.time())
     log(f"Ray head up in {time.monotonic() - started:.1f} s")
 

@@ -536,6 +536,11 @@ SKIPPED: dict[str, str] = {
     ),
     "docs/deploy.md > AWS > bash 1": "`ray up`: needs an AWS account",
     "docs/deploy.md > Kubernetes > bash 1": "kubectl: needs a Kubernetes cluster (KubeRay)",
+    "docs/deploy.md > Head-node failure: GCS fault tolerance > bash 1": (
+        "`make serve`/`make stop` on the fixed ports would end a developer's running stack; "
+        "tests/e2e/test_gcs_fault_tolerance.py runs `scripts/stack.py serve` and `stop` with "
+        "POOLSERVE_GCS_REDIS=1 on free ports and a Redis directory of its own"
+    ),
     "docs/benchmarks.md > Side-by-side: poolserve vs vLLM vs Ray Serve LLM > bash 1": (
         "`make bench`: ~30 min with vLLM servers of its own (test_bench_smoke runs a tiny one)"
     ),
