@@ -117,10 +117,12 @@ class WorkerCalls:
         start: StartCall,
         cancel: Callable[[list[str]], Coroutine[Any, Any, object]],
         on_stats: Callable[[Mapping[str, Any]], None] | None = None,
+        on_load: Callable[[], None] | None = None,
     ) -> None:
         self._start = start
         self._cancel = cancel
         self._on_stats = on_stats
+        self._on_load = on_load  # after `in_flight` changed
         self._group: GroupCall[tuple[GenerationRequest, Inbox]] = GroupCall(
             self._send, max_group=START_GROUP
         )
@@ -130,6 +132,8 @@ class WorkerCalls:
     def submit(self, request: GenerationRequest) -> Inbox:
         inbox = Inbox()
         self.in_flight += 1
+        if self._on_load is not None:
+            self._on_load()
         self._spawn(self._submit(request, inbox))
         return inbox
 
@@ -229,6 +233,8 @@ class WorkerCalls:
         if not inbox.released:
             inbox.released = True
             self.in_flight -= 1
+            if self._on_load is not None:
+                self._on_load()
 
     def _note(self, stats: Mapping[str, Any] | None) -> None:
         if stats is not None and self._on_stats is not None:

@@ -25,15 +25,9 @@ from app.errors import PoolNotFound, Provisioning, ServiceError
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationRequest, StreamBatch
 from app.protocol.workers import WorkerStatus
-from app.routing.affinity import (
-    PrefixIndex,
-    affinity_keys,
-    estimated_blocks,
-    rank,
-    routing_stats,
-    worker_load,
-)
-from app.routing.targets import Target, carry_over, choose_target, request_pool
+from app.routing.affinity import routing_stats, worker_load
+from app.routing.board import RoutingBoard, TargetIndex
+from app.routing.targets import Target, carry_over, request_pool
 from app.server import create_app
 from app.tenancy.limits import Ticket
 from app.tenancy.quota import LocalLimits, QuotaClient
@@ -89,7 +83,12 @@ class ServeBackend:
         self._calls: dict[tuple[str, str, bool], WorkerCalls] = {}  # (profile, worker, large)
         # worker id -> (unix time, routing stats) from its last call or heartbeat
         self._stats: dict[str, tuple[float, Any]] = {}
-        self._index = PrefixIndex(config.routing.prefix_index_capacity)
+        # the routing decision at a cost that does not grow with the workers of a target:
+        # targets computed once per snapshot, loads kept per target group (`app.routing.board`)
+        self._board = RoutingBoard(
+            config.routing.max_imbalance, config.routing.prefix_index_capacity
+        )
+        self._targets = TargetIndex(config, [], {})
         self._registry = registry
         self._snapshot: list[WorkerStatus] = []
         self._pools: dict[str, PoolRecord] = {}
@@ -142,6 +141,7 @@ class ServeBackend:
             self._full_at = time.monotonic()
             keep_s = 2 * self._config.worker_heartbeat_seconds
             self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)
+            self._targets = TargetIndex(self._config, self._snapshot, self._pools)
             self._snapshot_at = time.monotonic()
         except Exception:
             logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
@@ -150,11 +150,13 @@ class ServeBackend:
         for status in self._snapshot:  # heartbeat stats, unless a call brought fresher ones
             if self._stats.get(status.worker_id, (0.0,))[0] < status.reported_at:
                 self._stats[status.worker_id] = (status.reported_at, routing_stats(status))
+                self._loaded(status.profile, status.worker_id)
         for key in [key for key in self._calls if key[1] not in known]:
             if self._calls[key].in_flight == 0:
                 del self._calls[key]
         for gone in [worker for worker in self._stats if worker not in known]:
             del self._stats[gone]
+            self._board.forget(gone)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         """Limits first (service-wide, before any engine work), then the worker's stream. The
@@ -296,40 +298,32 @@ class ServeBackend:
 
     def _choose(self, request: GenerationRequest, target: Target) -> str:
         """The worker, chosen once: among the target's ready workers, by prefix affinity
-        guarded by KV headroom and load (`app.routing.affinity`), from the requests this
-        replica has in flight on each and the stats each worker sent on its last call (or its
+        guarded by KV headroom and load (`app.routing.board`, deciding as
+        `app.routing.affinity.rank` over every worker would), from the requests this replica
+        has in flight on each and the stats each worker sent on its last call (or its
         heartbeat)."""
         ready = target.ready_workers
         if len(ready) == 1:
             return ready[0]
-        routing = self._config.routing
-        loads = [
-            worker_load(
-                worker,
-                self._in_flight(target.profile, worker),
-                self._stats.get(worker, (0.0, None))[1],
-                request.model,
-            )
-            for worker in ready
-        ]
-        if routing.policy != "affinity":
-            pair = random.sample(loads, 2)
+        if self._config.routing.policy != "affinity":  # power of two choices
+            pair = [
+                worker_load(
+                    worker,
+                    self._in_flight(target.profile, worker),
+                    self._stats.get(worker, (0.0, None))[1],
+                    request.model,
+                )
+                for worker in random.sample(ready, 2)
+            ]
             return min(pair, key=lambda load: load.load).worker_id
-        keys = affinity_keys(request)
-        decision = rank(
-            loads,
-            keys,
-            {worker: self._index.match(worker, keys) for worker in ready},
-            {
-                load.worker_id: estimated_blocks(request, load.kv_block_size)
-                for load in loads
-                if load.kv_block_size
-            },
-            routing.max_imbalance,
-        )
+        decision = self._board.choose(ready, request)
         metrics.record_routing(decision.reason, decision.prefix_match)
-        self._index.record(decision.chosen, keys)
         return decision.chosen
+
+    def _loaded(self, profile: str, worker: str) -> None:
+        """The worker's load changed (its requests in flight from here, or its stats)."""
+        stats = self._stats.get(worker, (0.0, None))[1]
+        self._board.update(worker, self._in_flight(profile, worker), stats)
 
     def _in_flight(self, profile: str, worker: str) -> int:
         return sum(
@@ -357,19 +351,22 @@ class ServeBackend:
 
             def note(stats: Any) -> None:
                 self._stats[worker] = (time.time(), stats)
+                self._loaded(profile, worker)
 
-            calls = self._calls[key] = WorkerCalls(start, cancel, note)
+            def load() -> None:
+                self._loaded(profile, worker)
+
+            calls = self._calls[key] = WorkerCalls(start, cancel, note, load)
         return calls
 
     async def _target(self, request: GenerationRequest) -> Target:
         try:
-            return choose_target(
-                self._config, await self._routing_snapshot(), request, time.time(), self._pools
-            )
+            await self._routing_snapshot()
+            return self._targets.choose(request, time.time())
         except PoolNotFound:
             # a pool created in the last snapshot interval: look again before saying 404
-            workers = await self._routing_snapshot(0.0)
-            return choose_target(self._config, workers, request, time.time(), self._pools)
+            await self._routing_snapshot(0.0)
+            return self._targets.choose(request, time.time())
         except Provisioning as error:
             pool = str(error.extra.get("pool", request_pool(request)))
             profile = str(error.extra.get("profile", ""))
