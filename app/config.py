@@ -270,11 +270,11 @@ class TenancyConfig(ClosedModel):
         7 * 24 * 60, gt=0, description="Per-minute usage kept for `GET /v1/usage?since=`."
     )
     leased_limits: bool = Field(
-        False,
+        True,
         description="Decide limits in each ingress replica from quota leased from the "
-        "TenantLedger (app/tenancy/quota.py: no round trip per request while quota lasts) "
-        "instead of asking the ledger per limited request. Off by default: with 2 ingress "
-        "replicas a limit of 4 requests per window admitted 5 in tests/e2e/test_tenancy.py.",
+        "TenantLedger (app/tenancy/quota.py: no round trip per request while quota lasts; "
+        "limits of a few requests or streams per replica are decided at the ledger). "
+        "false: the ledger decides each limited request (one round trip each).",
     )
     stream_lease_seconds: float = Field(
         30.0,

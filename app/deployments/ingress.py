@@ -173,17 +173,20 @@ class ServeBackend:
             async for batch in self._generate(request):
                 yield batch
             return
-        tokens: int | None = None
-        started = False
+        started = settled = False
         try:
             async for batch in self._generate(request):
                 started = True
                 terminal = terminal_stats(batch)
-                if terminal is not None:
+                if terminal is not None and self._quota is not None:
+                    # before the last bytes: the client's next request finds its limits free
+                    settled = True
                     tokens = (terminal.prompt_tokens or 0) + (terminal.completion_tokens or 0)
+                    await self._quota.release(request.request_id, tokens)
                 yield batch
         finally:
-            self._settle(ticket, tokens, started)
+            if not settled:
+                self._settle(ticket, started)
 
     async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> Ticket | None:
         """Decide the request's limits here, from the quota this replica leases from the
@@ -204,14 +207,13 @@ class ServeBackend:
         metrics.LIMIT_DECISIONS.inc((mode, "admitted"))
         return ticket
 
-    def _settle(self, ticket: Ticket, tokens: int | None, started: bool) -> None:
-        """The request ended: leased quota counts its real tokens (its estimate when it was
-        cut after its stream started: the engine may have run it to the end). At the ledger,
-        the worker's usage report settles it (`_generate` releases one no worker took)."""
+    def _settle(self, ticket: Ticket, started: bool) -> None:
+        """The request ended without a terminal batch: leased quota counts its estimate once
+        its stream started (the engine may have run it to the end). At the ledger, the
+        worker's usage report settles it (`_generate` releases one no worker took)."""
         request_id = ticket.request_id
         if self._quota is not None:
-            estimate = ticket.estimated_tokens if started else None
-            self._quota.finish(request_id, tokens if tokens is not None else estimate)
+            self._quota.finish(request_id, ticket.estimated_tokens if started else None)
             return
         self._open.discard(request_id)  # the worker's report releases it at the ledger
 

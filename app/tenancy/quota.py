@@ -107,6 +107,12 @@ CONTENDED_SECONDS = 5.0
 """A subject whose replica asked for more than was free is rebalanced at every replica's sync
 this long (not only at the syncs that report it)."""
 SYNC_INTERVAL_SECONDS = 0.5
+CENTRAL_BELOW = 8
+"""A limit under this many per live replica is not leased: each request the replica cannot
+admit from what it holds asks the ledger (a sync), and the ledger grants exactly what the
+waiting requests need; a stream or token reservation that ends goes back at once. Leased
+shares of a few requests or streams would refuse what the ledger has free (another replica
+holding a share it does not use), or wait a rebalance for it."""
 PRUNE_SECONDS = 5.0
 MAX_REPORT_SUBJECTS = 20_000
 """Subjects per sync (the rest go in the next): well under Serve's 4 MiB gRPC message limit."""
@@ -147,6 +153,7 @@ GrantEntry = tuple[
     float,  # streams left unallocated
     float,  # seconds until the window frees a request (0: not exhausted)
     float,  # seconds until the window frees tokens (0: not exhausted)
+    int,  # kinds decided at the ledger (bit 0 requests, 1 tokens, 2 streams): see CENTRAL_BELOW
 ]
 Dropped = tuple[str, str, int]  # subject kind, name, generation
 
@@ -401,6 +408,9 @@ class QuotaBook:
         share.admitted, share.real, share.held = admitted, real, held
         share.in_flight, share.attempts = in_flight, attempts
         share.in_force = [entry[14], entry[15], entry[16]]
+        # the replica applied every grant sent before this report (one sync at a time), or
+        # never will: what it reports is in force
+        share.sent = [-INF, -INF, -INF]
         return share
 
     def _idle(self, share: _Share, budget: _Budget, share_of: float, now: float) -> bool:
@@ -426,7 +436,7 @@ class QuotaBook:
             share.in_flight + _starter(streams, share_of),
         )
         share.sent = list(ceilings)
-        return _grant_entry(share, ceilings, (0.0, 0.0, 0.0), (0.0, 0.0))
+        return _grant_entry(share, ceilings, (0.0, 0.0, 0.0), (0.0, 0.0), 0)
 
     def _grant(
         self,
@@ -462,6 +472,7 @@ class QuotaBook:
         spare = [INF, INF, INF]
         retry = [0.0, 0.0]
         contended = False
+        central = 0
         for kind, limit, used, base, need in (
             (0, rpm, window.requests, share.admitted, asked),
             (1, tpm, window.tokens + held, share.real + share.held, asked_tokens),
@@ -473,8 +484,12 @@ class QuotaBook:
             starter = _starter(limit, share_of)
             left = limit - used - cold * starter
             free = max(0.0, left - others[kind])
-            fair = max(0.0, left) * (1 - HOLD_BACK) * fraction
-            wanted = max(fair, need, starter if idle else 0.0)
+            if limit < CENTRAL_BELOW * live:
+                central |= 1 << kind
+                wanted = float(need)  # exactly what waits: nothing held unused
+            else:
+                fair = max(0.0, left) * (1 - HOLD_BACK) * fraction
+                wanted = max(fair, need, starter if idle else 0.0)
             granted = math.floor(min(free, wanted))
             ceilings[kind] = base + granted
             spare[kind] = free - granted
@@ -498,6 +513,7 @@ class QuotaBook:
             (ceilings[0], ceilings[1], ceilings[2]),
             (spare[0], spare[1], spare[2]),
             (retry[0], retry[1]),
+            central,
         )
 
     # leases of replicas that stopped syncing, idle subjects
@@ -545,9 +561,10 @@ def _grant_entry(
     ceilings: tuple[float, float, float],
     spare: tuple[float, float, float],
     retry: tuple[float, float],
+    central: int,
 ) -> GrantEntry:
     kind, name = share.subject
-    return (kind, name, share.gen, *ceilings, *spare, *retry)
+    return (kind, name, share.gen, *ceilings, *spare, *retry, central)
 
 
 # --- the replica's side --------------------------------------------------------------------------
@@ -567,6 +584,7 @@ class _Local(_Counters):
     ceil_streams: float = 0.0
     spare: tuple[float, float, float] = (INF, INF, INF)
     retry: tuple[float, float] = (0.0, 0.0)
+    central: int = 0  # kinds decided at the ledger (GrantEntry)
     granted_at: float = 0.0
     active_at: float = 0.0
     asked: int = 0
@@ -733,8 +751,9 @@ class LocalLimits:
         self, state: _Local, estimate: int, now: float, may_wait: bool
     ) -> ServiceError | NeedGrant | None:
         rpm, tpm, streams = state.limits
+        central = state.central
         if streams is not None and state.in_flight + 1 > state.ceil_streams:
-            if may_wait and state.spare[2] >= 1:
+            if may_wait and (state.spare[2] >= 1 or central & 4):
                 return NEED_GRANT
             return ConcurrencyLimited(
                 f"{describe(state.subject)} has as many requests in flight as its "
@@ -743,7 +762,7 @@ class LocalLimits:
                 extra=_extra(state.subject, "concurrent_streams"),
             )
         if rpm is not None and state.admitted + 1 > state.ceil_requests:
-            if may_wait and state.spare[0] >= 1:
+            if may_wait and (state.spare[0] >= 1 or central & 1):
                 return NEED_GRANT
             return RateLimited(
                 f"{describe(state.subject)} made as many requests {self._per()} as its "
@@ -759,7 +778,7 @@ class LocalLimits:
                     param="max_tokens",
                 )
             if state.real + state.held + estimate > state.ceil_tokens:
-                if may_wait and state.spare[1] >= estimate:
+                if may_wait and (state.spare[1] >= estimate or central & 2):
                     return NEED_GRANT
                 return TokenRateLimited(
                     f"{describe(state.subject)} used or holds for requests in flight as many "
@@ -778,21 +797,30 @@ class LocalLimits:
     def _per(self) -> str:
         return f"per {self.window_s:g} s" if self.window_s != 60 else "per minute"
 
-    def finish(self, request_id: str, tokens: int | None, now: float) -> None:
+    def finish(self, request_id: str, tokens: int | None, now: float) -> bool:
         """The request ended: its estimate is replaced by its real token count (None: it
-        produced nothing to count)."""
+        produced nothing to count). True: it gave back a stream or tokens of a subject decided
+        at the ledger (`CENTRAL_BELOW`): sync now, so that another replica may have them."""
         flight = self._flights.pop(request_id, None)
         if flight is None:
-            return
+            return False
         states, estimate = flight
+        give_back = False
         for state in states:
             state.in_flight -= 1
             state.held -= estimate
             if tokens:
                 state.real += tokens
+            if state.central & 4 and state.ceil_streams > state.in_flight:
+                state.ceil_streams = float(state.in_flight)
+                give_back = True
+            if state.central & 2 and state.ceil_tokens > state.real + state.held:
+                state.ceil_tokens = float(state.real + state.held)
+                give_back = True
             self._dirty[state] = None
         if self._fallback is not None:
             self._fallback.finish(request_id, tokens, now)
+        return give_back and now < self._expires_at
 
     # the fallback (no valid grant)
 
@@ -913,6 +941,7 @@ class LocalLimits:
             )
             state.spare = (entry[6], entry[7], entry[8])
             state.retry = (entry[9], entry[10])
+            state.central = entry[11]
             state.granted_at = pending.sent_at
             for wait in state.retry:
                 if wait > 0:
@@ -993,7 +1022,17 @@ class QuotaClient:
         raise result
 
     def finish(self, request_id: str, tokens: int | None) -> None:
-        self.limits.finish(request_id, tokens, self._clock())
+        """The request ended (what it gave back goes to the ledger at the next sync, at once
+        when another replica may be waiting for it)."""
+        if self.limits.finish(request_id, tokens, self._clock()) and self._wake is not None:
+            self._wake.set()
+
+    async def release(self, request_id: str, tokens: int | None) -> None:
+        """`finish`, and when it gave back what another replica may be waiting for, return
+        once the ledger has it (bounded by the sync timeout): call before a reply's last
+        bytes, so that the client's next request finds it free wherever it lands."""
+        if self.limits.finish(request_id, tokens, self._clock()):
+            await self._next_sync()
 
     def start(self) -> None:
         """Start the sync loop (on the running event loop) if it is not running."""

@@ -459,6 +459,42 @@ async def test_the_client_falls_back_when_the_ledger_does_not_answer() -> None:
     await client.stop()
 
 
+async def test_small_limits_follow_the_client_from_replica_to_replica() -> None:
+    """A key limited to 4 requests per window and 1 stream, its requests one after another,
+    each to the other of 2 replicas (the load balancer's choice): every one is admitted while
+    the window has room, whichever replica held the last one; the 5th is refused for the
+    window, and a second stream while one runs for concurrency. A limit this small is decided
+    at the ledger (CENTRAL_BELOW): no replica keeps a share it does not use."""
+    ledger = QuotaBook(window_s=10.0)
+    clock = [0.0]
+
+    def client(name: str) -> QuotaClient:
+        async def send(report: SyncReport) -> Grant:
+            await asyncio.sleep(0)
+            return ledger.sync(name, report, clock[0])
+
+        return QuotaClient(send, LocalLimits(10.0, 2), interval_s=5.0, clock=lambda: clock[0])
+
+    replicas = [client("a"), client("b")]
+    for replica in replicas:  # both known to the ledger: 2 live replicas
+        replica.start()
+        await replica.sync_once()
+    limits = Limits(requests_per_minute=4, concurrent_streams=1)
+    for n in range(4):
+        here, there = replicas[n % 2], replicas[(n + 1) % 2]
+        clock[0] += 0.5
+        await here.admit(ticket(f"r{n}", limits))
+        with pytest.raises(ConcurrencyLimited):
+            await there.admit(ticket(f"busy{n}", limits))
+        await here.release(f"r{n}", 12)  # before the reply's last bytes
+    with pytest.raises(RateLimited):
+        await replicas[0].admit(ticket("r4", limits))
+    clock[0] += 10.0  # the window has moved past the first ones
+    await replicas[1].admit(ticket("r5", limits))
+    for replica in replicas:
+        await replica.stop()
+
+
 @pytest.mark.parametrize("seed", range(300))
 def test_small_limits_are_never_exceeded_whatever_the_arrivals_and_ledger_delay(seed: int) -> None:
     """2-4 replicas sharing a subject whose limits are a few requests per window (the e2e
