@@ -25,14 +25,12 @@ import httpx
 import pytest
 
 from tests.conftest import REAL_MODEL, Stack, wait_serving
-from tests.e2e.test_vllm_parity import (  # noqa: F401 - fixtures: bare vLLM for this module
+from tests.e2e.test_vllm_parity import (
     TIMEOUT_S,
     Differs,
     differences,
     normalized,
     shape,
-    vllm_process,
-    vllm_url,
 )
 from tests.support.sse import parse, payloads
 
@@ -238,7 +236,7 @@ def transcript(events: list[Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def replies(
-    vllm_url: str,  # noqa: F811 - the imported fixture
+    vllm_url: str,  # tests/e2e/conftest.py: bare vLLM, shared with test_vllm_parity
     stack: Stack,
 ) -> dict[str, tuple[Reply | Exception, Reply | Exception]]:
     """(ours, vLLM's) per case; one server answers every case, then the other (see
