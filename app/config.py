@@ -255,6 +255,14 @@ class TenancyConfig(ClosedModel):
     default_key_limits: Limits = Field(
         default_factory=Limits, description="Limits of every API key without its own entry."
     )
+    on_ledger_unavailable: Literal["divide", "open", "closed"] = Field(
+        "divide",
+        description="Limits while the TenantLedger is unavailable (and an ingress replica's "
+        "leased quota has lapsed): 'divide' decides each limit in each ingress replica "
+        "divided by the replicas it last knew; 'open' admits without limits; 'closed' "
+        "refuses limited requests (503 limits_unavailable, Retry-After). Counted in "
+        'poolserve_limit_decisions_total{mode="fallback"} and shown on /health.',
+    )
     limit_window_seconds: float = Field(
         60.0,
         gt=0,
@@ -410,6 +418,14 @@ class RoutingConfig(ClosedModel):
     )
     prefix_index_capacity: int = Field(
         4096, gt=0, description="Prefix keys remembered per worker (LRU)."
+    )
+    kv_events: bool = Field(
+        False,
+        description="Route on what the engines hold: each worker's vLLM publishes its KV-cache "
+        "events (ZMQ on 127.0.0.1, a free port per engine), the worker maps the prompts it "
+        "serves to their blocks and tells every ingress replica which prefixes its cache "
+        "holds on each call's acknowledgement (app/routing/kv_keys.py). false: the ingress's "
+        "own estimate (the prefixes it sent each worker). Needs enable_prefix_caching.",
     )
 
 

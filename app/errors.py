@@ -194,6 +194,14 @@ class QueueFull(CapacityError):
     default_retry_after_s = 1.0
 
 
+class LimitsUnavailable(CapacityError):
+    """`tenancy.on_ledger_unavailable: closed`: a limited request while the TenantLedger is out
+    (and this replica's grants have lapsed)."""
+
+    code = "limits_unavailable"
+    default_retry_after_s = 1.0
+
+
 class WorkerUnavailable(CapacityError):
     """The worker serving a request went away (replica death, node loss)."""
 

@@ -19,6 +19,7 @@ from app import metrics
 from app.api.observe import instrument
 from app.config import AppConfig
 from app.deployments.calls import ENDED, Inbox, WorkerCalls, WorkerMessage
+from app.deployments.kv_view import KeyFetcher
 from app.deployments.metrics_sink import share_metrics
 from app.deployments.ray_private import route_on_this_loop
 from app.errors import PoolNotFound, Provisioning, ServiceError
@@ -29,6 +30,7 @@ from app.routing.affinity import routing_stats, worker_load
 from app.routing.board import RoutingBoard, TargetIndex
 from app.routing.targets import Target, carry_over, request_pool
 from app.server import create_app
+from app.tenancy.ledger_limits import LedgerLimits
 from app.tenancy.limits import Ticket
 from app.tenancy.quota import LocalLimits, QuotaClient
 from app.tenancy.reports import UsageReports
@@ -38,7 +40,6 @@ logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
 SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
-ADMIT_TIMEOUT_SECONDS = 2.0
 # Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
 # requests): bigger requests travel as Ray objects
 GRPC_REQUEST_BYTES = 48 * 1024
@@ -61,22 +62,30 @@ class ServeBackend:
         logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
         self._ledger = ledger
-        # releases of ledger-decided limits held by requests no worker took
-        self._reports: UsageReports | None = None
+        # limits: leased quota (no round trip while it lasts), or at the ledger per request
         self._quota: QuotaClient | None = None
-        self._open: set[str] = set()  # requests the ledger admitted, in flight (their leases)
-        self._renewing: asyncio.Task[None] | None = None
-        if ledger is not None:
-            self._reports = UsageReports(lambda reports: ledger.report_usage.remote(reports))
-        if ledger is not None and config.tenancy.leased_limits:
+        self._at_ledger: LedgerLimits | None = None
+        tenancy = config.tenancy
+        if ledger is not None and tenancy.leased_limits:
             replica = uuid.uuid4().hex  # this replica (or Ray job) among the ledger's lessees
             self._quota = QuotaClient(
                 lambda report: ledger.sync.remote(replica, report),
-                # without the ledger: each limit divided among the ingress replicas
                 LocalLimits(
-                    config.tenancy.limit_window_seconds,
+                    tenancy.limit_window_seconds,
                     fallback_replicas=config.ingress.num_replicas,
+                    fallback=tenancy.on_ledger_unavailable,
                 ),
+            )
+        elif ledger is not None:
+            reports = UsageReports(lambda reports: ledger.report_usage.remote(reports))
+            self._at_ledger = LedgerLimits(
+                lambda ticket: ledger.admit.remote(ticket),
+                lambda request_ids: ledger.renew.remote(request_ids),
+                lambda request_id: reports.later(request_id, None),
+                window_s=tenancy.limit_window_seconds,
+                replicas=config.ingress.num_replicas,
+                fallback=tenancy.on_ledger_unavailable,
+                lease_s=tenancy.stream_lease_seconds,
             )
         self._generators = generators
         self._by_reference = config.streaming.transport == "object_refs"
@@ -86,8 +95,11 @@ class ServeBackend:
         # the routing decision at a cost that does not grow with the workers of a target:
         # targets computed once per snapshot, loads kept per target group (`app.routing.board`)
         self._board = RoutingBoard(
-            config.routing.max_imbalance, config.routing.prefix_index_capacity
+            config.routing.max_imbalance,
+            config.routing.prefix_index_capacity,
+            config.routing.kv_events,  # prefixes as the engines report them (KV events)
         )
+        self._keys = KeyFetcher(self._board, generators)  # whole key sets after a gap
         self._targets = TargetIndex(config, [], {})
         self._registry = registry
         self._snapshot: list[WorkerStatus] = []
@@ -169,7 +181,7 @@ class ServeBackend:
         record = self._pools.get(pool)
         request = with_pool_defaults(request, record)
         ticket = await self._admit(request, record)
-        if ticket is None:
+        if ticket is None or self._quota is None:
             async for batch in self._generate(request):
                 yield batch
             return
@@ -178,83 +190,49 @@ class ServeBackend:
             async for batch in self._generate(request):
                 started = True
                 terminal = terminal_stats(batch)
-                if terminal is not None and self._quota is not None:
+                if terminal is not None:
                     # before the last bytes: the client's next request finds its limits free
                     settled = True
                     tokens = (terminal.prompt_tokens or 0) + (terminal.completion_tokens or 0)
                     await self._quota.release(request.request_id, tokens)
                 yield batch
         finally:
-            if not settled:
-                self._settle(ticket, started)
+            if not settled:  # cut: its estimate counts once it started (the engine ran it)
+                self._quota.finish(request.request_id, ticket.estimated_tokens if started else None)
 
     async def _admit(self, request: GenerationRequest, record: PoolRecord | None) -> Ticket | None:
         """Decide the request's limits here, from the quota this replica leases from the
         TenantLedger (`app.tenancy.quota`): no round trip while the quota lasts; or (leased
         limits off) at the ledger. Raises the refusal (429 + Retry-After). None: no limit
-        applies (or the ledger is out and limits fail open)."""
+        applies."""
         ticket = ticket_for(request, self._config, record)
         if not ticket.subjects or self._ledger is None:
             return None
-        if self._quota is None:
-            return ticket if await self._admit_at_ledger(request, ticket) else None
-        mode = self._quota.limits.mode(time.monotonic())
+        limits = self._quota or self._at_ledger
+        assert limits is not None
         try:
-            await self._quota.admit(ticket)
+            await limits.admit(ticket)
         except ServiceError:
-            metrics.LIMIT_DECISIONS.inc((mode, "refused"))
+            self._decided("refused")
             raise
-        metrics.LIMIT_DECISIONS.inc((mode, "admitted"))
+        self._decided("admitted")
         return ticket
 
-    def _settle(self, ticket: Ticket, started: bool) -> None:
-        """The request ended without a terminal batch: leased quota counts its estimate once
-        its stream started (the engine may have run it to the end). At the ledger, the
-        worker's usage report settles it (`_generate` releases one no worker took)."""
-        request_id = ticket.request_id
+    def _decided(self, outcome: str) -> None:
+        """Count a limit decision by who made it: the lease, the ledger, or the fallback."""
         if self._quota is not None:
-            self._quota.finish(request_id, ticket.estimated_tokens if started else None)
-            return
-        self._open.discard(request_id)  # the worker's report releases it at the ledger
-
-    async def _admit_at_ledger(self, request: GenerationRequest, ticket: Ticket) -> bool:
-        """Ask the TenantLedger (one round trip); raises its refusal. False: the ledger is
-        unreachable (fail open: limits are protection, not billing)."""
-        assert self._ledger is not None
-        try:
-            refusal = await asyncio.wait_for(
-                self._ledger.admit.remote(ticket), ADMIT_TIMEOUT_SECONDS
-            )
-        except Exception:
-            logger.warning("tenant ledger unreachable; admitting without limits", exc_info=True)
-            metrics.LIMIT_DECISIONS.inc(("fallback", "admitted"))
-            return False
-        metrics.LIMIT_DECISIONS.inc(("ledger", "admitted" if refusal is None else "refused"))
-        if refusal is not None:
-            raise refusal
-        self._open.add(request.request_id)
-        if self._renewing is None or self._renewing.done():
-            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
-        return True
-
-    async def _renew_forever(self) -> None:
-        """Keep this replica's admitted requests counted as in flight (their leases lapse if
-        this replica dies)."""
-        assert self._ledger is not None
-        interval = self._config.tenancy.stream_lease_seconds / 3
-        while self._open:
-            await asyncio.sleep(interval)
-            try:
-                await self._ledger.renew.remote(sorted(self._open))
-            except Exception:
-                logger.warning("renewing request leases failed", exc_info=True)
+            mode: str = self._quota.limits.mode(time.monotonic())
+        else:
+            assert self._at_ledger is not None
+            mode = self._at_ledger.decided
+        metrics.LIMIT_DECISIONS.inc((mode, outcome))
 
     def limits_health(self) -> dict[str, Any] | None:
-        """How this replica decides limits now (leased, starting, or the fallback while the
-        ledger is out, with since when), for /health."""
-        if self._quota is None:
-            return None if self._ledger is None else {"mode": "ledger"}
-        return self._quota.limits.health(time.monotonic())
+        """How this replica decides limits now (leased, starting, at the ledger, or the
+        fallback while the ledger is out, with since when), for /health."""
+        if self._quota is not None:
+            return self._quota.limits.health(time.monotonic())
+        return None if self._at_ledger is None else self._at_ledger.health()
 
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
         if self._ledger is None:
@@ -292,11 +270,8 @@ class ServeBackend:
         finally:
             if inbox is not None:
                 inbox.close()
-            if (inbox is None or not inbox.accepted) and request.request_id in self._open:
-                # no worker took it (so none reports it): release its ledger-decided limits
-                self._open.discard(request.request_id)
-                if self._reports is not None:
-                    self._reports.later(request.request_id, None)
+            if self._at_ledger is not None:  # a worker that took it reports it (releasing it)
+                self._at_ledger.finish(request.request_id, inbox is not None and inbox.accepted)
 
     def _choose(self, request: GenerationRequest, target: Target) -> str:
         """The worker, chosen once: among the target's ready workers, by prefix affinity
@@ -326,6 +301,7 @@ class ServeBackend:
         """The worker's load changed (its requests in flight from here, or its stats)."""
         stats = self._stats.get(worker, (0.0, None))[1]
         self._board.update(worker, self._in_flight(profile, worker), stats)
+        self._keys.poll(profile)
 
     def _in_flight(self, profile: str, worker: str) -> int:
         return sum(

@@ -73,6 +73,7 @@ from app.config import Limits
 from app.errors import (
     ConcurrencyLimited,
     InvalidRequest,
+    LimitsUnavailable,
     RateLimited,
     ServiceError,
     TokenRateLimited,
@@ -188,6 +189,7 @@ class NeedGrant:
 
 NEED_GRANT: Final = NeedGrant()
 Mode = Literal["starting", "leased", "fallback"]
+Fallback = Literal["divide", "open", "closed"]
 
 
 def _starter(limit: int | None, share: float) -> float:
@@ -607,8 +609,10 @@ class LocalLimits:
         window_s: float = 60.0,
         fallback_replicas: int = 1,
         epoch: str | None = None,
+        fallback: Fallback = "divide",
     ) -> None:
         self.window_s = window_s
+        self.fallback = fallback  # what to do without valid grants (module docstring)
         self.epoch = epoch or uuid.uuid4().hex
         self._subjects: dict[Subject, _Local] = {}
         self._flights: dict[str, tuple[tuple[_Local, ...], int]] = {}
@@ -656,6 +660,7 @@ class LocalLimits:
             "ledger_unavailable_seconds": None
             if self.ledger_unavailable_since is None
             else round(now - self.ledger_unavailable_since, 3),
+            "fallback": self.fallback,
             "replicas": self.replicas,
             "subjects": len(self._subjects),
             "in_flight": len(self._flights),
@@ -825,13 +830,21 @@ class LocalLimits:
     # the fallback (no valid grant)
 
     def _admit_alone(self, ticket: Ticket, now: float) -> ServiceError | None:
-        """Each limit divided by the replicas last known, over this replica's own admissions."""
-        if self._fallback is None:
-            self._fallback = LimitBook(self.window_s, lease_s=INF)
-        scaled = tuple((subject, self._scaled(limits)) for subject, limits in ticket.subjects)
-        refusal = self._fallback.admit(
-            Ticket(ticket.request_id, scaled, ticket.estimated_tokens), now
-        )
+        """Without valid grants, as `fallback` says: each limit divided by the replicas last
+        known, over this replica's own admissions ('divide'); no limit ('open'); or refused
+        ('closed')."""
+        refusal: ServiceError | None = None
+        if self.fallback == "closed":
+            refusal = LimitsUnavailable(
+                "limits cannot be decided while the tenant ledger is unavailable; retry"
+            )
+        elif self.fallback == "divide":
+            if self._fallback is None:
+                self._fallback = LimitBook(self.window_s, lease_s=INF)
+            scaled = tuple((subject, self._scaled(limits)) for subject, limits in ticket.subjects)
+            refusal = self._fallback.admit(
+                Ticket(ticket.request_id, scaled, ticket.estimated_tokens), now
+            )
         states = []
         for subject, limits in ticket.subjects:
             state = self._subjects.get(subject) or self._new_state(subject, limits, now)
