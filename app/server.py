@@ -82,12 +82,13 @@ def create_app(config: AppConfig, backend: GenerationBackend) -> FastAPI:
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return error_response(error, shape_for(route_path(request.scope)))
 
-    app.add_middleware(
-        ApiKeyMiddleware,
-        authenticator=authenticator,
-        shape_for=shape_for,
-        sign_in_page=login.sign_in_page,
-    )
+    if authenticator.enabled:  # (without keys it would only pass every request on)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            authenticator=authenticator,
+            shape_for=shape_for,
+            sign_in_page=login.sign_in_page,
+        )
     if config.security.cors_allow_origins:  # outside the key check: preflights carry no key
         app.add_middleware(
             CORSMiddleware,
