@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
+from app.deployments.kv_source import KVSource
 from app.engine.worker import Worker
 from app.errors import InternalError, ServiceError, WorkerUnavailable
 from app.protocol.generation import EngineCounts, GenerationRequest
@@ -49,6 +50,8 @@ class Generator:
             else None
         )
         self._worker_id = serve.get_replica_context().replica_id.unique_id
+        # its engines' KV events for the routers (routing.kv_events), before they start
+        self._kv = KVSource(self._worker, self._config, epoch=os.urandom(8).hex())
         self._node_id = ray.get_runtime_context().get_node_id()
         self._pool = "default"  # pushed by the PoolAutoscaler in its heartbeat replies
         self._running: dict[str, asyncio.Task[None]] = {}  # request id -> its task
@@ -94,8 +97,8 @@ class Generator:
             task = asyncio.ensure_future(self._serve(request, put))
             tasks[request.request_id] = task
             self._running[request.request_id] = task
-        stats: dict[str, Any] | None = routing_stats(
-            self._worker.status(self._worker_id, self._node_id, self._pool)
+        stats: dict[str, Any] | None = self._kv.annotate(
+            routing_stats(self._worker.status(self._worker_id, self._node_id, self._pool))
         )
         try:
             while True:
@@ -151,6 +154,7 @@ class Generator:
         put(request_id, last)
 
     async def _bill(self, request: GenerationRequest, counts: EngineCounts) -> None:
+        self._kv.counted(request.model, counts)
         if self._reports is not None:
             await self._reports.before_reply(request.request_id, engine_usage(request, counts))
 
@@ -164,7 +168,12 @@ class Generator:
 
     def status(self) -> WorkerStatus:
         status = self._worker.status(self._worker_id, self._node_id, self._pool)
-        return dataclasses.replace(status, memory_used_bytes=_resident_bytes())
+        return self._kv.status(dataclasses.replace(status, memory_used_bytes=_resident_bytes()))
+
+    def kv_keys(self, model: str, worker: str | None = None) -> list[Any] | None:
+        """The affinity keys this worker's cache holds, whole (`app.routing.kv_keys`): for an
+        ingress replica that missed changes. `worker`: the replica the router sends it to."""
+        return self._kv.full(model)
 
     async def _report_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds

@@ -8,7 +8,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.errors import InputTooLong
 from app.protocol.generation import (
@@ -20,6 +20,9 @@ from app.protocol.generation import (
     WireReply,
 )
 from app.protocol.workers import EngineStats
+
+if TYPE_CHECKING:
+    from app.engine.kv_events import KVEventFeed
 
 
 class Admission(Protocol):
@@ -43,6 +46,7 @@ class Admission(Protocol):
 class GenerationAdapter(ABC):
     model_id: str
     kv_dtype: str = "float32"
+    kv_events: KVEventFeed | None = None  # set before `start`: publish the engine's KV events
 
     @property
     def dead(self) -> bool:

@@ -10,7 +10,7 @@ import json
 import logging
 import logging.handlers
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -24,6 +24,7 @@ from app.engine.base import (
 )
 from app.engine.default_model import resolve_model_source
 from app.engine.demo_lora import resolve_lora_source
+from app.engine.logprobs import token_logprobs
 from app.engine.openai_frontend import OpenAIFrontend
 from app.errors import InvalidRequest, ModelLoading, UnknownLora
 from app.protocol.generation import (
@@ -161,6 +162,7 @@ class VLLMAdapter(GenerationAdapter):
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         source = await asyncio.to_thread(resolve_model_source, self._config.source)
         from vllm import AsyncEngineArgs
+        from vllm.config import KVEventsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         settings = self._config.engine
@@ -182,6 +184,9 @@ class VLLMAdapter(GenerationAdapter):
             enable_lora=bool(self._config.lora_adapters),
             max_lora_rank=self._config.max_lora_rank,
             max_loras=max(1, len(self._config.lora_adapters)),
+            kv_events_config=KVEventsConfig(**self.kv_events.engine_config())
+            if self.kv_events and settings.enable_prefix_caching
+            else None,
             **settings.extra_args,
         )
         logger.info("starting vLLM for %s from %s", self._config.id, source)
@@ -201,6 +206,8 @@ class VLLMAdapter(GenerationAdapter):
             engine, arguments, self._frontend_options(), self.model_id
         )
         self._engine = engine
+        if arguments.kv_events_config is not None and self.kv_events is not None:
+            self.kv_events.start()
 
     def _frontend_options(self) -> dict[str, Any]:
         """vLLM's front-end options: the model's `openai` settings, its LoRA adapters by name
@@ -251,6 +258,8 @@ class VLLMAdapter(GenerationAdapter):
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+        if self.kv_events is not None:
+            self.kv_events.stop()
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
@@ -441,30 +450,3 @@ def _chunk_tokens(scheduler: Any) -> int:
     if not getattr(scheduler, "enable_chunked_prefill", False):
         return 0
     return int(getattr(scheduler, "max_num_batched_tokens", 0) or 0)
-
-
-def token_logprobs(
-    token_ids: Sequence[int], entries: Sequence[dict[int, Any]], top_n: int
-) -> tuple[dict[str, Any], ...]:
-    """vLLM per-token logprob dicts -> OpenAI `ChatCompletionTokenLogprob` entries."""
-    result = []
-    for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen = entry.get(token_id)
-        ranked = sorted(entry.items(), key=lambda item: item[1].rank or 0)
-        tops = [item for item in ranked if (item[1].rank or 0) >= 1][:top_n]
-        result.append(
-            {
-                **_logprob_entry(
-                    chosen.decoded_token if chosen else "", chosen.logprob if chosen else 0.0
-                ),
-                "top_logprobs": [
-                    _logprob_entry(lp.decoded_token or "", lp.logprob) for _, lp in tops
-                ],
-            }
-        )
-    return tuple(result)
-
-
-def _logprob_entry(token: str | None, logprob: float) -> dict[str, Any]:
-    text = token or ""
-    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}

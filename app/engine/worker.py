@@ -7,7 +7,7 @@ import asyncio
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from app.config import AppConfig, ModelConfig
@@ -65,6 +65,8 @@ class Worker:
         }
         self.active_requests = 0
         self._admission: dict[str, KVAdmission] = {}
+        # sees each engine request's prompt tokens (and namespace) before its admission
+        self.on_prompt: Callable[[GenerationRequest, Sequence[int], str], None] | None = None
 
     async def load_all(self) -> None:
         await asyncio.gather(*(self._load(model_id) for model_id in self._adapters))
@@ -98,6 +100,9 @@ class Worker:
         )
         self._states[model_id] = ModelStatus(model_id, "loaded")
         logger.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
+
+    def adapters(self) -> dict[str, GenerationAdapter]:
+        return dict(self._adapters)
 
     def adapter(self, model_id: str) -> GenerationAdapter:
         adapter = self._adapters.get(model_id)
@@ -137,7 +142,10 @@ class Worker:
         self.active_requests += 1
         try:
             replies = adapter.serve_openai(
-                request.openai, request.request_id, admission.for_flow(flow_of(request)), counts
+                request.openai,
+                request.request_id,
+                admission.for_flow(flow_of(request), self._observer(request)),
+                counts,
             )
             batches = coalesce(
                 replies,
@@ -175,6 +183,8 @@ class Worker:
         try:
             admission = self._admission[request.model]
             namespace = f"{request.lora_adapter or ''}\x1f"
+            if self.on_prompt is not None:
+                self.on_prompt(request, prompt_ids, namespace)
             async with admission.reserve(
                 request.request_id, prompt_ids, budget, candidates, namespace, flow=flow_of(request)
             ):
@@ -191,6 +201,12 @@ class Worker:
                     await batches.aclose()
         finally:
             self.active_requests -= 1
+
+    def _observer(self, request: GenerationRequest) -> Callable[[Sequence[int], str], None] | None:
+        on_prompt = self.on_prompt
+        if on_prompt is None:
+            return None
+        return lambda token_ids, namespace: on_prompt(request, token_ids, namespace)
 
     def status(self, worker_id: str, node_id: str, pool: str = "default") -> WorkerStatus:
         models = tuple(

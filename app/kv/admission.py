@@ -101,9 +101,12 @@ class KVAdmission:
         if self.ledger.prefilled(request_id):
             self._grant_waiters()
 
-    def for_flow(self, flow: Flow) -> FlowAdmission:
-        """This admission as one request's engine calls see it: in its tenant's flow."""
-        return FlowAdmission(self, flow)
+    def for_flow(
+        self, flow: Flow, observe: Callable[[Sequence[int], str], None] | None = None
+    ) -> FlowAdmission:
+        """This admission as one request's engine calls see it: in its tenant's flow
+        (`observe` sees each engine request's prompt tokens)."""
+        return FlowAdmission(self, flow, observe)
 
     def _refuse_one(self, newcomer: _Waiter) -> None:
         """The queue is full: refuse the newcomer, or the waiter it outranks."""
@@ -182,6 +185,7 @@ class FlowAdmission:
 
     admission: KVAdmission
     flow: Flow
+    observe: Callable[[Sequence[int], str], None] | None = None  # (prompt token ids, namespace)
 
     def reserve(
         self,
@@ -191,6 +195,8 @@ class FlowAdmission:
         candidates: int = 1,
         namespace: str = "",
     ) -> contextlib.AbstractAsyncContextManager[KVHandle]:
+        if self.observe is not None:
+            self.observe(prompt_token_ids, namespace)
         return self.admission.reserve(
             request_id, prompt_token_ids, max_new_tokens, candidates, namespace, flow=self.flow
         )

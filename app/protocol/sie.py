@@ -95,6 +95,9 @@ class HealthWorker(BaseModel):
     engine_generation_tokens: int = 0
     """vLLM's own token counters since its engines started (`vllm:prompt_tokens`,
     `vllm:generation_tokens`): what billed usage reconciles with."""
+    kv_cached_blocks: int | None = None
+    """Blocks the engines' prefix caches hold, from their KV-cache events (null: events off,
+    `routing.kv_events`)."""
 
 
 class HealthCluster(BaseModel):

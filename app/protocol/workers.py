@@ -37,6 +37,16 @@ class EngineStats:
     """The longest vocabulary entry in characters (vLLM's `max_chars_per_token`): a prompt of
     more than `max_model_len` x this many characters cannot fit, without tokenizing it. 0:
     unknown."""
+    kv_cached_blocks: int | None = None
+    """Blocks the engine's prefix cache holds, from its KV events (None: events off)."""
+    routed_prompt_blocks: int = 0
+    """Full KV blocks of the prompts routed here (KV events on), and of those, the leading
+    ones already cached when each arrived: the routing's prefix-hit ratio."""
+    routed_matched_blocks: int = 0
+    cache_query_tokens: int = 0
+    """Prompt tokens of finished requests, and of those the engine served from its prefix
+    cache (vLLM's `num_cached_tokens`): the engine's own prefix-cache hit rate."""
+    cache_hit_tokens: int = 0
 
     @property
     def max_prompt_chars(self) -> int | None:

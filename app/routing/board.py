@@ -34,6 +34,7 @@ from app.routing.affinity import (
     rendezvous_home,
     worker_load,
 )
+from app.routing.kv_keys import ReportedKeys
 from app.routing.targets import Target, check_prompt_fits, choose_target, request_pool
 
 GROUPS_KEPT = 256
@@ -115,9 +116,15 @@ class RoutingBoard:
     it sent where. `update` whenever a worker's requests in flight (from this replica) or its
     stats change; `choose` per request (it records the request's keys at the chosen worker)."""
 
-    def __init__(self, max_imbalance: int, prefix_capacity: int = 4096) -> None:
+    def __init__(
+        self, max_imbalance: int, prefix_capacity: int = 4096, kv_events: bool = False
+    ) -> None:
         self.max_imbalance = max_imbalance
-        self.index = PrefixIndex(prefix_capacity)
+        # what the engines report they hold (`kv_keys`), or what this replica sent where
+        self.index: PrefixIndex | ReportedKeys = (
+            ReportedKeys() if kv_events else PrefixIndex(prefix_capacity)
+        )
+        self.wanted: set[tuple[str, str]] = set()  # (worker, model): fetch its whole key set
         self._raw: dict[str, tuple[int, Mapping[str, object] | None]] = {}
         self._groups: OrderedDict[tuple[str, tuple[str, ...]], _Group] = OrderedDict()
         self._last: dict[int, _Group] = {}  # id(ready) -> its group: no hashing of the tuple
@@ -127,6 +134,8 @@ class RoutingBoard:
         """`ongoing`: requests this replica has in flight there; `stats`: the worker's last
         routing stats (`affinity.routing_stats`), None while unknown."""
         self._raw[worker_id] = (ongoing, stats)
+        if stats is not None and isinstance(self.index, ReportedKeys):
+            self._reported(worker_id, stats)
         for group in self._of_worker.get(worker_id, ()):
             load = worker_load(worker_id, ongoing, stats, group.model)
             if load != group.loads[worker_id]:
@@ -134,6 +143,17 @@ class RoutingBoard:
                 heapq.heappush(group.heap, (load.load, worker_id))
                 if len(group.heap) > HEAP_SLACK * len(group.loads) + 16:
                     group.rebuild()
+
+    def _reported(self, worker_id: str, stats: Mapping[str, object]) -> None:
+        """The key changes an acknowledgement carries, per model (`kv_keys.WorkerKeys`)."""
+        assert isinstance(self.index, ReportedKeys)
+        by_model = stats.get("kv")
+        if not isinstance(by_model, Mapping):
+            return
+        for model, kv in by_model.items():
+            summary = kv.get("keys") if isinstance(kv, Mapping) else None
+            if isinstance(summary, list) and self.index.apply(worker_id, model, summary):
+                self.wanted.add((worker_id, model))
 
     def forget(self, worker_id: str) -> None:
         """The worker left: nothing known of it (a worker of that id later starts afresh)."""

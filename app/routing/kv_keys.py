@@ -21,7 +21,7 @@ from app.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, 
 from app.routing.affinity import BLOCK_CHARS
 from app.routing.kv_index import KVBlockIndex
 
-LOG_KEPT = 256  # changes carried on each acknowledgement (older ones: fetch the whole set)
+LOG_KEPT = 128  # changes carried on each acknowledgement (older ones: fetch the whole set)
 SELF = ""  # the worker's own engine in its one-worker index
 
 Summary = list[Any]  # [epoch, seq, first_seq | None, changes [(key, held)] | held keys]

@@ -23,6 +23,10 @@ def kv_fields(worker: WorkerStatus) -> dict[str, Any]:
         "engine_preemptions": sum(s.preemptions for s in stats),
         "engine_prompt_tokens": sum(s.prompt_tokens_total for s in stats),
         "engine_generation_tokens": sum(s.generation_tokens_total for s in stats),
+        # blocks the engines' prefix caches hold, from their KV events (None: events off)
+        "kv_cached_blocks": sum(cached)
+        if (cached := [s.kv_cached_blocks for s in stats if s.kv_cached_blocks is not None])
+        else None,
     }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from app import metrics
 from app.web.context import ApiContext
+from app.web.kv_metrics import update_kv_events
 
 
 async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
@@ -45,6 +46,7 @@ async def refresh_snapshot(context: ApiContext) -> dict[str, Any]:
     if pool_states is not None:
         metrics.note_pools(pool_states)
     metrics.update_snapshot(workers, pool_states, time.time(), context.config.worker_stale_seconds)
+    update_kv_events(workers)
     await exchange
     return {
         "workers": workers,
