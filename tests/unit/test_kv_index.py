@@ -135,3 +135,44 @@ def test_a_restarted_worker_is_a_new_epoch():
     assert view.match("w", ["k0"]) == 0 and view.match("w", ["k9"]) == 1
     view.forget("w")
     assert view.holders("k9") == frozenset() and view.held_count("w") == 0
+
+
+def _board_stats(summary: list[object], free: int = 100) -> dict[str, object]:
+    return {
+        "active": 0,
+        "kv": {"m": {"free_blocks": free, "block_size": 16, "waiting": 0, "keys": summary}},
+    }
+
+
+def test_the_board_routes_on_what_the_engines_report() -> None:
+    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from app.routing.affinity import affinity_keys
+    from app.routing.board import RoutingBoard
+
+    request = GenerationRequest("r", "m", SamplingOptions(max_new_tokens=4), prompt="x" * 1024)
+    keys = affinity_keys(request)
+    chain = block_keys(list(range(256)), 16)
+    a, b = WorkerKeys("ea"), WorkerKeys("eb")
+    for worker in (a, b):
+        worker.prompt(keys, 1024, chain, 256, 16)
+    a.apply(BlockStored(tuple(chain[:8]), None))  # a holds the first half
+    b.apply(BlockStored(tuple(chain), None))  # b the whole prompt
+    board = RoutingBoard(max_imbalance=4, kv_events=True)
+    board.update("a", 0, _board_stats(a.summary()))
+    board.update("b", 0, _board_stats(b.summary()))
+    ready = ("a", "b")
+    decision = board.choose(ready, request)
+    assert (decision.chosen, decision.reason, decision.prefix_match) == ("b", "prefix", 4)
+    # b's engine evicts the prompt: the next acknowledgement says so, a is the better holder
+    b.apply(BlockRemoved(tuple(chain)))
+    board.update("b", 0, _board_stats(b.summary()))
+    decision = board.choose(ready, request)
+    assert (decision.chosen, decision.reason, decision.prefix_match) == ("a", "prefix", 2)
+    assert not board.wanted
+    # a replica that missed more changes than a summary carries wants the whole set
+    for round_ in range(LOG_KEPT + 1):
+        a.apply(BlockRemoved((chain[3],)) if round_ % 2 == 0 else BlockStored((chain[3],), None))
+    board.update("a", 0, _board_stats(a.summary()))
+    assert board.wanted == {("a", "m")}
+    board.forget("a")
+    assert board.choose(ready, request).reason == "home"  # held nowhere now

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem
 from app.deployments.generator import Generator
+from app.deployments.kv_source import KVSource
 from app.errors import InvalidRequest, QueueFull
 from app.protocol.generation import (
     EngineCounts,
@@ -81,6 +83,7 @@ def generator(ledger: Ledger, engine: Engine) -> Generator:
     worker._worker = engine  # type: ignore[assignment]
     worker._reports = UsageReports(ledger)
     worker._running = {}
+    worker._kv = KVSource(engine, AppConfig(), "test")  # type: ignore[arg-type]  # events off
     return worker
 
 
