@@ -76,6 +76,7 @@ def _worker_row(worker: WorkerStatus, health: dict[str, Any]) -> dict[str, Any]:
             "blocks_used": kv.blocks_used,
             "handles_open": kv.handles_open,
             "engine_usage": kv.engine_usage,
+            "cached_blocks": health.get("kv_cached_blocks"),  # KV events: the prefix cache
         },
     }
 

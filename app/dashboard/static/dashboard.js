@@ -153,11 +153,14 @@ function kvBar(kv) {
   const pct = total ? Math.min(100, (100 * used) / total) : 0;
   const label = total ? `${used} / ${total} blocks` : "no KV reported";
   const engine = kv.blocks_used === null ? "" : ` · engine ${fmt(kv.engine_usage * 100, 1)}%`;
+  // routing.kv_events: the blocks the engine's prefix cache holds, from its KV events
+  const cached = kv.cached_blocks === null || kv.cached_blocks === undefined
+    ? "" : ` · ${kv.cached_blocks} cached`;
   return el("div", { class: "kv", "data-kv-used": used, "data-kv-total": total }, [
     el("div", { class: "kv-bar", title: label }, [
       el("div", { class: "kv-fill", style: `width: ${Math.max(pct, used > 0 ? 1 : 0)}%` }),
     ]),
-    el("span", { class: "kv-text", text: label + engine }),
+    el("span", { class: "kv-text", text: label + engine + cached }),
   ]);
 }
 
