@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
 from app.deployments.kv_source import KVSource
+from app.deployments.ray_private import route_on_this_loop
 from app.engine.worker import Worker
 from app.errors import InternalError, ServiceError, WorkerUnavailable
 from app.protocol.generation import EngineCounts, GenerationRequest
@@ -42,7 +43,10 @@ class Generator:
     ) -> None:
         self._config = AppConfig.model_validate(config)
         self._worker = Worker(self._config, profile)
-        self._registry = registry
+        # handle calls routed on this replica's loop: no hand-off to Serve's router thread
+        # per call (a usage bill per round trip, a heartbeat)
+        self._registry = route_on_this_loop(registry)
+        ledger = route_on_this_loop(ledger) if ledger is not None else None
         # requests are billed here, from the engine's counts, however they end
         self._reports = (
             UsageReports(lambda reports: ledger.report_usage.remote(reports))
