@@ -181,7 +181,7 @@ def ingress_side(workers: int, keys_per_worker: int) -> list[Row]:
             "ingress: memory of every worker's held keys",
             scale,
             f"{grown / 2**20:,.0f} MiB",
-            f"{grown / (workers * keys_per_worker):.0f} B per key",
+            f"{grown / (workers * keys_per_worker):.0f} B per key (+ the 65 B key strings)",
         ),
         (
             "ingress: a whole set applied (after a gap or a restart)",
@@ -194,6 +194,52 @@ def ingress_side(workers: int, keys_per_worker: int) -> list[Row]:
     ]
 
 
+def decision(workers: int) -> list[Row]:
+    """A routing decision on the board over the engines' reports (`RoutingBoard` with
+    `ReportedKeys`), a 16 KiB prompt (64 keys) whose first 32 keys 10 workers hold."""
+    from app.protocol.generation import GenerationRequest, SamplingOptions
+    from app.routing.affinity import affinity_keys
+    from app.routing.board import RoutingBoard
+
+    board = RoutingBoard(max_imbalance=4, kv_events=True)
+    ready = tuple(f"w{w:04d}" for w in range(workers))
+    request = GenerationRequest("r", "m", SamplingOptions(max_new_tokens=16), prompt="y" * 16384)
+    keys = list(affinity_keys(request))
+    for number, worker in enumerate(ready):
+        held = keys[:32] if number < 10 else [f"{number}:{i}" for i in range(64)]
+        stats = {
+            "active": number % 7,
+            "kv": {
+                "m": {
+                    "free_blocks": 1000,
+                    "block_size": 16,
+                    "waiting": 0,
+                    "keys": ["e", 1, None, held],
+                }
+            },
+        }
+        board.update(worker, 0, stats)
+    for _ in range(50):
+        board.choose(ready, request)
+    rounds = 2_000
+    samples = []
+    for i in range(rounds):
+        started = time.perf_counter()
+        board.choose(ready, request)
+        samples.append(time.perf_counter() - started)
+        board.update(ready[i % workers], i % 5, None)  # loads move between decisions
+    samples.sort()
+    p50, p99 = samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+    return [
+        (
+            "ingress: routing decision on the engines' reports (64 keys, 10 holders)",
+            f"{workers:,} workers",
+            f"p50 {p50:.0f} us, p99 {p99:.0f} us",
+            "target <= 500 us p50 (issue 29)",
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,11 +249,12 @@ def main() -> None:
     args = parser.parse_args()
     load_start = os.getloadavg()
     rows: list[Row] = []
-    rows += fleet(100, 16_384, 0.05)
+    rows += fleet(100, 16_384, 0.05)  # 16-token blocks: 256k tokens of KV per worker
     if not args.quick:
         rows += fleet(1_000, 4_096, 0.05)
     rows += worker_side(16_384)
     rows += ingress_side(100 if args.quick else 1_000, 4_096)
+    rows += decision(100 if args.quick else 1_000)
     load_end = os.getloadavg()
     lines = [
         f"load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, "
