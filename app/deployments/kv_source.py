@@ -17,7 +17,7 @@ from app.engine.worker import Worker
 from app.protocol.generation import EngineCounts, GenerationRequest
 from app.protocol.kv_events import KVEvent
 from app.protocol.workers import WorkerStatus
-from app.routing.affinity import BLOCK_CHARS, MAX_PREFIX_BLOCKS, affinity_keys, prompt_text
+from app.routing.affinity import BLOCK_CHARS, affinity_keys, prompt_text
 from app.routing.kv_hash import block_keys, engine_seed
 from app.routing.kv_keys import Summary, WorkerKeys
 
@@ -45,16 +45,22 @@ class KVSource:
 
     def prompt(self, request: GenerationRequest, token_ids: Sequence[int], namespace: str) -> None:
         """An engine request's prompt, before its admission: its affinity keys mapped to its
-        blocks. Only prompts hashed without extra keys (no LoRA adapter, no cache salt)."""
+        blocks. Only prompts hashed without extra keys (no LoRA adapter, no cache salt).
+        Never fails the request: routing hints are not worth a refusal."""
         keys = self._keys.get(request.model)
         if keys is None or namespace != "\x1f":
             return
+        try:
+            self._map(keys, request, token_ids)
+        except Exception:
+            logger.warning("mapping a prompt to its KV blocks failed", exc_info=True)
+
+    def _map(self, keys: WorkerKeys, request: GenerationRequest, token_ids: Sequence[int]) -> None:
         block_size = self._worker.adapters()[request.model].stats().kv_block_size_tokens
         if block_size <= 0:
             return
         explicit = request.prompt_cache_key or request.routing_key
         text_chars = BLOCK_CHARS if explicit else len(prompt_text(request))
-        text_chars = min(text_chars, BLOCK_CHARS * MAX_PREFIX_BLOCKS * 4)
         chain = block_keys(token_ids[: HASHED_BLOCKS * block_size], block_size, self._seed)
         keys.prompt(affinity_keys(request), text_chars, chain, len(token_ids), block_size)
 
