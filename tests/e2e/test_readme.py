@@ -374,6 +374,16 @@ def check_use_it_openai(block: Block, request: pytest.FixtureRequest) -> None:
     assert len(words) >= 4 and 0 < int(output_tokens) <= 32, ran.stdout
 
 
+def check_api_messages(block: Block, request: pytest.FixtureRequest) -> None:
+    """docs/api.md's anthropic SDK example: an answer, then its usage (input and output
+    tokens), with the project's interpreter."""
+    base = _session(request).base_url
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    ran = run_python(localize(block.code, {LOCAL_API: base}), VENV_PYTHON, tmp_path).ok()
+    text, _, usage = ran.stdout.partition("Usage(")
+    assert text.strip() and "input_tokens=" in usage and "output_tokens=" in usage, ran.stdout
+
+
 def check_pools_sie(block: Block, request: pytest.FixtureRequest) -> None:
     """sie-sdk with its own interpreter (`make sie-sdk` -> .venv-sie/bin/python): the pool goes
     pending -> active, a generation in it, capacity, delete."""
@@ -511,6 +521,7 @@ RUN: dict[str, Check] = {
     "README.md > Pools > bash 1": check_pools_curl,
     "README.md > Tenants: usage, limits, priority > bash 1": check_tenants_curl,
     "docs/api.md > Ray jobs through handles > python 1": check_handles,
+    "docs/api.md > Anthropic Messages API (`/v1/messages`) > python 1": check_api_messages,
     "docs/api.md > Ray jobs through handles > bash 1": check_ray_job,
     # only `compare.py --help`: `make bench` and the compare run take 30 min and start vLLM
     # servers of their own (tests/e2e/test_bench_smoke.py runs a tiny null-engine compare)
