@@ -200,7 +200,10 @@ def bench_routing(quick: bool) -> list[Row]:
     for count in (1000,) if quick else (100, 1000):
         target = count == 1000
         for label, timer in (
-            ("choose_target + rank over every worker (the ingress before the board)", time_rank_path),
+            (
+                "choose_target + rank over every worker (the ingress before the board)",
+                time_rank_path,
+            ),
             ("TargetIndex + RoutingBoard, with 2 load updates", time_board_path),
         ):
             try:
