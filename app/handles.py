@@ -180,18 +180,21 @@ class Client:
         `usage`). `options` are the other fields of its body (system, stop_sequences, tools,
         tool_choice, temperature, top_p, top_k, metadata). Buffered."""
         request = self.messages_request(
-            messages, max_tokens=max_tokens, model=model, pool=pool, profile=profile, **options
+            messages,
+            max_tokens=max_tokens,
+            model=model,
+            pool=pool,
+            profile=profile,
+            request_id=request_id,
+            **options,
         )
-        request = replace(request, request_id=request_id) if request_id else request
         return self._loop.run(self._wire_body(request))
 
     async def amessages(
         self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
     ) -> dict[str, Any]:
         """`messages` for callers on an event loop."""
-        request_id = kwargs.pop("request_id", None)
         request = self.messages_request(messages, **kwargs)
-        request = replace(request, request_id=request_id) if request_id else request
         return await self._loop.run_async(self._wire_body(request))
 
     def messages_request(
@@ -202,6 +205,7 @@ class Client:
         model: str | None = None,
         pool: str | None = None,
         profile: str | None = None,
+        request_id: str | None = None,
         **options: Any,
     ) -> GenerationRequest:
         """The internal request `POST /v1/messages` would build for the same body."""
@@ -214,7 +218,8 @@ class Client:
             **options,
         }
         headers = {POOL_HEADER: pool or "", PROFILE_HEADER: profile or ""}
-        return openai_request(self.config, "messages", body, headers, len(json.dumps(body)))
+        request = openai_request(self.config, "messages", body, headers, len(json.dumps(body)))
+        return replace(request, request_id=request_id) if request_id else request
 
     async def agenerate(self, prompt: str, *, max_new_tokens: int, **kwargs: Any) -> Response:
         """`generate` for callers on an event loop."""
