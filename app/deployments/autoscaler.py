@@ -148,9 +148,11 @@ class PoolAutoscaler:
         """`routing_snapshot()` and its version, or (version, None) when nothing an ingress
         routes by changed since `version`: a pull costs a few bytes while nothing changes.
         Heartbeats that change only times and load figures are no change, so the version
-        also moves every `worker_stale_seconds / 2`: the `reported_at` an ingress judges
-        liveness by is never older than that plus a heartbeat. Ingress side: keep the version
-        of the last snapshot taken, and keep the snapshot when the reply's is None."""
+        also moves every `worker_stale_seconds / 2`: while an ingress pulls, the `reported_at`
+        it judges liveness by is never older than that plus a heartbeat (after a pause it can
+        be older: an ingress that finds no live worker pulls `routing_snapshot` before it says
+        so). Ingress side: keep the version of the last snapshot taken, and keep the snapshot
+        when the reply's is None."""
         await self._registry.wait_until_full()
         now = time.time()
         if now - self._version_at >= self._config.worker_stale_seconds / 2:

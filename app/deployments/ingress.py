@@ -22,7 +22,7 @@ from app.deployments.calls import ENDED, Inbox, WorkerCalls, WorkerMessage
 from app.deployments.kv_view import KeyFetcher
 from app.deployments.metrics_sink import share_metrics
 from app.deployments.ray_private import route_on_this_loop
-from app.errors import PoolNotFound, Provisioning, ServiceError
+from app.errors import ModelLoading, PoolNotFound, Provisioning, ServiceError
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationRequest, StreamBatch
 from app.protocol.workers import WorkerStatus
@@ -109,13 +109,18 @@ class ServeBackend:
         self._snapshot_version: str | None = None
         self._full_at = float("-inf")  # the last pull that answered the whole snapshot
         self._refresh: asyncio.Task[None] | None = None
+        self._whole: asyncio.Task[None] | None = None
 
     async def workers(self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS) -> list[WorkerStatus]:
         """For /health, the dashboard and /metrics: every worker's load and KV figures as fresh
         as its heartbeats (a whole pull once the last whole one is older than `max_age_s`; the
         request path's versioned pulls skip heartbeats that change only figures)."""
         if time.monotonic() - self._full_at > max_age_s:
-            await self._load_snapshot(whole=True)
+            if self._whole is None or self._whole.done():  # one pull for every caller
+                self._whole = asyncio.get_running_loop().create_task(
+                    self._load_snapshot(whole=True)
+                )
+            await asyncio.shield(self._whole)
         return self._snapshot
 
     async def _routing_snapshot(
@@ -150,7 +155,8 @@ class ServeBackend:
                     return
                 self._snapshot_version = version
             workers, self._pools = snapshot
-            self._full_at = time.monotonic()
+            if whole:  # (a versioned one can be a few seconds old: taken at its version)
+                self._full_at = time.monotonic()
             keep_s = 2 * self._config.worker_heartbeat_seconds
             self._snapshot = carry_over(self._snapshot, workers, time.time(), keep_s)
             self._targets = TargetIndex(self._config, self._snapshot, self._pools)
@@ -338,12 +344,19 @@ class ServeBackend:
         return calls
 
     async def _target(self, request: GenerationRequest) -> Target:
+        await self._routing_snapshot()
         try:
-            await self._routing_snapshot()
             return self._targets.choose(request, time.time())
         except PoolNotFound:
             # a pool created in the last snapshot interval: look again before saying 404
             await self._routing_snapshot(0.0)
+        except (Provisioning, ModelLoading):
+            # a versioned pull keeps the snapshot while only heartbeat times change, so its
+            # `reported_at` can be seconds older than the registry's: a worker that looks
+            # stale (or still loading) here may be serving. Look at the registry's current
+            # figures before saying 503 (one whole pull, shared, at most every 0.5 s)
+            await self.workers()
+        try:
             return self._targets.choose(request, time.time())
         except Provisioning as error:
             pool = str(error.extra.get("pool", request_pool(request)))

@@ -8,8 +8,13 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from app.config import AppConfig
 from app.deployments.ingress import SNAPSHOT_STALE_SECONDS, ServeBackend
+from app.errors import Provisioning
+from app.protocol.generation import GenerationRequest, SamplingOptions
+from app.protocol.workers import ModelStatus, WorkerStatus
 
 
 class SlowSnapshot:
@@ -93,3 +98,58 @@ async def test_an_unchanged_version_keeps_the_snapshot_and_sends_the_version_bac
     backend._full_at = time.monotonic() - 1.0
     await backend.workers()
     assert versions == [None, "7", "whole"]
+
+
+async def test_a_worker_stale_in_an_old_snapshot_is_looked_up_before_a_503() -> None:
+    """A versioned pull keeps a snapshot while only heartbeat times change: after a pause its
+    `reported_at` can be older than `worker_stale_seconds` while the worker reports on time.
+    The ingress asks for the registry's current figures before it answers PROVISIONING, and
+    asks the autoscaler for capacity only when the worker really is gone."""
+    config = AppConfig.model_validate(
+        {"models": [{"id": "org/m", "profiles": ["cpu"]}], "profiles": [{"name": "cpu"}]}
+    )
+
+    def status(age_s: float) -> WorkerStatus:
+        return WorkerStatus(
+            worker_id="w",
+            deployment="Generator-cpu",
+            profile="cpu",
+            node_id="n",
+            pool="default",
+            models=(ModelStatus("org/m", "loaded"),),
+            active_requests=0,
+            reported_at=time.time() - age_s,
+        )
+
+    current = {"age": 1.0}
+    demand: list[tuple[str, str]] = []
+
+    async def since(version: str | None) -> tuple[str, Any]:
+        return "1", ([status(config.worker_stale_seconds + 2)], {})  # heartbeats of long ago
+
+    async def whole() -> Any:
+        return [status(current["age"])], {}
+
+    async def note_demand(pool: str, profile: str) -> None:
+        demand.append((pool, profile))
+
+    backend = ServeBackend(
+        config,
+        {},
+        SimpleNamespace(  # type: ignore[arg-type]
+            routing_snapshot_since=SimpleNamespace(remote=since),
+            routing_snapshot=SimpleNamespace(remote=whole),
+            note_demand=SimpleNamespace(remote=note_demand),
+        ),
+    )
+    request = GenerationRequest("r", "org/m", SamplingOptions(max_new_tokens=4), prompt="x")
+    target = await backend._target(request)
+    assert target.ready_workers == ("w",) and demand == []
+
+    current["age"] = config.worker_stale_seconds + 2  # the registry has not heard from it either
+    backend._snapshot_at = float("-inf")
+    backend._full_at = float("-inf")
+    with pytest.raises(Provisioning):
+        await backend._target(request)
+    await asyncio.sleep(0)
+    assert demand == [("default", "cpu")]
