@@ -220,6 +220,15 @@ class KVConfig(ClosedModel):
     fair_share_active_seconds: float = Field(
         10.0, gt=0, description="A pool or priority class is active this long after a request."
     )
+    fair_share_batch_requests: int = Field(
+        0,
+        ge=0,
+        description="Engine requests one engine runs at once that the active pools (and "
+        "priorities) share by weight: while others are active, a pool over its share waits for "
+        "room beside the headroom kept for them, so a light pool's request does not share its "
+        "steps with a heavy pool's whole backlog. Alone, a pool runs as the engine allows. "
+        "0: only the KV cache is shared.",
+    )
 
 
 class Limits(ClosedModel):

@@ -108,7 +108,12 @@ def wait_serving(base_url: str, model: str = REAL_MODEL) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     body = {"model": model, "prompt": "Hi", "max_tokens": 1}
     while True:
-        response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+        try:
+            response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+        except httpx.TransportError:  # an ingress replica restarting (killed by a test)
+            assert time.monotonic() < deadline, f"{base_url} does not answer"
+            time.sleep(1)
+            continue
         if response.status_code != 503 or time.monotonic() > deadline:
             assert response.status_code == 200, response.text
             return

@@ -48,7 +48,12 @@ def load_adapter_factory(import_path: str) -> AdapterFactory:
 
 def flow_of(request: GenerationRequest) -> Flow:
     """The request's fair-share flow at KV admission: its pool, priority and share weight."""
-    return Flow(request.pool or "default", request.priority or 0, request.share_weight)
+    return Flow(
+        request.pool or "default",
+        request.priority or 0,
+        request.share_weight,
+        request.share_member,
+    )
 
 
 class Worker:
@@ -96,6 +101,7 @@ class Worker:
             fair=FairShare(
                 headroom_requests=self.config.kv.fair_share_headroom_requests,
                 active_s=self.config.kv.fair_share_active_seconds,
+                batch_requests=self.config.kv.fair_share_batch_requests,
             ),
         )
         self._states[model_id] = ModelStatus(model_id, "loaded")

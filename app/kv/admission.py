@@ -155,13 +155,19 @@ class KVAdmission:
             raise
 
     def _grant_waiters(self) -> None:
-        """Hand out handles in the fair-share order while the next waiter may be admitted."""
+        """Hand out handles in the fair-share order while the next waiter may be admitted (a
+        flow the engine's batch has no room for is passed over, not waited behind)."""
         ledger = self.ledger
         now = self._clock()
-        while self._waiters:
-            index = next_waiter([w.flow for w in self._waiters], self.fair)
-            assert index is not None
+        full: set[Flow] = set()  # flows with no room in the batch now
+        while True:
+            index = next_waiter([w.flow for w in self._waiters], self.fair, skip=full)
+            if index is None:
+                return
             head = self._waiters[index]
+            if not self.fair.batch_allows(head.flow, now):
+                full.add(head.flow)
+                continue
             new_blocks = ledger.new_blocks(head.demand)
             if not self.fair.may_admit(
                 head.flow, new_blocks, ledger.free_blocks, ledger.total_blocks, now

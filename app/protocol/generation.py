@@ -98,6 +98,9 @@ class GenerationRequest:
     the pool's default."""
     share_weight: float = 1.0
     """The pool's fair-share weight at KV admission (its `gpus`)."""
+    share_member: str = ""
+    """Who shares the pool's part of an engine's batch equally with the pool's other active
+    members: the key id in a pool that shares by key; "": the pool as one."""
 
 
 @dataclass(slots=True)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import REAL_MODEL, Stack
+from tests.conftest import REAL_MODEL, Stack, wait_serving
 from tests.support.sse import data
 
 pytestmark = pytest.mark.e2e
@@ -93,11 +95,12 @@ def test_a_client_that_hangs_up_is_billed_what_the_engine_generated(stack: Stack
     assert (prompt, completion) == engine_delta
 
 
-async def one(client: httpx.AsyncClient, rnd: random.Random, n: int) -> int:
+async def one(client: httpx.AsyncClient, rnd: random.Random, n: int, fan_out: bool = True) -> int:
     """One request of the mixed load: a route, streamed or not, maybe cancelled or bad. Returns
     the prompt tokens the engine counts beyond the bill (candidates after the first)."""
     prompt = f"Request {n}: say something about the number {n}."
-    kind = rnd.choice(["chat", "completion", "responses", "generate", "n", "best_of", "list"])
+    kinds = ["chat", "completion", "responses", "generate", "n", "best_of", "list"]
+    kind = rnd.choice(kinds if fan_out else [k for k in kinds if k not in ("n", "best_of")])
     stream = kind in ("chat", "completion", "generate", "n") and rnd.random() < 0.6
     tokens = rnd.randint(4, 40)
     if kind == "generate":
@@ -124,16 +127,16 @@ async def one(client: httpx.AsyncClient, rnd: random.Random, n: int) -> int:
     candidates = int(body.get("best_of") or body.get("n") or 1)
     if rnd.random() < 0.1:  # a bad request: refused before the engine, billed nothing
         body["max_tokens" if path != GENERATE else "max_new_tokens"] = -1
-    fan_out = candidates > 1
-    cancel_after = rnd.randint(1, 6) if stream and not fan_out and rnd.random() < 0.5 else None
+    fans_out = candidates > 1
+    cancel_after = rnd.randint(1, 6) if stream and not fans_out and rnd.random() < 0.5 else None
     if not stream:
         reply = (await client.post(path, json=body)).json()
         return (
             (candidates - 1) * reply["usage"]["prompt_tokens"]
-            if fan_out and "usage" in reply
+            if fans_out and "usage" in reply
             else 0
         )
-    if fan_out:
+    if fans_out:
         body["stream_options"] = {"include_usage": True}
     prompt_tokens = 0
     async with client.stream("POST", path, json=body) as response:
@@ -168,3 +171,59 @@ def test_billed_tokens_equal_the_engines_counters_after_a_mixed_load(stack: Stac
     requests, (prompt, completion), engine_delta = settled(stack, before, engine_before, fan_out)
     assert requests > 30
     assert (prompt + fan_out, completion) == engine_delta, (prompt, fan_out, engine_delta)
+
+
+def replica_pid(deployment: str) -> int:
+    """The pid of the deployment's running replica, as Serve's controller reports it."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None
+    details = ray.get(
+        client._controller.get_deployment_details.remote("poolserve", deployment), timeout=10
+    )
+    (replica,) = [r for r in details.replicas if r.state == "RUNNING"]
+    return int(replica.pid)
+
+
+def test_billing_equals_the_engines_counters_with_the_ledger_and_the_ingress_killed(
+    stack: Stack,
+) -> None:
+    """The mixed load again (without the n / best_of fan-out, whose prompts only a reply can
+    tell), with the TenantLedger's replica SIGKILLed mid-load and then the ingress replica's.
+    Requests in flight through the dead ingress fail (the client sees the connection drop);
+    the worker bills what its engine did for them, and the reports the dead ledger did not
+    acknowledge are sent again to its replacement, which counts each request id once."""
+    before, engine_before = quiet(stack)
+    rnd = random.Random(11)
+    kills: list[str] = []
+    failed = 0
+
+    async def guarded(client: httpx.AsyncClient, n: int) -> None:
+        nonlocal failed
+        try:
+            await one(client, rnd, n, fan_out=False)
+        except (httpx.HTTPError, json.JSONDecodeError, KeyError):
+            failed += 1  # cut by the dead ingress, or refused while it restarts
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=120) as client:
+            running: set[asyncio.Task[None]] = set()
+            for n in range(60):
+                if n == 15 or n == 35:
+                    victim = "TenantLedger" if n == 15 else "Ingress"
+                    os.kill(replica_pid(victim), signal.SIGKILL)
+                    kills.append(victim)
+                running.add(asyncio.create_task(guarded(client, n)))
+                if len(running) >= 6:
+                    _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*running)
+
+    asyncio.run(load())
+    assert kills == ["TenantLedger", "Ingress"]
+    wait_serving(stack.base_url)
+    requests, (prompt, completion), engine_delta = settled(stack, before, engine_before)
+    print(f"\n[billing] {requests} requests billed, {failed} cut by the kills; {engine_delta}")
+    assert requests > 30
+    assert (prompt, completion) == engine_delta, (prompt, completion, engine_delta)

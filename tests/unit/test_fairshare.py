@@ -24,12 +24,12 @@ class Clock:
         return self.now
 
 
-def admission(blocks: int, max_waiting: int = 16, headroom: int = 2) -> KVAdmission:
+def admission(blocks: int, max_waiting: int = 16, headroom: int = 2, batch: int = 0) -> KVAdmission:
     return KVAdmission(
         KVLedger(blocks, BLOCK),
         max_waiting=max_waiting,
         max_wait_s=5,
-        fair=FairShare(headroom_requests=headroom, active_s=10),
+        fair=FairShare(headroom_requests=headroom, active_s=10, batch_requests=batch),
         clock=Clock(),
     )
 
@@ -193,3 +193,97 @@ def test_no_queue_refuses_at_once(max_waiting: int) -> None:
 
     refused = asyncio.run(scenario())
     assert refused == (["b", "c"] if max_waiting == 0 else ["c"])
+
+
+def test_the_batch_is_shared_while_another_pool_is_active() -> None:
+    """The KV cache has room for everything: the engine's batch is what pools share. Alone, a
+    heavy pool runs all it sends; once a light pool is active, heavy's new requests wait while
+    the batch keeps headroom for light, light's are admitted at once, and heavy comes back to
+    what the batch leaves it as its requests end."""
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        holder = Holder(admission(1000, max_waiting=64, headroom=2, batch=8))
+        for n in range(12):
+            holder.start(f"h{n}", HEAVY)  # alone: all 12 run, over the batch of 8
+        await holder.settle()
+        alone = list(holder.order)
+        holder.start("l0", LIGHT)  # under its share (4 of 8): at once, though the batch is over
+        await holder.settle()
+        for n in range(12, 16):
+            holder.start(f"h{n}", HEAVY)
+        await holder.settle()
+        with_light = list(holder.order[len(alone) :])
+        for n in range(8):  # 8 heavy requests end: 12 + 1 -> 5 running
+            holder.release(f"h{n}")
+            await holder.settle()
+        # the batch of 8 less light's 1 running and 2 of headroom (its share is 4): heavy may
+        # run 8 - 1 - 2 = 5 -> it is at 4, one more joins
+        after = list(holder.order[len(alone) + len(with_light) :])
+        await holder.finish()
+        return alone, with_light, after
+
+    alone, with_light, after = asyncio.run(scenario())
+    assert len(alone) == 12
+    assert with_light == ["l0"]
+    assert after == ["h12"]
+
+
+def test_batch_share_rules() -> None:
+    fair = FairShare(headroom_requests=2, active_s=10, batch_requests=8)
+    heavy, light, urgent = HEAVY, LIGHT, Flow("light", -1, 1.0)
+    fair.arrived(heavy, 1, 0.0)
+    for _ in range(10):
+        fair.admitted(heavy, 1)
+    assert fair.batch_allows(heavy, 1.0)  # alone
+    fair.arrived(light, 1, 1.0)
+    assert fair.batch_allows(light, 1.0)  # under its share: at once
+    assert not fair.batch_allows(heavy, 1.0)  # over its share, the batch is over
+    assert fair.batch_allows(heavy, 12.0)  # light went quiet: heavy is alone again
+    # weights: a pool of weight 3 beside one of weight 1 has 6 of the 8
+    big = Flow("big", 0, 3.0)
+    fair2 = FairShare(headroom_requests=2, active_s=10, batch_requests=8)
+    fair2.arrived(light, 1, 0.0)
+    fair2.arrived(big, 1, 0.0)
+    for _ in range(5):
+        fair2.admitted(big, 1)
+    assert fair2.batch_allows(big, 1.0)  # 5 < 6
+    fair2.admitted(big, 1)
+    assert not fair2.batch_allows(big, 1.0)  # 6 + 1 > 8 - 2 of light's headroom
+    # a higher priority: always headroom for it, even for a flow under its share
+    fair3 = FairShare(headroom_requests=2, active_s=10, batch_requests=8)
+    fair3.arrived(urgent, 1, 0.0)
+    fair3.arrived(heavy, 1, 0.0)
+    for _ in range(5):
+        fair3.admitted(heavy, 1)
+    assert fair3.batch_allows(heavy, 1.0)  # 5 + 1 <= 8 - 2
+    fair3.admitted(heavy, 1)
+    assert not fair3.batch_allows(heavy, 1.0)
+    assert fair3.batch_allows(urgent, 1.0)
+    for _ in range(6):
+        fair3.released(heavy, 1)
+    assert fair3.running == {}
+    assert FairShare(batch_requests=0).batch_allows(heavy, 0.0)  # off
+
+
+def test_a_pool_that_shares_by_key_splits_its_part_of_the_batch_among_its_keys() -> None:
+    fair = FairShare(headroom_requests=0, active_s=10, batch_requests=12)
+    k1, k2 = Flow("team", 0, 1.0, member="key-1"), Flow("team", 0, 1.0, member="key-2")
+    other = Flow("other", 0, 1.0)
+    for flow in (k1, k2, other):
+        fair.arrived(flow, 1, 0.0)
+    for _ in range(3):  # the team's half (6) split between its two active keys: 3 each
+        assert fair.batch_allows(k1, 1.0)
+        fair.admitted(k1, 1)
+    for _ in range(6):
+        fair.admitted(other, 1)
+    # key-1 is at its share; the batch (12) has room for 3 more, none kept (headroom 0)
+    assert fair.batch_allows(k1, 1.0)
+    for _ in range(3):
+        fair.admitted(k1, 1)
+    assert not fair.batch_allows(k1, 1.0)  # 12 running: full
+    assert fair.batch_allows(k2, 1.0)  # under its share (3): at once
+    # key-2 goes quiet: key-1 has the team's whole half
+    fair.arrived(k1, 1, 8.0)
+    fair.arrived(other, 1, 8.0)
+    assert fair.rank(k1) > fair.rank(k2)  # within the pool: fewer running first
+    assert fair._batch_flows(12.0) == {(0, "team", "key-1"): 1.0, (0, "other", ""): 1.0}
