@@ -277,11 +277,13 @@ class TenancyConfig(ClosedModel):
         gt=0,
         description="The sliding window of the per-minute limits (60; shorter only for tests).",
     )
-    default_completion_tokens: int = Field(
-        256,
+    default_completion_tokens: int | None = Field(
+        None,
         gt=0,
-        description="Completion tokens a request without max_tokens is assumed to use until "
-        "it ends (tokens_per_minute admission).",
+        description="Completion tokens reserved for each candidate of a request without "
+        "max_tokens until it ends (tokens_per_minute admission). None: the model's context, "
+        "as much as vLLM lets such a request generate, so the reservation never falls short; "
+        "a number bets on shorter replies (a longer one is under-reserved until it ends).",
     )
     usage_retention_minutes: int = Field(
         7 * 24 * 60, gt=0, description="Per-minute usage kept for `GET /v1/usage?since=`."

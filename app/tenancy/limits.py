@@ -2,8 +2,8 @@
 sliding window (a minute unless configured) and concurrent streams. One `LimitBook` decides for
 the whole service (the TenantLedger holds it), before any engine work.
 
-Tokens are known when a request ends, so admission reserves an estimate (prompt estimate +
-max tokens x n) for each request in flight and replaces it with the real count when it ends:
+Tokens are known when a request ends, so admission reserves an upper bound (`estimate_tokens`:
+prompt bound + max tokens x n) for each request in flight and replaces it with the real count when it ends:
 `used in the window + reserved + this request's estimate <= tokens_per_minute`. Pure: every
 time is passed in."""
 
@@ -238,15 +238,46 @@ def subjects_for(
     return tuple(found)
 
 
+TEMPLATE_TOKENS = 32
+"""Tokens a chat template may add to one prompt beyond the text its request body carries: a
+default system prompt, the generation prompt, BOS. SmolLM2's adds 30 to a one-message chat
+(its default system prompt included; the body of such a chat has at least 55 bytes more than
+its text, so the bound holds with room). A template's per-message wrappers (ChatML's 5 tokens)
+are paid by each message's JSON structure, at least 29 bytes."""
+
+
 def estimate_tokens(
-    prompt_chars: int, max_tokens: int | None, candidates: int, default: int
+    prompt_bytes: int,
+    max_tokens: int | None,
+    candidates: int,
+    default: int | None,
+    context_tokens: int,
+    prompts: int = 1,
 ) -> int:
-    """A request's token estimate before it is tokenized: ~4 characters a token for the prompt,
-    plus its output budget (`default` when it names none) for each candidate."""
-    return math.ceil(prompt_chars / 4) + max(1, candidates) * (max_tokens or default)
+    """A request's tokens-per-window reservation before it is tokenized: an upper bound on what
+    the engine will count for it (prompt + completion), so a limit is never exceeded by more
+    than the requests' real counts allow.
+
+    - Prompt: the UTF-8 bytes of the request body (they hold every text a template renders;
+      JSON escapes only add bytes) + `TEMPLATE_TOKENS` per prompt. A byte-level BPE token is
+      at least one byte, and nothing tighter is safe without the tokenizer: SmolLM2 spends 1.0
+      token a byte on digits, 0.9 on hex, 0.7 on random letters, CJK and emoji, 0.2 on English
+      prose (where this reserves ~4.6x the prompt's tokens). Tokenizing here would put the
+      tokenizer in the ingress and tokenize every prompt twice.
+    - Completion: `max_tokens` (else `default`, else the whole context: what vLLM lets a
+      request without max_tokens generate) for each candidate of each prompt.
+    - At most the context for each candidate of each prompt (a prompt and its reply fit the
+      context, so a bloated prompt bound never reserves more than the request can use).
+
+    Settled to the engine's real count when the request ends."""
+    sequences = max(1, prompts) * max(1, candidates)
+    budget = max_tokens or default or context_tokens
+    estimate = prompt_bytes + max(1, prompts) * TEMPLATE_TOKENS + sequences * budget
+    return min(estimate, sequences * context_tokens) if context_tokens > 0 else estimate
 
 
 __all__: Sequence[str] = (
+    "TEMPLATE_TOKENS",
     "LimitBook",
     "SlidingWindow",
     "Subject",

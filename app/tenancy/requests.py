@@ -5,6 +5,7 @@ Generator call these."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
 
 from app.config import AppConfig, Limits
@@ -43,25 +44,53 @@ def with_pool_defaults(request: GenerationRequest, record: PoolRecord | None) ->
 
 
 def ticket_for(request: GenerationRequest, config: AppConfig, record: PoolRecord | None) -> Ticket:
-    """The limits that apply to the request (its pool's, its key's) and its token estimate."""
+    """The limits that apply to the request (its pool's, its key's) and its token reservation
+    (`estimate_tokens`: an upper bound, from the body's size, the prompts and the budgets)."""
     key_id = request.key_id or NO_KEY
     if not metered(request):
         return Ticket(request.request_id, (), 0)
     pool_limits: Limits | None = record.spec.limits if record is not None else None
+    subjects = subjects_for(
+        tenant_pool(request), pool_limits, key_id, config.tenancy.limits_for_key(key_id)
+    )
+    if not subjects:
+        return Ticket(request.request_id, (), 0)
     sampling = request.sampling
-    candidates = max(sampling.n, sampling.best_of or 0)
+    served = config.model(request.model)
     return Ticket(
         request_id=request.request_id,
-        subjects=subjects_for(
-            tenant_pool(request), pool_limits, key_id, config.tenancy.limits_for_key(key_id)
-        ),
+        subjects=subjects,
         estimated_tokens=estimate_tokens(
-            len(request.prompt or ""),
+            prompt_bytes(request),
             sampling.max_new_tokens,
-            candidates,
+            max(sampling.n, sampling.best_of or 0),
             config.tenancy.default_completion_tokens,
+            served.engine.max_model_len if served is not None else 0,
+            prompt_count(request),
         ),
     )
+
+
+def prompt_bytes(request: GenerationRequest) -> int:
+    """Bytes that hold every text the engine's prompt is made of: an OpenAI call's whole body
+    as received (UTF-8 of its strings or longer, with escapes), a native call's prompt."""
+    call = request.openai
+    if call is not None:
+        return call.size_bytes or len(json.dumps(call.body))  # (0: built without a body size)
+    prompt = request.prompt or ""
+    return len(prompt) if prompt.isascii() else len(prompt.encode("utf-8"))
+
+
+def prompt_count(request: GenerationRequest) -> int:
+    """Engine requests the call makes, one per prompt: a completions call's batch of prompts
+    (strings or token lists), else 1."""
+    call = request.openai
+    if call is None or call.route != "completion":
+        return 1
+    prompt = call.body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 def terminal_stats(batch: Iterable[GenerationChunk | WireReply]) -> GenerationChunk | None:

@@ -8,7 +8,13 @@ import pytest
 
 from app.config import AppConfig, Limits
 from app.errors import ConcurrencyLimited, InvalidRequest, RateLimited, TokenRateLimited
-from app.tenancy.limits import LimitBook, Ticket, estimate_tokens, subjects_for
+from app.tenancy.limits import (
+    TEMPLATE_TOKENS,
+    LimitBook,
+    Ticket,
+    estimate_tokens,
+    subjects_for,
+)
 
 T0 = 1000.0
 
@@ -86,8 +92,21 @@ def test_subjects_only_where_limits_are_set_and_the_estimate() -> None:
     assert subjects_for("p", None, "k", Limits(concurrent_streams=1)) == (
         (("key", "k"), Limits(concurrent_streams=1)),
     )
-    assert estimate_tokens(40, 100, 2, 256) == 10 + 200
-    assert estimate_tokens(0, None, 1, 256) == 256
+
+
+def test_the_estimate_bounds_prompt_and_completion_and_caps_at_the_context() -> None:
+    # body bytes + the template's allowance + max tokens for each candidate
+    assert estimate_tokens(400, 100, 2, None, 2048) == 400 + TEMPLATE_TOKENS + 200
+    # without max tokens: the operator's default, else the whole context per candidate
+    assert estimate_tokens(0, None, 1, 256, 2048) == TEMPLATE_TOKENS + 256
+    assert estimate_tokens(100, None, 1, None, 2048) == 2048
+    assert estimate_tokens(100, None, 3, None, 2048) == 3 * 2048
+    # a batch of prompts: an allowance and a budget each
+    assert estimate_tokens(300, 10, 2, None, 2048, prompts=3) == 300 + 3 * TEMPLATE_TOKENS + 60
+    # a prompt and its reply fit the context: never more than the context per sequence
+    assert estimate_tokens(50_000, 100, 1, None, 2048) == 2048
+    assert estimate_tokens(50_000, 100, 2, None, 2048, prompts=2) == 4 * 2048
+    assert estimate_tokens(50_000, 100, 1, None, 0) == 50_000 + TEMPLATE_TOKENS + 100
 
 
 def test_key_limits_config_takes_ids_not_keys() -> None:

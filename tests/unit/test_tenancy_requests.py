@@ -4,6 +4,7 @@ routing, `since` parsing and the `poolserve_usage_*` exposition."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from app.protocol.generation import (
 )
 from app.protocol.workers import ModelStatus, WorkerStatus
 from app.routing.targets import choose_target
+from app.tenancy.limits import TEMPLATE_TOKENS
 from app.tenancy.requests import engine_usage, terminal_stats, ticket_for, with_pool_defaults
 from app.tenancy.usage import UsageBook, UsageRecord
 
@@ -72,10 +74,38 @@ def test_tickets_carry_the_limits_that_apply_and_an_estimate() -> None:
         (("pool", "team"), Limits(requests_per_minute=5, tokens_per_minute=1000)),
         (("key", "key-0123456789ab"), Limits(concurrent_streams=2)),
     )
-    assert ticket.estimated_tokens == 10 + 2 * 10
+    assert ticket.estimated_tokens == 40 + TEMPLATE_TOKENS + 2 * 10  # prompt bytes + template
     assert ticket_for(generation(key_id="key-ffffffffffff"), CONFIG, None).subjects == ()
     tokenize = generation(openai=OpenAICall("tokenize", {}), key_id="key-0123456789ab")
     assert ticket_for(tokenize, CONFIG, record).subjects == ()
+
+
+def test_the_token_reservation_reads_the_body_size_the_batch_and_the_context() -> None:
+    record = pool(tokens_per_minute=100_000)
+    chat = {"model": "org/m", "messages": [{"role": "user", "content": "hé 🙂"}]}
+    call = OpenAICall("chat", chat, (), 300)
+    sampling = SamplingOptions(max_new_tokens=7)
+    ticket = ticket_for(generation(openai=call, sampling=sampling), CONFIG, record)
+    assert ticket.estimated_tokens == 300 + TEMPLATE_TOKENS + 7  # the body as received
+    unsized = generation(openai=OpenAICall("chat", chat), sampling=sampling)
+    assert ticket_for(unsized, CONFIG, record).estimated_tokens == (
+        len(json.dumps(chat)) + TEMPLATE_TOKENS + 7  # (ASCII escapes: >= its UTF-8 bytes)
+    )
+    batch = OpenAICall("completion", {"prompt": ["a", "b", "c"]}, (), 60)
+    ticket = ticket_for(generation(openai=batch, sampling=sampling), CONFIG, record)
+    assert ticket.estimated_tokens == 60 + 3 * (TEMPLATE_TOKENS + 7)
+    ids = OpenAICall("completion", {"prompt": [1, 2, 3]}, (), 60)
+    ticket = ticket_for(generation(openai=ids, sampling=sampling), CONFIG, record)
+    assert ticket.estimated_tokens == 60 + TEMPLATE_TOKENS + 7  # token ids: one prompt
+    native = generation(prompt="日本", sampling=sampling)  # UTF-8: 6 bytes
+    assert ticket_for(native, CONFIG, record).estimated_tokens == 6 + TEMPLATE_TOKENS + 7
+    # no max tokens: the whole context (org/m's 2048) for each candidate
+    endless = generation(sampling=SamplingOptions(n=2))
+    assert ticket_for(endless, CONFIG, record).estimated_tokens == 2 * 2048
+    bet = CONFIG.model_copy(
+        update={"tenancy": CONFIG.tenancy.model_copy(update={"default_completion_tokens": 50})}
+    )
+    assert ticket_for(endless, bet, record).estimated_tokens == 40 + TEMPLATE_TOKENS + 2 * 50
 
 
 def test_a_request_is_billed_what_the_engine_did_however_it_ends() -> None:
