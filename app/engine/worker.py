@@ -25,6 +25,7 @@ from app.kv.ledger import KVLedger
 from app.protocol.generation import EngineCounts, GenerationChunk, GenerationRequest, WireReply
 from app.protocol.workers import EngineStats, ModelStatus, WorkerStatus
 from app.tenancy.fairshare import FairShare, Flow
+from app.tenancy.requests import tenant_pool
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def load_adapter_factory(import_path: str) -> AdapterFactory:
 def flow_of(request: GenerationRequest) -> Flow:
     """The request's fair-share flow at KV admission: its pool, priority and share weight."""
     return Flow(
-        request.pool or "default",
+        tenant_pool(request),
         request.priority or 0,
         request.share_weight,
         request.share_member,

@@ -44,6 +44,7 @@ class PoolRequest(BaseModel):
     concurrent_streams: int | None = Field(None, gt=0)
     priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
     shared: bool | None = None
+    share_by_key: bool | None = None
 
 
 class PoolSpec(BaseModel):
@@ -64,6 +65,9 @@ class PoolSpec(BaseModel):
     shared: bool = False
     """Holds no workers: its requests run on the workers of `queue_pool`, which it shares with
     the other pools there in proportion to `gpus` (its `weight`)."""
+    share_by_key: bool = False
+    """Its part of an engine's batch is split equally among its active API keys
+    (`kv.fair_share_batch_requests`), so one key's backlog does not crowd its other keys out."""
 
     @property
     def weight(self) -> float:
@@ -177,6 +181,7 @@ def spec_from_request(request: PoolRequest, config: AppConfig) -> PoolSpec:
         ),
         priority=request.priority or 0,
         shared=bool(request.shared),
+        share_by_key=bool(request.share_by_key),
     )
 
 
@@ -248,6 +253,7 @@ def spec_tenancy(spec: PoolSpec) -> dict[str, Any]:
         "concurrent_streams": spec.limits.concurrent_streams,
         "priority": spec.priority,
         "shared": spec.shared,
+        "share_by_key": spec.share_by_key,
     }
 
 

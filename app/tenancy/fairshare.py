@@ -91,7 +91,14 @@ class FairShare:
         )
 
     def _active(self, now: float) -> dict[tuple[int, str], _Seen]:
-        stale = [key for key, seen in self._seen.items() if now - seen.last_at > self.active_s]
+        """Flows that sent a request in the last `active_s`, or have one running (a tenant
+        whose requests all wait or run long sends none meanwhile, and is no less active)."""
+        busy = {(priority, pool) for priority, pool, _ in self.running}
+        stale = [
+            key
+            for key, seen in self._seen.items()
+            if now - seen.last_at > self.active_s and key not in busy
+        ]
         for key in stale:
             del self._seen[key]
             self._members.pop(key, None)
@@ -103,7 +110,11 @@ class FairShare:
         flows: dict[tuple[int, str, str], float] = {}
         for (priority, pool), seen in self._active(now).items():
             members = self._members.get((priority, pool), {})
-            for member in [m for m, at in members.items() if now - at > self.active_s]:
+            for member in [
+                m
+                for m, at in members.items()
+                if now - at > self.active_s and (priority, pool, m) not in self.running
+            ]:
                 del members[member]
             for member in members or {"": now}:
                 flows[(priority, pool, member)] = seen.weight / max(1, len(members))

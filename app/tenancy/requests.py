@@ -30,17 +30,21 @@ def tenant_pool(request: GenerationRequest) -> str:
 
 
 def with_pool_defaults(request: GenerationRequest, record: PoolRecord | None) -> GenerationRequest:
-    """The request with its effective priority (its own, else its pool's default) and its
-    pool's share weight; an OpenAI call carries the priority to vLLM in vLLM's header."""
+    """The request with its effective priority (its own, else its pool's default), its
+    pool's share weight and its member of the pool's share (its key, when the pool shares by
+    key); an OpenAI call carries the priority to vLLM in vLLM's header."""
     priority = request.priority
     if priority is None:
         priority = record.spec.priority if record is not None else 0
     weight = record.spec.weight if record is not None else 1.0
+    member = request.key_id or NO_KEY if record is not None and record.spec.share_by_key else ""
     call = request.openai
     if call is not None:
         headers = tuple((n, v) for n, v in call.headers if n.lower() != PRIORITY_HEADER)
         call = dataclasses.replace(call, headers=(*headers, (PRIORITY_HEADER, str(priority))))
-    return dataclasses.replace(request, priority=priority, share_weight=weight, openai=call)
+    return dataclasses.replace(
+        request, priority=priority, share_weight=weight, share_member=member, openai=call
+    )
 
 
 def ticket_for(request: GenerationRequest, config: AppConfig, record: PoolRecord | None) -> Ticket:

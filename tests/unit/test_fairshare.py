@@ -287,3 +287,19 @@ def test_a_pool_that_shares_by_key_splits_its_part_of_the_batch_among_its_keys()
     fair.arrived(other, 1, 8.0)
     assert fair.rank(k1) > fair.rank(k2)  # within the pool: fewer running first
     assert fair._batch_flows(12.0) == {(0, "team", "key-1"): 1.0, (0, "other", ""): 1.0}
+
+
+def test_a_pool_with_requests_running_stays_active_without_sending() -> None:
+    """A tenant whose requests all run (or wait) sends nothing meanwhile: it is still active,
+    so a heavy pool alone beside it does not take the batch back when `active_s` passes."""
+    fair = FairShare(headroom_requests=2, active_s=10, batch_requests=8)
+    fair.arrived(HEAVY, 1, 0.0)
+    fair.arrived(LIGHT, 1, 0.0)
+    for _ in range(4):
+        fair.admitted(LIGHT, 1)
+    for _ in range(6):
+        fair.admitted(HEAVY, 1)
+    assert not fair.batch_allows(HEAVY, 30.0)  # light still runs its 4: 10 + 1 > 8
+    for _ in range(4):
+        fair.released(LIGHT, 1)
+    assert fair.batch_allows(HEAVY, 30.0)  # light is done and quiet: heavy is alone

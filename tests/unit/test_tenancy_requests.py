@@ -13,6 +13,7 @@ from app import metrics
 from app.api.convert import request_priority
 from app.api.usage import parse_since
 from app.config import AppConfig, Limits
+from app.engine.worker import flow_of
 from app.errors import InvalidRequest
 from app.pools.decide import Snapshot, WorkerView, decide
 from app.pools.model import PoolRecord, PoolRequest, spec_from_request
@@ -26,6 +27,7 @@ from app.protocol.generation import (
 )
 from app.protocol.workers import ModelStatus, WorkerStatus
 from app.routing.targets import choose_target
+from app.tenancy.fairshare import Flow
 from app.tenancy.limits import TEMPLATE_TOKENS
 from app.tenancy.requests import engine_usage, terminal_stats, ticket_for, with_pool_defaults
 from app.tenancy.usage import UsageBook, UsageRecord
@@ -65,6 +67,16 @@ def test_pool_defaults_fill_priority_and_weight_and_tell_vllm() -> None:
     own = with_pool_defaults(generation(priority=4), record)
     assert own.priority == 4
     assert with_pool_defaults(generation(pool=None), None).priority == 0
+    assert filled.share_member == ""  # the pool shares as one
+
+
+def test_a_pool_that_shares_by_key_names_each_key_its_member() -> None:
+    record = pool(shared=True, share_by_key=True)
+    assert record.spec.share_by_key
+    keyed = with_pool_defaults(generation(key_id="key-0123456789ab"), record)
+    assert keyed.share_member == "key-0123456789ab"
+    assert with_pool_defaults(generation(), record).share_member == "none"  # no API keys
+    assert flow_of(keyed) == Flow("team", 0, 1.0, "key-0123456789ab")
 
 
 def test_tickets_carry_the_limits_that_apply_and_an_estimate() -> None:
