@@ -1,6 +1,12 @@
 """`build_app(args)`: the `import_path` of serve_config.yaml. Validates the args into an
-AppConfig and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler, and the
-Ingress -> TenantLedger (limits and usage, service-wide)."""
+AppConfig, once, and wires Ingress -> Generator-<profile> deployments -> PoolAutoscaler, and the
+Ingress -> TenantLedger (limits and usage, service-wide).
+
+Each deployment is bound to the AppConfig itself: a pydantic model unpickles without being
+validated again, so every process validates it at most once (here). Serve's versions do not
+depend on the bound arguments: `serve deploy` hashes the YAML's `args` (with the import path
+and runtime env) into the code version, so the same config restarts nothing and a changed one
+rolls every deployment."""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from app.deployments.generator import Generator
 from app.deployments.ingress import Ingress
 from app.deployments.ray_private import start_with_zero_replicas
 from app.deployments.router import ROUTER_PATH
-from app.deployments.tenancy import TenantLedger
+from app.deployments.tenant_ledger import TenantLedger
 
 LEDGER_MAX_ONGOING_REQUESTS = 100_000
 
@@ -28,8 +34,7 @@ def _deployment(cls: type) -> Deployment:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
-    plain = config.model_dump(mode="json")
-    registry = (
+    autoscaler = (
         _deployment(PoolAutoscaler)
         .options(
             name="PoolAutoscaler",
@@ -37,7 +42,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             ray_actor_options={"num_cpus": 0},
             logging_config={"enable_access_log": False},  # heartbeats and pulls, not requests
         )
-        .bind(plain)
+        .bind(config)
     )
     ledger = (
         _deployment(TenantLedger)
@@ -50,10 +55,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             logging_config={"enable_access_log": False},
             ray_actor_options={"num_cpus": 0},
         )
-        .bind(plain, registry)
+        .bind(config, autoscaler)
     )
     generators = {
-        profile.name: _generator(profile, config).bind(plain, profile.name, registry, ledger)
+        profile.name: _generator(profile, config).bind(config, profile.name, autoscaler, ledger)
         for profile in config.profiles
     }
     return (
@@ -68,7 +73,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             max_surge_percent=100,
             logging_config={"enable_access_log": config.ingress.access_log},
         )
-        .bind(plain, registry, generators, ledger)
+        .bind(config, autoscaler, generators, ledger)
     )
 
 

@@ -7,7 +7,7 @@
     for event in client.stream(prompt="...", max_new_tokens=32): ...  # start, delta..., end
     async for event in client.astream(messages=[...]): ...
 
-Requests go through the ingress's own `ServeBackend` (same registry snapshot, routing and
+Requests go through the ingress's own `ServeBackend` (same PoolAutoscaler snapshot, routing and
 admission, same Generator handles with `stream=True`) and are validated as HTTP's are (chat
 and messages by vLLM's own request models on the worker), so `pool=` / `profile=` behave like the `X-SIE-Pool` /
 `X-SIE-MACHINE-PROFILE` headers. Failures raise the typed `app.errors` exceptions. Closing a
@@ -50,11 +50,12 @@ def connect(app_name: str = DEFAULT_APP, *, timeout_s: float = CONNECT_TIMEOUT_S
     """A client of the running Serve application `app_name` (Ray must be reachable: inside a
     Ray job or task it is; in a plain script, `ray.init()` first, with RAY_ADDRESS set, and for
     a head on 127.0.0.1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: README "Ray jobs through handles").
-    The config and deployment handles come from the application's ingress itself."""
+    The config (validated once, by the builder) and the deployment handles come from the
+    application's ingress itself."""
     ingress = serve.get_app_handle(app_name)
-    plain, registry, generators, ledger = ingress.connection.remote().result(timeout_s=timeout_s)
-    config = AppConfig.model_validate(plain)
-    return Client(app_name, config, ServeBackend(config, generators, registry, ledger))
+    connection = ingress.connection.remote().result(timeout_s=timeout_s)
+    config, autoscaler, generators, ledger = connection
+    return Client(app_name, config, ServeBackend(config, generators, autoscaler, ledger))
 
 
 class _LoopThread:

@@ -11,13 +11,13 @@ the machine's load average, which every figure needs beside it.
 - pools: one `app.pools.decide.decide` round at 10,000 pools x 1,000 workers;
 - limits: `app.tenancy.quota.LocalLimits.admit` + `finish` with 100,000 API keys known, and
   the ledger's `QuotaBook.sync` per subject reported;
-- ledger: the TenantLedger's `report_usage` in groups as the ingress sends them (its group
+- ledger: the TenantLedger's `record_usage` in groups as the ingress sends them (its group
   commit to a fake GCS KV store whose writes take `--kv-put-ms` each, in a thread as in the
   actor): requests accounted per second and CPU per request;
 - registry: the PoolAutoscaler's `routing_snapshot` (pickled, as Ray sends it) per pull vs
-  workers, versioned pulls while nothing changes, and a heartbeat (`report`) per worker;
+  workers, versioned pulls while nothing changes, and a `heartbeat` per worker;
 - ledger-ray (only when named: heavy, it starts its own local Ray instance): the ledger's
-  `report_usage` through a DeploymentHandle and Serve, with the real GCS KV store.
+  `record_usage` through a DeploymentHandle and Serve, with the real GCS KV store.
 
 Figures here are one process on this machine; what a multi-node cluster adds (Ray's per-call
 cost between nodes) is `make bench-scale`'s cluster part.
@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import os
 import pickle
 import statistics
@@ -445,9 +446,23 @@ class FakeKv:
         return [k.encode() for k in self.data if k.startswith(prefix)]
 
 
+def ledger_module() -> Any:
+    """`app.deployments.tenant_ledger` (`app.deployments.tenancy` in a `--tree` from before it
+    was renamed)."""
+    try:
+        return importlib.import_module("app.deployments.tenant_ledger")
+    except ImportError:
+        return importlib.import_module("app.deployments.tenancy")
+
+
+def record_usage(ledger: Any) -> Any:
+    """The ledger's usage write (`report_usage` in a `--tree` from before it was renamed)."""
+    return getattr(ledger, "record_usage", None) or ledger.report_usage
+
+
 @contextlib.contextmanager
 def fake_ray_for_ledger(kv: FakeKv) -> Iterator[None]:
-    from app.deployments import tenancy
+    tenancy = ledger_module()
 
     with contextlib.ExitStack() as stack:
         for name, fn in (
@@ -466,27 +481,26 @@ def fake_ray_for_ledger(kv: FakeKv) -> Iterator[None]:
 
 
 def make_ledger(kv: FakeKv) -> Any:
-    from app.deployments.tenancy import TenantLedger
-
     async def snapshot() -> tuple[list[Any], dict[str, Any]]:
         return [], {}
 
-    registry = SimpleNamespace(routing_snapshot=SimpleNamespace(remote=snapshot))
-    return TenantLedger(AppConfig().model_dump(mode="json"), registry)  # type: ignore[arg-type]
+    autoscaler = SimpleNamespace(routing_snapshot=SimpleNamespace(remote=snapshot))
+    # the AppConfig itself: a tree whose deployments validated a dict takes it as well
+    return ledger_module().TenantLedger(AppConfig(), autoscaler)
 
 
-def usage_reports(
+def usage_records(
     prefix: str, serial: Iterator[int], count: int, keys: int
 ) -> list[tuple[str, Any]]:
-    """`count` usage reports as an ingress sends them, spread over `keys` API keys."""
+    """`count` usage records as a worker sends them, spread over `keys` API keys."""
     from app.tenancy.usage import UsageRecord
 
-    reports = []
+    records = []
     for _ in range(count):
         i = next(serial)
         rid = f"{prefix}-{i}"
-        reports.append((rid, UsageRecord(rid, "default", "m", f"key-{i % keys:012d}", 120, 40, 64)))
-    return reports
+        records.append((rid, UsageRecord(rid, "default", "m", f"key-{i % keys:012d}", 120, 40, 64)))
+    return records
 
 
 async def ledger_ceiling(
@@ -494,7 +508,7 @@ async def ledger_ceiling(
 ) -> dict[str, float]:
     """`ingresses` callers, each sending its next group as soon as the last was acknowledged
     (the GroupCall pattern at saturation): reports acknowledged per second, CPU per report."""
-    from app.deployments import tenancy
+    tenancy = ledger_module()
 
     kv = FakeKv(put_s)
     compact_s = seconds / 4  # several compactions in the run (30 s in production)
@@ -512,9 +526,9 @@ async def ledger_ceiling(
         async def ingress(n: int) -> None:
             nonlocal counted
             while time.perf_counter() < stop_at:
-                reports = usage_reports(f"req-{n}", serial, group, keys)
-                await ledger.report_usage(reports)
-                counted += len(reports)
+                records = usage_records(f"req-{n}", serial, group, keys)
+                await record_usage(ledger)(records)
+                counted += len(records)
 
         cpu, wall = time.process_time(), time.perf_counter()
         await asyncio.gather(*(ingress(n) for n in range(ingresses)))
@@ -533,8 +547,9 @@ async def ledger_ceiling(
 def compaction_pause(keys: int) -> tuple[float, int]:
     """The event loop's pause for a compaction's JSON (the book's totals and the current
     minute, `keys` usage keys each), and the bytes it writes."""
-    from app.deployments.tenancy import UsageStore
     from app.tenancy.usage import UsageRecord
+
+    UsageStore = ledger_module().UsageStore
 
     kv = FakeKv(0.0)
     with fake_ray_for_ledger(kv):
@@ -551,7 +566,7 @@ def compaction_pause(keys: int) -> tuple[float, int]:
 
 
 def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
-    from app.deployments.tenancy import UsageStore
+    UsageStore = ledger_module().UsageStore
 
     seconds = 5.0 if quick else 20.0
     rows: list[Row] = []
@@ -559,7 +574,7 @@ def bench_ledger(quick: bool, put_ms: float) -> list[Row]:
         result = asyncio.run(ledger_ceiling(seconds, group, 4, 100_000, put_ms / 1000))
         rows.append(
             (
-                f"ledger report_usage, groups of {group} from 4 callers ({seconds:g} s, "
+                f"ledger record_usage, groups of {group} from 4 callers ({seconds:g} s, "
                 f"KV put {put_ms:g} ms, compaction every {seconds / 4:g} s)",
                 "100,000 keys",
                 f"{result['per_second']:,.0f} requests/s; {us(result['cpu_per_request'])} CPU each",
@@ -593,14 +608,14 @@ async def _call(method: Any) -> Any:
 
 def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
     """A new local Ray instance (not the one `make serve` may run), Serve without HTTP, the
-    TenantLedger alone (a stand-in registry) with the real GCS KV store; this process calls it
-    through a DeploymentHandle as an ingress does: `callers` concurrent report_usage calls of
+    TenantLedger alone (a stand-in PoolAutoscaler) with the real GCS KV store; this process calls
+    it through a DeploymentHandle as a worker does: `callers` concurrent record_usage calls of
     `group` reports each, then sync calls of 200 subjects. Heavy: run only when the machine is
     free (see the README's benchmark rules)."""
     import ray
     from ray import serve
 
-    from app.deployments.tenancy import TenantLedger
+    TenantLedger = ledger_module().TenantLedger
 
     seconds = 10.0 if quick else 30.0
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
@@ -608,8 +623,8 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
     try:
         serve.start(http_options={"location": "NoServer"})
 
-        @serve.deployment(name="Registry", ray_actor_options={"num_cpus": 0})
-        class Registry:
+        @serve.deployment(name="PoolAutoscaler", ray_actor_options={"num_cpus": 0})
+        class Autoscaler:
             async def routing_snapshot(self) -> tuple[list[Any], dict[str, Any]]:
                 return [], {}
 
@@ -622,7 +637,7 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
                 return os.getpid()
 
         handle = serve.run(
-            Ledger.bind(AppConfig().model_dump(mode="json"), Registry.bind()),
+            Ledger.bind(AppConfig(), Autoscaler.bind()),
             name="bench-ledger",
             route_prefix=None,
         )
@@ -635,9 +650,9 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
             async def caller(n: int) -> None:
                 nonlocal done
                 while time.perf_counter() < stop_at:
-                    reports = usage_reports(f"ray-{n}", serial, group, 100_000)
+                    records = usage_records(f"ray-{n}", serial, group, 100_000)
                     start = time.perf_counter()
-                    await handle.report_usage.remote(reports)
+                    await record_usage(handle).remote(records)
                     latencies.append(time.perf_counter() - start)
                     done += group
 
@@ -677,7 +692,7 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
                 spy.wait(timeout=60)
             rows.append(
                 (
-                    f"ledger through Ray: report_usage, groups of {group} from {callers} "
+                    f"ledger through Ray: record_usage, groups of {group} from {callers} "
                     f"callers ({seconds:g} s, real GCS KV)",
                     "100,000 keys",
                     f"{per_second:,.0f} requests/s; {us(cpu)} ledger CPU each",
@@ -748,8 +763,9 @@ def registry_costs(count: int, pools: int = 50) -> dict[str, float]:
         scaler._loop.cancel()
         now = time.time()
         statuses = worker_statuses(count, now=now)
+        heartbeat = getattr(scaler, "heartbeat", None) or scaler.report  # (`report` before)
         for status in statuses:
-            scaler.report(status)
+            heartbeat(status)
         for n in range(pools):
             spec = PoolSpec(name=f"pool-{n:05d}", gpus={"gpu": 1})
             scaler._book.pools[spec.name] = PoolRecord(
@@ -765,8 +781,8 @@ def registry_costs(count: int, pools: int = 50) -> dict[str, float]:
         payload = pickle.dumps(loop.run_until_complete(scaler.routing_snapshot()))
         costs = {"pull_s": per_call(pull, min_seconds=1.0, repeats=3), "bytes": len(payload)}
         beat = iter(range(10**12))
-        costs["report_s"] = per_call(
-            lambda: scaler.report(statuses[next(beat) % count]), min_seconds=0.5
+        costs["heartbeat_s"] = per_call(
+            lambda: heartbeat(statuses[next(beat) % count]), min_seconds=0.5
         )
         if hasattr(scaler, "routing_snapshot_since"):
             version = loop.run_until_complete(scaler.routing_snapshot_since(None))[0]
@@ -797,11 +813,11 @@ def bench_registry(quick: bool) -> list[Row]:
         )
         rows.append(
             (
-                "registry: a heartbeat handled (report), a scale event pending",
+                "registry: a heartbeat handled, a scale event pending",
                 f"{count:,} workers",
-                us(costs["report_s"]),
+                us(costs["heartbeat_s"]),
                 "",
-                f"all workers (1 / 2 s each): {count / 2 * costs['report_s'] * 1000:.1f} ms CPU/s",
+                f"all workers (1 / 2 s each): {count / 2 * costs['heartbeat_s'] * 1e3:.1f} ms CPU/s",
             )
         )
         if "unchanged_s" in costs:
@@ -820,7 +836,7 @@ def bench_registry(quick: bool) -> list[Row]:
 async def _make_autoscaler() -> Any:
     from app.deployments.autoscaler import PoolAutoscaler
 
-    return PoolAutoscaler(routing_config().model_dump(mode="json"))
+    return PoolAutoscaler(routing_config())
 
 
 # --- main ----------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """PoolAutoscaler deployment (one replica): the worker registry, the single writer of pool
 state, and the control loop.
 
-- Registry (`app.deployments.workers`): every Generator replica reports its WorkerStatus every
-  few seconds; the reply is the pool that worker is assigned to (how assignments reach
-  workers). The ingress reads `routing_snapshot()` (workers with their assigned pool, and the
-  pools), or `routing_snapshot_since(version)`: the same, or only the version when nothing an
-  ingress routes by changed since `version` (see `app.deployments.workers.routing_view`).
+- Registry (`app.deployments.worker_registry`): every Generator replica sends its WorkerStatus
+  (`heartbeat`) every few seconds; the reply is the pool that worker is assigned to (how
+  assignments reach workers). The ingress reads `routing_snapshot()` (workers with their
+  assigned pool, and the pools), or `routing_snapshot_since(version)`: the same, or only the
+  version when nothing an ingress routes by changed since `version` (see
+  `app.deployments.worker_registry.routing_view`).
 - Pools: create/update/renew/delete go through here and are persisted to Ray's GCS key-value
   store (`app.deployments.pool_store`) before the call returns, so a restart of this replica
   loses nothing.
@@ -35,7 +36,7 @@ from ray.exceptions import RayError
 from app.config import AppConfig, MachineProfile
 from app.deployments.pool_store import GcsStore
 from app.deployments.ray_private import set_replica_target
-from app.deployments.workers import WorkerRegistry
+from app.deployments.worker_registry import WorkerRegistry
 from app.pools.book import PoolBook
 from app.pools.capacity import workers_that_fit
 from app.pools.decide import Decision, Reason, Snapshot, WorkerView, decide
@@ -67,8 +68,8 @@ class ScaleEvent:
 
 
 class PoolAutoscaler:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._config = AppConfig.model_validate(config)
+    def __init__(self, config: AppConfig) -> None:
+        self._config = config  # validated by the builder; unpickled without validation
         self._app_name = serve.get_replica_context().app_name
         self._store = GcsStore(self._app_name)
         loaded = self._store.load()
@@ -112,10 +113,10 @@ class PoolAutoscaler:
 
     # --- registry -------------------------------------------------------------------------------
 
-    def report(self, status: WorkerStatus) -> str:
+    def heartbeat(self, status: WorkerStatus) -> str:
         """A worker's heartbeat; the reply is the pool it is assigned to."""
         now = time.time()
-        if self._registry.report(status, self._config.worker_stale_seconds):
+        if self._registry.heartbeat(status, self._config.worker_stale_seconds):
             self._changed()
         if now - self._reached_checked_at >= REACHED_CHECK_SECONDS:
             self._reached_checked_at = now

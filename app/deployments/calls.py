@@ -146,7 +146,7 @@ class WorkerCalls:
             )
             raise
         except Exception as error:  # noqa: BLE001 - the call failed before the worker had it
-            self._end(inbox, as_service_error(error))
+            self._end(inbox, call_failure(error))
 
     async def _send(self, group: list[tuple[GenerationRequest, Inbox]]) -> None:
         """Start one call for the group and wait for the worker's acknowledgement; the rest of
@@ -191,7 +191,7 @@ class WorkerCalls:
         except asyncio.CancelledError:
             pass  # every reader left, or the loop is going away
         except Exception as error:  # noqa: BLE001 - every request of the call gets it
-            failure = as_service_error(error)
+            failure = call_failure(error)
         finally:
             await close_stream(stream)
         for inbox in list(live.values()):
@@ -248,7 +248,7 @@ class WorkerCalls:
         task.add_done_callback(self._tasks.discard)
 
 
-def as_service_error(error: BaseException) -> ServiceError:
+def call_failure(error: BaseException) -> ServiceError:
     """A failure of the call itself, as every request of the call sees it."""
     if isinstance(error, ServiceError):
         return error

@@ -36,20 +36,20 @@ class Generator:
 
     async def __init__(  # type: ignore[misc]  # Serve (and Ray actors) await an async __init__
         self,
-        config: dict[str, Any],
+        config: AppConfig,
         profile: str,
-        registry: DeploymentHandle[Any],
+        autoscaler: DeploymentHandle[Any],
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
-        self._config = AppConfig.model_validate(config)
-        self._worker = Worker(self._config, profile)
+        self._config = config  # validated by the builder; unpickled without validation
+        self._worker = Worker(config, profile)
         # handle calls routed on this replica's loop: no hand-off to Serve's router thread
         # per call (a usage bill per round trip, a heartbeat)
-        self._registry = route_on_this_loop(registry)
+        self._autoscaler = route_on_this_loop(autoscaler)
         ledger = route_on_this_loop(ledger) if ledger is not None else None
         # requests are billed here, from the engine's counts, however they end
-        self._reports = (
-            UsageReports(lambda reports: ledger.report_usage.remote(reports))
+        self._billing = (
+            UsageReports(lambda records: ledger.record_usage.remote(records))
             if ledger is not None
             else None
         )
@@ -61,7 +61,7 @@ class Generator:
         self._running: dict[str, asyncio.Task[None]] = {}  # request id -> its task
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._worker.load_all())
-        self._heartbeat = loop.create_task(self._report_forever())
+        self._heartbeat = loop.create_task(self._heartbeat_forever())
         # Serve routes to a replica once its constructor returns: only after the models
         # loaded (a failed load is reported, not raised). So a rolling update with surge stops
         # the old replica only when the new one can serve. The heartbeat reports "loading"
@@ -130,7 +130,7 @@ class Generator:
         """Serve one request and bill it with what the engine did (`EngineCounts`): before
         its last item goes out when it ends here (so its client's usage block is in the
         ledger first), in the background when its client left. A request that never reached
-        the engine is reported without usage (its limits released)."""
+        the engine is billed without usage (its limits released)."""
         request_id = request.request_id
         counts = EngineCounts()
         billed = False
@@ -144,8 +144,8 @@ class Generator:
         except ServiceError as refusal:
             last = refusal
         except asyncio.CancelledError:
-            if not billed and self._reports is not None:  # `cancel`: the call goes on
-                self._reports.later(request_id, engine_usage(request, counts))
+            if not billed and self._billing is not None:  # `cancel`: the call goes on
+                self._billing.later(request_id, engine_usage(request, counts))
             put(request_id, ENDED)
             raise
         except Exception:
@@ -159,8 +159,8 @@ class Generator:
 
     async def _bill(self, request: GenerationRequest, counts: EngineCounts) -> None:
         self._kv.counted(request.model, counts)
-        if self._reports is not None:
-            await self._reports.before_reply(request.request_id, engine_usage(request, counts))
+        if self._billing is not None:
+            await self._billing.before_reply(request.request_id, engine_usage(request, counts))
 
     async def cancel(self, request_ids: list[str], worker: str | None = None) -> None:
         """Stop requests of a call whose client left (the call goes on for the others).
@@ -179,15 +179,15 @@ class Generator:
         ingress replica that missed changes. `worker`: the replica the router sends it to."""
         return self._kv.full(model)
 
-    async def _report_forever(self) -> None:
+    async def _heartbeat_forever(self) -> None:
         interval = self._config.worker_heartbeat_seconds
         while True:
             try:
-                assigned = await self._registry.report.remote(self.status())
+                assigned = await self._autoscaler.heartbeat.remote(self.status())
                 if isinstance(assigned, str):
                     self._pool = assigned
             except Exception:
-                logger.warning("heartbeat to the registry failed", exc_info=True)
+                logger.warning("heartbeat to the PoolAutoscaler failed", exc_info=True)
             await asyncio.sleep(interval)
 
     def check_health(self) -> None:
@@ -203,7 +203,9 @@ class Generator:
         # bounded: when the whole app is deleted the PoolAutoscaler goes too, and a handle call
         # to a deployment without replicas waits for one (until the graceful-shutdown timeout)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._registry.forget.remote(self._worker_id), FORGET_TIMEOUT_S)
+            await asyncio.wait_for(
+                self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S
+            )
         await self._worker.shutdown()
 
 

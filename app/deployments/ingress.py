@@ -39,7 +39,7 @@ from app.tenancy.requests import tenant_pool, terminal_stats, ticket_for, with_p
 logger = logging.getLogger("ray.serve")
 SNAPSHOT_MAX_AGE_SECONDS = 0.5
 SNAPSHOT_STALE_SECONDS = 5.0  # older than this, a request waits for a fresh snapshot
-SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a registry that just started answers after one heartbeat round
+SNAPSHOT_TIMEOUT_SECONDS = 5.0  # a PoolAutoscaler that just started answers after a heartbeat round
 # Serve's replica gRPC server takes messages up to 4 MiB (a call carries up to START_GROUP
 # requests): bigger requests travel as Ray objects
 GRPC_REQUEST_BYTES = 48 * 1024
@@ -54,10 +54,10 @@ class ServeBackend:
         self,
         config: AppConfig,
         generators: dict[str, DeploymentHandle[Any]],
-        registry: DeploymentHandle[Any],
+        autoscaler: DeploymentHandle[Any],
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
-        handles = (*generators.values(), registry, *([ledger] if ledger else []))
+        handles = (*generators.values(), autoscaler, *([ledger] if ledger else []))
         routers = {type(getattr(route_on_this_loop(h), "_router", None)).__name__ for h in handles}
         logger.info("ingress handles route with %s", ", ".join(sorted(routers)))
         self._config = config
@@ -77,11 +77,11 @@ class ServeBackend:
                 ),
             )
         elif ledger is not None:
-            reports = UsageReports(lambda reports: ledger.report_usage.remote(reports))
+            billing = UsageReports(lambda records: ledger.record_usage.remote(records))
             self._at_ledger = LedgerLimits(
                 lambda ticket: ledger.admit.remote(ticket),
                 lambda request_ids: ledger.renew.remote(request_ids),
-                lambda request_id: reports.later(request_id, None),
+                lambda request_id: billing.later(request_id, None),
                 window_s=tenancy.limit_window_seconds,
                 replicas=config.ingress.num_replicas,
                 fallback=tenancy.on_ledger_unavailable,
@@ -101,7 +101,7 @@ class ServeBackend:
         )
         self._keys = KeyFetcher(self._board, generators)  # whole key sets after a gap
         self._targets = TargetIndex(config, [], {})
-        self._registry = registry
+        self._autoscaler = autoscaler
         self._snapshot: list[WorkerStatus] = []
         self._pools: dict[str, PoolRecord] = {}
         self._demand_calls: set[asyncio.Task[Any]] = set()
@@ -126,7 +126,7 @@ class ServeBackend:
     async def _routing_snapshot(
         self, max_age_s: float = SNAPSHOT_MAX_AGE_SECONDS
     ) -> list[WorkerStatus]:
-        """The registry's snapshot for routing. Older than `max_age_s`: refreshed in the
+        """The PoolAutoscaler's snapshot for routing. Older than `max_age_s`: refreshed in the
         background while requests go on with the current one; a request waits for the round
         trip only when the snapshot is far older (or `max_age_s` is 0: "look again now")."""
         age = time.monotonic() - self._snapshot_at
@@ -139,15 +139,15 @@ class ServeBackend:
 
     async def _load_snapshot(self, whole: bool = False) -> None:
         """A versioned pull (a few bytes while nothing an ingress routes by changed), or with
-        `whole` the registry's current snapshot, every figure as fresh as the heartbeats."""
+        `whole` the PoolAutoscaler's current snapshot, every figure as fresh as the heartbeats."""
         try:
             if whole:
                 snapshot = await asyncio.wait_for(
-                    self._registry.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
+                    self._autoscaler.routing_snapshot.remote(), SNAPSHOT_TIMEOUT_SECONDS
                 )
             else:
                 version, snapshot = await asyncio.wait_for(
-                    self._registry.routing_snapshot_since.remote(self._snapshot_version),
+                    self._autoscaler.routing_snapshot_since.remote(self._snapshot_version),
                     SNAPSHOT_TIMEOUT_SECONDS,
                 )
                 if snapshot is None:
@@ -162,7 +162,7 @@ class ServeBackend:
             self._targets = TargetIndex(self._config, self._snapshot, self._pools)
             self._snapshot_at = time.monotonic()
         except Exception:
-            logger.warning("worker registry unreachable; using the last snapshot", exc_info=True)
+            logger.warning("PoolAutoscaler unreachable; using the last snapshot", exc_info=True)
             return
         known = {status.worker_id for status in self._snapshot}
         for status in self._snapshot:  # heartbeat stats, unless a call brought fresher ones
@@ -244,7 +244,7 @@ class ServeBackend:
         if self._ledger is None:
             raise ServiceError("usage accounting is not running in this deployment")
         report: dict[str, Any] = await asyncio.wait_for(
-            self._ledger.report.remote(since, pool), SNAPSHOT_TIMEOUT_SECONDS
+            self._ledger.usage_report.remote(since, pool), SNAPSHOT_TIMEOUT_SECONDS
         )
         return report
 
@@ -352,8 +352,8 @@ class ServeBackend:
             await self._routing_snapshot(0.0)
         except (Provisioning, ModelLoading):
             # a versioned pull keeps the snapshot while only heartbeat times change, so its
-            # `reported_at` can be seconds older than the registry's: a worker that looks
-            # stale (or still loading) here may be serving. Look at the registry's current
+            # `reported_at` can be seconds older than the PoolAutoscaler's: a worker that looks
+            # stale (or still loading) here may be serving. Look at the PoolAutoscaler's current
             # figures before saying 503 (one whole pull, shared, at most every 0.5 s)
             await self.workers()
         try:
@@ -361,39 +361,39 @@ class ServeBackend:
         except Provisioning as error:
             pool = str(error.extra.get("pool", request_pool(request)))
             profile = str(error.extra.get("profile", ""))
-            call = asyncio.ensure_future(self._registry.note_demand.remote(pool, profile))
+            call = asyncio.ensure_future(self._autoscaler.note_demand.remote(pool, profile))
             self._demand_calls.add(call)
             call.add_done_callback(self._demand_calls.discard)
             raise
 
-    async def _autoscaler(self, method: str, *args: Any) -> Any:
+    async def _call_autoscaler(self, method: str, *args: Any) -> Any:
         """Call the PoolAutoscaler; its ServiceErrors come back as themselves."""
         try:
-            return await getattr(self._registry, method).remote(*args)
+            return await getattr(self._autoscaler, method).remote(*args)
         except RayTaskError as error:
             if isinstance(error.cause, ServiceError):
                 raise error.cause from None
             raise
 
     async def create_pool(self, spec: PoolSpec) -> PoolRecord:
-        record: PoolRecord = await self._autoscaler("create_pool", spec)
+        record: PoolRecord = await self._call_autoscaler("create_pool", spec)
         self._snapshot_at = float("-inf")
         return record
 
     async def get_pool(self, name: str) -> PoolRecord | None:
-        record: PoolRecord | None = await self._autoscaler("get_pool", name)
+        record: PoolRecord | None = await self._call_autoscaler("get_pool", name)
         return record
 
     async def list_pools(self) -> list[PoolRecord]:
-        records: list[PoolRecord] = await self._autoscaler("list_pools")
+        records: list[PoolRecord] = await self._call_autoscaler("list_pools")
         return records
 
     async def renew_pool(self, name: str) -> PoolRecord:
-        record: PoolRecord = await self._autoscaler("renew_pool", name)
+        record: PoolRecord = await self._call_autoscaler("renew_pool", name)
         return record
 
     async def delete_pool(self, name: str) -> bool:
-        deleted: bool = await self._autoscaler("delete_pool", name)
+        deleted: bool = await self._call_autoscaler("delete_pool", name)
         self._snapshot_at = float("-inf")
         return deleted
 
@@ -401,7 +401,7 @@ class ServeBackend:
         """Read-only: the PoolAutoscaler's recent decisions with reasons, replica targets and
         scale events (the dashboard and `/metrics` read it)."""
         status: dict[str, Any] = await asyncio.wait_for(
-            self._registry.status.remote(), SNAPSHOT_TIMEOUT_SECONDS
+            self._autoscaler.status.remote(), SNAPSHOT_TIMEOUT_SECONDS
         )
         return status
 
@@ -418,26 +418,27 @@ def request_bytes(request: GenerationRequest) -> int:
 class Ingress:
     def __init__(
         self,
-        config: dict[str, Any],
-        registry: DeploymentHandle[Any],
+        config: AppConfig,
+        autoscaler: DeploymentHandle[Any],
         generators: dict[str, DeploymentHandle[Any]],
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
-        self._config = AppConfig.model_validate(config)
+        self._config = config  # validated by the builder; unpickled without validation
         share_metrics()  # this replica's request metrics add up with the other replicas'
-        self._backend = ServeBackend(self._config, generators, registry, ledger)
-        self._connection = (self._config.model_dump(mode="json"), registry, generators, ledger)
+        self._backend = ServeBackend(config, generators, autoscaler, ledger)
+        self._connection = (config, autoscaler, generators, ledger)
 
     def connection(
         self,
     ) -> tuple[
-        dict[str, Any],
+        AppConfig,
         DeploymentHandle[Any],
         dict[str, DeploymentHandle[Any]],
         DeploymentHandle[Any] | None,
     ]:
         """What `app.handles.connect` needs to build the same ServeBackend in a Ray job: the
-        config and this ingress's own registry, generator and tenant ledger handles."""
+        config (unpickled there, not validated again) and this ingress's own PoolAutoscaler,
+        generator and tenant ledger handles."""
         return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:

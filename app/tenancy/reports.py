@@ -6,7 +6,7 @@ A report that ends a reply is made durable before the reply's last item goes out
 holds a usage block the ledger lacks), within `before_reply_s`; past that the reply goes on and
 the report is retried in the background until the ledger acknowledges it (it counts a request
 id once). Reports travel in groups (`app.tenancy.batching`). No Ray here: `send` is the
-ledger handle's `report_usage`.
+ledger handle's `record_usage`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ class UsageReports:
         self._later: set[asyncio.Task[None]] = set()
 
     async def before_reply(self, request_id: str, usage: UsageRecord | None) -> None:
-        """Durable before the reply's end, or (the ledger slow or out) retried later."""
+        """Durable before the reply's end, or (the ledger slow or out, or the reply cancelled
+        while it waits: its caller gone) retried later."""
         try:
             await asyncio.wait_for(self._call.submit((request_id, usage)), self._before_reply_s)
+        except asyncio.CancelledError:
+            self.later(request_id, usage)  # the reply was cancelled, not what it is billed
+            raise
         except Exception:
             logger.warning("usage of %s not reported yet; retrying", request_id, exc_info=True)
             self.later(request_id, usage)

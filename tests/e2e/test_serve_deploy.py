@@ -1,7 +1,8 @@
 """The production path end to end: `ray start --head` (free ports, 127.0.0.1 only), `serve
-deploy` a copy of serve_config.yaml, `serve status` healthy, a chat request over HTTP, the
-example Ray job submitted with `ray job submit` writing its JSONL through the handles, `serve
-shutdown`; then only this head's processes are stopped, even when a step fails."""
+deploy` a copy of serve_config.yaml, `serve status` healthy, a chat request over HTTP, the same
+config deployed again (no replica restarts), the example Ray job submitted with `ray job submit`
+writing its JSONL through the handles, `serve shutdown`; then only this head's processes are
+stopped, even when a step fails."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 900.0  # engine load on 2 busy cores: 1.5 to 10 min
 JOB_TIMEOUT_S = 600.0
 NUM_PROMPTS = 6
+SAME_CONFIG_WATCH_S = 20.0
 
 
 @dataclass
@@ -179,6 +181,15 @@ def test_serve_deploy_chat_job_and_shutdown(head: Head, tmp_path: Path) -> None:
     assert reply.status_code == 200, reply.text
     assert "Paris" in reply.json()["choices"][0]["message"]["content"]
 
+    # the same config again (`make serve` run twice): Serve's code version hashes the YAML's
+    # args, not the AppConfig bound to each deployment, so no replica restarts
+    replicas = replica_actors(head)
+    assert len(replicas) == len(deployments), replicas
+    head.serve("deploy", str(deployable_config(tmp_path, http_port)))
+    time.sleep(SAME_CONFIG_WATCH_S)  # a restart would have started new replicas by now
+    assert wait_healthy(head, base_url)["status"] == "RUNNING"
+    assert replica_actors(head) == replicas
+
     output = tmp_path / "batch.jsonl"
     job_started = time.monotonic()
     job = head.run(
@@ -209,6 +220,22 @@ def test_serve_deploy_chat_job_and_shutdown(head: Head, tmp_path: Path) -> None:
     after = yaml.safe_load(head.serve("status").stdout) or {}
     assert not after.get("applications"), after
     assert proxy_gone(base_url), "the HTTP proxy still answers after serve shutdown"
+
+
+def replica_actors(head: Head) -> set[str]:
+    """The live Serve replica actors of the app (named `SERVE_REPLICA::poolserve#<deployment>#<id>`;
+    a restarted replica is a new actor)."""
+    listed = head.run(
+        str(BIN / "ray"),
+        "list",
+        "actors",
+        f"--address={head.dashboard_url}",
+        "--filter=state=ALIVE",
+        "--format=json",
+        "--limit=1000",
+    )
+    names = (actor.get("name") or "" for actor in json.loads(listed.stdout))
+    return {name for name in names if name.startswith("SERVE_REPLICA::poolserve#")}
 
 
 def proxy_gone(base_url: str, timeout_s: float = 60) -> bool:

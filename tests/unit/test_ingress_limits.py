@@ -25,7 +25,7 @@ def backend_with_ledger_down(leased: bool = True, fallback: str = "divide") -> S
     async def unavailable(*_: Any) -> Any:
         raise ConnectionError("the TenantLedger is restarting")
 
-    async def reported(reports: Any) -> None:
+    async def recorded(records: Any) -> None:
         return None
 
     config = AppConfig.model_validate(
@@ -44,7 +44,7 @@ def backend_with_ledger_down(leased: bool = True, fallback: str = "divide") -> S
         SimpleNamespace(  # type: ignore[arg-type]
             sync=SimpleNamespace(remote=unavailable),
             admit=SimpleNamespace(remote=unavailable),
-            report_usage=SimpleNamespace(remote=reported),
+            record_usage=SimpleNamespace(remote=recorded),
         ),
     )
 

@@ -41,7 +41,7 @@ def scaler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     loop = asyncio.new_event_loop()
 
     async def make() -> Any:
-        return autoscaler.PoolAutoscaler(CONFIG.model_dump(mode="json"))
+        return autoscaler.PoolAutoscaler(CONFIG)
 
     created = loop.run_until_complete(make())
     created._loop.cancel()
@@ -66,11 +66,11 @@ def status(worker_id: str, state: str = "loaded", active: int = 0) -> WorkerStat
 
 
 def test_a_pull_while_nothing_changed_is_a_version_only(scaler: Any) -> None:
-    scaler.report(status("w1"))
+    scaler.heartbeat(status("w1"))
     version, snapshot = scaler.run(scaler.routing_snapshot_since(None))
     assert snapshot is not None and [w.worker_id for w in snapshot[0]] == ["w1"]
     assert scaler.run(scaler.routing_snapshot_since(version)) == (version, None)
-    scaler.report(status("w1", active=7))  # a heartbeat: new times and load only
+    scaler.heartbeat(status("w1", active=7))  # a heartbeat: new times and load only
     assert scaler.run(scaler.routing_snapshot_since(version)) == (version, None)
 
 
@@ -79,17 +79,17 @@ def test_a_pull_while_nothing_changed_is_a_version_only(scaler: Any) -> None:
     ["new worker", "model state", "pool created", "worker back from stale", "refresh"],
 )
 def test_what_moves_the_version(scaler: Any, change: str) -> None:
-    scaler.report(status("w1"))
+    scaler.heartbeat(status("w1"))
     version, _ = scaler.run(scaler.routing_snapshot_since(None))
     if change == "new worker":
-        scaler.report(status("w2"))
+        scaler.heartbeat(status("w2"))
     elif change == "model state":
-        scaler.report(status("w1", state="loading"))
+        scaler.heartbeat(status("w1", state="loading"))
     elif change == "pool created":
         scaler.run(scaler.create_pool(PoolSpec(name="p")))
     elif change == "worker back from stale":
         late = dataclasses.replace(status("w1"), reported_at=time.time() + 11)
-        scaler.report(late)
+        scaler.heartbeat(late)
     else:
         scaler._version_at -= 6  # more than worker_stale_seconds / 2 ago
     new, snapshot = scaler.run(scaler.routing_snapshot_since(version))
@@ -98,7 +98,7 @@ def test_what_moves_the_version(scaler: Any, change: str) -> None:
 
 
 def test_a_restarted_registry_never_matches_an_old_version(scaler: Any) -> None:
-    scaler.report(status("w1"))
+    scaler.heartbeat(status("w1"))
     version, _ = scaler.run(scaler.routing_snapshot_since(None))
     scaler._epoch = "restarted"
     assert scaler.run(scaler.routing_snapshot_since(version))[1] is not None

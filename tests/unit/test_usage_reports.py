@@ -29,7 +29,7 @@ from app.tenancy.usage import UsageRecord
 
 
 class Ledger:
-    """Stands in for `TenantLedger.report_usage`: each call waits for its gate (or fails)."""
+    """Stands in for `TenantLedger.record_usage`: each call waits for its gate (or fails)."""
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, UsageRecord | None]]] = []
@@ -81,7 +81,7 @@ class Replica(Generator):
 def generator(ledger: Ledger, engine: Engine) -> Generator:
     worker = Replica.__new__(Replica)
     worker._worker = engine  # type: ignore[assignment]
-    worker._reports = UsageReports(ledger)
+    worker._billing = UsageReports(ledger)
     worker._running = {}
     worker._kv = KVSource(engine, AppConfig(), "test")  # type: ignore[arg-type]  # events off
     return worker
@@ -139,7 +139,7 @@ async def test_the_terminal_batch_waits_for_the_ledger_and_reports_travel_togeth
 async def test_a_silent_ledger_does_not_hold_the_reply_and_the_report_is_retried() -> None:
     ledger, reader = Ledger(), Reader()
     worker = generator(ledger, Engine())
-    worker._reports = UsageReports(ledger, before_reply_s=0.05)
+    worker._billing = UsageReports(ledger, before_reply_s=0.05)
     await asyncio.wait_for(worker._serve(request("a"), reader.put), 1.0)  # not held past it
     assert reader.ended("a")
     ledger.gates[0].set_exception(ConnectionError("ledger restarting"))
@@ -147,7 +147,7 @@ async def test_a_silent_ledger_does_not_hold_the_reply_and_the_report_is_retried
     assert ledger.ids() == [["a"], ["a"]]  # retried behind the reply (counted once by id)
     ledger.gates[1].set_result(None)
     await settle()
-    assert not worker._reports._later  # acknowledged: nothing left to retry
+    assert not worker._billing._later  # acknowledged: nothing left to retry
 
 
 async def test_a_client_that_leaves_is_billed_what_the_engine_generated() -> None:
@@ -161,6 +161,25 @@ async def test_a_client_that_leaves_is_billed_what_the_engine_generated() -> Non
         await task
     await settle()
     assert ledger.calls == [[("slow", usage("slow", 2))]]
+
+
+async def test_a_reply_cancelled_while_its_bill_is_out_is_still_billed() -> None:
+    """The caller went away (an ingress replica killed) while the finished request waited for
+    the ledger's acknowledgement: the cancellation ends the reply, not its report."""
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine())
+    task = asyncio.create_task(worker._serve(request("a"), reader.put))
+    await settle()
+    assert ledger.ids() == [["a"]]  # the bill is out, unacknowledged
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    ledger.gates[0].set_exception(ConnectionError("the call went with its caller"))
+    await settle()
+    assert ledger.ids() == [["a"], ["a"]]  # sent again behind it (counted once by id)
+    ledger.gates[1].set_result(None)
+    await settle()
+    assert not worker._billing._later
 
 
 async def test_a_failure_mid_way_is_billed_before_its_error_goes_out() -> None:

@@ -1,7 +1,7 @@
-"""The TenantLedger's usage store (app/deployments/tenancy.UsageStore) over a fake GCS KV store:
-a group commit writes only what it counted; compaction writes the minutes, the request ids and
-the totals; a restart from any point (log only, compacted, both, the old whole-minute format)
-restores the same book, counting nothing twice."""
+"""The TenantLedger's usage store (app/deployments/tenant_ledger.UsageStore) over a fake GCS KV
+store: a group commit writes only what it counted; compaction writes the minutes, the request
+ids and the totals; a restart from any point (log only, compacted, both, the old whole-minute
+format) restores the same book, counting nothing twice."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.deployments import tenancy
-from app.deployments.tenancy import UsageStore
+from app.deployments import tenant_ledger
+from app.deployments.tenant_ledger import UsageStore
 from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord
 
 T0 = 1_800_000_000.0
@@ -40,10 +40,10 @@ class Kv:
 @pytest.fixture
 def kv(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kv]:
     store = Kv()
-    monkeypatch.setattr(tenancy, "kv_get", store.get)
-    monkeypatch.setattr(tenancy, "kv_put", store.put)
-    monkeypatch.setattr(tenancy, "kv_delete", store.delete)
-    monkeypatch.setattr(tenancy, "kv_keys", store.keys)
+    monkeypatch.setattr(tenant_ledger, "kv_get", store.get)
+    monkeypatch.setattr(tenant_ledger, "kv_put", store.put)
+    monkeypatch.setattr(tenant_ledger, "kv_delete", store.delete)
+    monkeypatch.setattr(tenant_ledger, "kv_keys", store.keys)
     yield store
 
 

@@ -49,7 +49,7 @@ class WorkerRegistry:
         """worker id -> its last heartbeat."""
         self._full_at = started + WARMUP_HEARTBEATS * heartbeat_seconds
 
-    def report(self, status: WorkerStatus, stale_seconds: float = float("inf")) -> bool:
+    def heartbeat(self, status: WorkerStatus, stale_seconds: float = float("inf")) -> bool:
         """True when the heartbeat changes what an ingress routes by: a new worker, one back
         from stale, or a changed `routing_view`."""
         previous = self.statuses.get(status.worker_id)

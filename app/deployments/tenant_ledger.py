@@ -2,11 +2,11 @@
 book. Every ingress replica asks it to admit a request (limits hold for the whole service, not
 per replica) and tells it when the request ended, with the usage its client was sent.
 
-- Usage reports carry the request id: a retried report counts once. The ingress waits for
-  a request's report (`report_usage`) before its client can see the usage block; it is
+- Usage records carry the request id: a retried one counts once. The worker waits for
+  a request's record (`record_usage`) before its client can see the usage block; it is
   answered once persisted to Ray's GCS key-value store (group commit: written as soon as the
   previous write ends, at least every `tenancy.flush_interval_seconds`), so a restart of this
-  replica, of an ingress or of the PoolAutoscaler loses nothing acknowledged, and an ingress
+  replica, of an ingress or of the PoolAutoscaler loses nothing acknowledged, and the sender
   retries what was not.
 - Worker-seconds: every `tenancy.accrual_interval_seconds` it reads the PoolAutoscaler's
   snapshot and accrues each pool's live assigned workers x the time since the last accrual.
@@ -15,7 +15,7 @@ per replica) and tells it when the request ended, with the usage its client was 
 - Leased quota (`sync`, `app.tenancy.quota`): each ingress replica decides limits itself from
   shares of every active subject's budget; it calls `sync` every ~0.5 s (and when a request
   needs more than it holds) with what it admitted and used, and gets its new shares. Usage
-  stays reported through `report_usage` (it must be durable before its client sees it, per
+  stays recorded through `record_usage` (it must be durable before its client sees it, per
   request; a sync is periodic and carries limit counters only). `admit`/`renew` remain for an
   ingress that does not sync (both kinds of ingress must not share one subject's limits).
 """
@@ -49,12 +49,12 @@ LOG_KEYS_PER_COMPACTION = 2000
 
 
 class UsageStore:
-    """The usage book in Ray's GCS key-value store, written in time with the reports rather
+    """The usage book in Ray's GCS key-value store, written in time with the records rather
     than with the book's size:
 
     - `log/<seq>`: one key per group commit, holding only what it counted (records with their
       minute and request id, worker-seconds accrued): what a commit writes grows with the
-      reports it acknowledges, not with the minute's or the service's history;
+      records it acknowledges, not with the minute's or the service's history;
     - every COMPACT_SECONDS (or LOG_KEYS_PER_COMPACTION commits), the compaction: the minutes
       counted in since (`minute/<m>`, without their request ids), the request ids counted
       since (`ids/<m>/<seq>`, kept while the dedup window needs them), the totals, then the
@@ -237,10 +237,10 @@ class UsageStore:
 
 
 class TenantLedger:
-    def __init__(self, config: dict[str, Any], registry: DeploymentHandle[Any]) -> None:
-        self._config = AppConfig.model_validate(config)
-        tenancy = self._config.tenancy
-        self._registry = registry
+    def __init__(self, config: AppConfig, autoscaler: DeploymentHandle[Any]) -> None:
+        self._config = config  # validated by the builder; unpickled without validation
+        tenancy = config.tenancy
+        self._autoscaler = autoscaler
         self._store = UsageStore(serve.get_replica_context().app_name)
         self._usage = self._store.load(tenancy.usage_retention_minutes)
         totals = self._usage.totals if self._usage.totals.started_at is not None else None
@@ -248,7 +248,7 @@ class TenantLedger:
         self._quota = QuotaBook(tenancy.limit_window_seconds)
         self._unsaved: list[asyncio.Future[None]] = []
         self._dirty = False
-        self._waiting = asyncio.Event()  # a report waits to be persisted: write now
+        self._waiting = asyncio.Event()  # a record waits to be persisted: write now
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._flush_forever()),
@@ -260,7 +260,7 @@ class TenantLedger:
     # --- limits ------------------------------------------------------------------------------
 
     async def admit(self, ticket: Ticket) -> ServiceError | None:
-        """None: admitted (counted against its limits until its usage report); else the
+        """None: admitted (counted against its limits until its usage is recorded); else the
         refusal. (Methods on the request path are coroutines: Serve runs a plain method in a
         thread, a hand-off per call.)"""
         return self._limits.admit(ticket, time.time())
@@ -279,16 +279,16 @@ class TenantLedger:
 
     # --- usage -------------------------------------------------------------------------------
 
-    async def report_usage(self, reports: list[tuple[str, UsageRecord | None]]) -> None:
+    async def record_usage(self, records: list[tuple[str, UsageRecord | None]]) -> None:
         """Requests that ended, each with the usage its client is about to be sent (None:
         nothing, e.g. it failed): counted (once per request id) and their limits released at
         once, so a read that arrives after sees them; answered once they are durable (the
-        ingress retries until then). An ingress sends the reports that ended while its
-        previous call was in flight together (`app.tenancy.batching`)."""
+        sender retries until then). A worker (or an ingress) sends the records of requests
+        that ended while its previous call was in flight together (`app.tenancy.batching`)."""
         now = time.time()
-        unsaved = [self._count(request_id, usage, now) for request_id, usage in reports]
+        unsaved = [self._count(request_id, usage, now) for request_id, usage in records]
         if not any(unsaved):
-            return  # nothing to count, or counted and saved already (retried reports)
+            return  # nothing to count, or counted and saved already (retried records)
         saved = asyncio.get_running_loop().create_future()
         self._unsaved.append(saved)
         self._waiting.set()
@@ -304,7 +304,8 @@ class TenantLedger:
             self._dirty = True
         return self._dirty
 
-    def report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
+    def usage_report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
+        """What was used since `since` (unix time; None: since the start), for `/v1/usage`."""
         return self._usage.report(since, pool)
 
     def pool_usage(self, pool: str) -> dict[str, Any]:
@@ -343,7 +344,7 @@ class TenantLedger:
         while True:
             with contextlib.suppress(Exception):
                 workers, _pools = await asyncio.wait_for(
-                    self._registry.routing_snapshot.remote(), 5.0
+                    self._autoscaler.routing_snapshot.remote(), 5.0
                 )
                 now = time.time()
                 held = Counter(
