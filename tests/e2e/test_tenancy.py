@@ -405,8 +405,9 @@ def test_a_tokens_per_minute_limit_holds_across_two_ingress_replicas(tenancy: Te
         f"{reserved}), refusals {refusals}"
     )
     assert used <= budget * 1.05, used
-    # the limit, not something else, held the clients back (up to one reservation's slack)
-    assert used >= (budget - 2 * reserved) * 0.9, used
+    # the limit, not something else, held the clients back: at a window's end each of the two
+    # replicas can be left with less than one reservation it cannot use (2 windows x 2)
+    assert used >= (budget - 4 * reserved) * 0.9, used
     assert set(refusals) == {"token_rate_limit_exceeded"}, refusals
     assert all(value.isdigit() and 1 <= int(value) <= WINDOW_S for value in retry_after)
 
