@@ -16,7 +16,7 @@ from app.config import AppConfig, Limits
 from app.engine.worker import flow_of
 from app.errors import InvalidRequest
 from app.pools.decide import Snapshot, WorkerView, decide
-from app.pools.model import PoolRecord, PoolRequest, spec_from_request
+from app.pools.model import PoolRecord, PoolRequest, spec_from_request, spec_tenancy
 from app.protocol.generation import (
     EngineCounts,
     GenerationChunk,
@@ -72,7 +72,8 @@ def test_pool_defaults_fill_priority_and_weight_and_tell_vllm() -> None:
 
 def test_a_pool_that_shares_by_key_names_each_key_its_member() -> None:
     record = pool(shared=True, share_by_key=True)
-    assert record.spec.share_by_key
+    assert record.spec.share_by_key and spec_tenancy(record.spec)["share_by_key"] is True
+    assert spec_tenancy(pool().spec)["share_by_key"] is False
     keyed = with_pool_defaults(generation(key_id="key-0123456789ab"), record)
     assert keyed.share_member == "key-0123456789ab"
     assert with_pool_defaults(generation(), record).share_member == "none"  # no API keys
