@@ -24,6 +24,7 @@ from app.api.streaming import (
     KEEPALIVE_EVENT,
     SSE_HEADERS,
     ChunkStream,
+    Final,
     StreamResponse,
     sse_event,
 )
@@ -249,15 +250,15 @@ async def _events(
                 if isinstance(reply, WireReply):
                     data.append(reply.data)
                     done = done or reply.done
+            if done:
+                yield Final(b"".join(data))
+                return
             if any(data):
                 yield b"".join(data)
-            if done:
-                return
         error: ServiceError = ServiceError("generation stream ended before a terminal event")
     except Exception as failure:  # noqa: BLE001 - every failure mid-stream is reported in-band
         error = as_service_error(failure)
-    for event in error_events(error):
-        yield event
+    yield Final(b"".join(error_events(error)))
 
 
 def _route(path: str, route: OpenAIRoute, summary: str) -> None:

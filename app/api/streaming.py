@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Protocol
 
 from fastapi.responses import StreamingResponse
@@ -97,11 +97,16 @@ class ChunkStream:
         return collected
 
 
-async def _close(iterator: AsyncIterator[Any]) -> None:
+async def _close(iterator: AsyncIterable[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+class Final(bytes):
+    """A stream's last bytes: `StreamResponse` sends them as the response's last body message
+    (one write and one trip through every ASGI layer fewer per response)."""
 
 
 async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncIterator[bytes]:
@@ -112,19 +117,19 @@ async def _events(stream: ChunkStream, formatter: StreamFormatter) -> AsyncItera
                 yield KEEPALIVE_EVENT
                 continue
             # one write per batch, not per token: a coalesced batch carries many events
-            payloads = formatter.feed(chunks(batch))
-            if payloads:
-                yield b"".join(sse_event(payload) for payload in payloads)
+            data = b"".join(sse_event(payload) for payload in formatter.feed(chunks(batch)))
             if formatter.finished:
-                break
-        else:
-            ended = ServiceError("generation stream ended before a terminal event")
-            yield sse_event(formatter.error(ended))
-    except Exception as error:  # noqa: BLE001 - every failure mid-stream is reported in-band
-        yield sse_event(formatter.error(as_service_error(error)))
+                yield Final(data + DONE_EVENT)
+                return
+            if data:
+                yield data
+        ended = ServiceError("generation stream ended before a terminal event")
+        error = sse_event(formatter.error(ended))
+    except Exception as failure:  # noqa: BLE001 - every failure mid-stream is reported in-band
+        error = sse_event(formatter.error(as_service_error(failure)))
     finally:
         await _close(batches)
-    yield DONE_EVENT
+    yield Final(error + DONE_EVENT)
 
 
 class StreamResponse(StreamingResponse):
@@ -132,7 +137,23 @@ class StreamResponse(StreamingResponse):
     cancel scopes: about a tenth of the ingress's CPU on one-token streams): the body is sent
     from the request's own task, and one plain asyncio task waits for the client to leave and
     then cancels the sending, as Starlette's does. Servers of ASGI spec 2.4 (a send to a gone
-    client raises) need no watcher at all; Starlette's own path serves them."""
+    client raises) need no watcher at all; Starlette's own path serves them. A `Final` item
+    ends the response in the same message (no empty last one)."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        body = self.body_iterator
+        async for chunk in body:
+            if not isinstance(chunk, bytes | memoryview):
+                chunk = chunk.encode(self.charset)
+            if isinstance(chunk, Final):
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": False})
+                await _close(body)  # (its cleanup runs now, not when it is collected)
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spec = str(scope.get("asgi", {}).get("spec_version", "2.0"))

@@ -188,18 +188,20 @@ class FakeAdapter(GenerationAdapter):
                 }
                 yield WireReply(json.dumps(payload).encode(), stream=False, done=True, stats=stats)
                 return
-            if chat:  # vLLM's first chat event: the role, before any token
-                role = {
+            role = b""
+            if chat:  # vLLM's first chat event: the role, sent with the first output's events
+                opening = {
                     "index": 0,
                     "delta": {"role": "assistant", "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                 }
-                yield WireReply(
-                    _event({**head, "object": event_kind, "choices": [role]}), stream=True
-                )
+                role = _event({**head, "object": event_kind, "choices": [opening]})
             async for chunk in self.generate(request, prompt_ids, counts):
                 admission.prefilled(request_id)
+                if role:  # (vLLM yields it on its first output, before that output's token)
+                    yield WireReply(role, stream=True)
+                    role = b""
                 if chunk.done:  # vLLM: the last token's text with the finish reason
                     stats = chunk
                     end: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.api.openai_routes import _events
-from app.api.streaming import ChunkStream
+from app.api.streaming import ChunkStream, Final
 from app.errors import WorkerUnavailable
 from app.protocol.generation import WireReply
 
@@ -55,9 +55,19 @@ def test_an_empty_batch_writes_nothing() -> None:
     ]
 
 
-def test_a_broken_stream_ends_with_an_error_event_and_done() -> None:
+def test_a_broken_stream_ends_with_an_error_event_and_done_in_its_last_write() -> None:
     chunks = writes([[WireReply(event("a"), stream=True)]], then=WorkerUnavailable("gone"))
     assert chunks[0] == event("a")
-    error = json.loads(chunks[1].decode().removeprefix("data: "))["error"]
+    assert not isinstance(chunks[0], Final)
+    assert isinstance(chunks[1], Final)  # the response's last body message
+    error_event, done, rest = chunks[1].split(b"\n\n")
+    error = json.loads(error_event.decode().removeprefix("data: "))["error"]
     assert error["message"] == "gone"
-    assert chunks[2] == b"data: [DONE]\n\n"
+    assert (done, rest) == (b"data: [DONE]", b"")
+    assert len(chunks) == 2
+
+
+def test_the_terminal_reply_is_the_final_write() -> None:
+    last = [WireReply(event("b") + b"data: [DONE]\n\n", stream=True, done=True)]
+    chunks = writes([[WireReply(event("a"), stream=True)], last])
+    assert [type(chunk) for chunk in chunks] == [bytes, Final]
