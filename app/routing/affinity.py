@@ -32,6 +32,7 @@ TEMPLATE_TOKENS_ESTIMATE = 16
 REASONS = (
     "prefix",  # the worker that holds the longest cached run of the request's prefix
     "home",  # prefix seen nowhere yet: its rendezvous-hash home
+    "room",  # KV events: prefix no engine holds: the one of its two workers with more room
     "least_loaded",  # no affinity keys (a short prompt): the least loaded worker
     "imbalance",  # the affine worker is too far above the least loaded one
     "headroom",  # the affine worker cannot admit the request now; another can
@@ -46,6 +47,7 @@ class WorkerLoad:
     kv_free_blocks: int | None = None  # None: unknown (no stats yet)
     kv_block_size: int | None = None
     kv_waiting: int = 0  # requests queued on the worker for KV space
+    kv_total_blocks: int | None = None  # the engine's KV cache, in blocks
 
     @property
     def load(self) -> int:
@@ -70,6 +72,7 @@ def routing_stats(status: WorkerStatus) -> dict[str, object]:
         "kv": {
             model.model: {
                 "free_blocks": model.stats.kv_blocks_total - model.stats.kv_blocks_used,
+                "total_blocks": model.stats.kv_blocks_total,
                 "block_size": model.stats.kv_block_size_tokens,
                 "waiting": model.stats.kv_waiting,
             }
@@ -96,6 +99,7 @@ def worker_load(
         kv_free_blocks=int(kv["free_blocks"]),
         kv_block_size=int(kv["block_size"]),
         kv_waiting=int(kv["waiting"]),
+        kv_total_blocks=int(total) if (total := kv.get("total_blocks")) is not None else None,
     )
 
 
@@ -109,14 +113,14 @@ def affinity_keys(request: GenerationRequest) -> tuple[str, ...]:
     explicit = request.prompt_cache_key or request.routing_key
     seed = f"{request.model}\x00{request.lora_adapter or ''}"
     if explicit:
-        return (_digest(f"{seed}\x00key\x00{explicit}"),)
+        return (digest(f"{seed}\x00key\x00{explicit}"),)
     text = prompt_text(request)
     keys: list[str] = []
     chained = seed
     for start in range(
         0, min(len(text) // BLOCK_CHARS, MAX_PREFIX_BLOCKS) * BLOCK_CHARS, BLOCK_CHARS
     ):
-        chained = _digest(f"{chained}\x00{text[start : start + BLOCK_CHARS]}")
+        chained = digest(f"{chained}\x00{text[start : start + BLOCK_CHARS]}")
         keys.append(chained)
     return tuple(keys)
 
@@ -131,7 +135,7 @@ def estimated_blocks(request: GenerationRequest, block_size: int) -> int:
 
 def rendezvous_home(key: str, worker_ids: Iterable[str]) -> str:
     """Highest-random-weight hashing: stable per key, moves only 1/N of keys when N changes."""
-    return max(worker_ids, key=lambda worker: _digest(f"{key}\x00{worker}"))
+    return max(worker_ids, key=lambda worker: digest(f"{key}\x00{worker}"))
 
 
 def rank(
@@ -184,7 +188,7 @@ def _order(first: WorkerLoad, by_load: Sequence[WorkerLoad]) -> tuple[str, ...]:
 _NOBODY: frozenset[str] = frozenset()
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 

@@ -11,12 +11,22 @@ loads do not change. Pure.
   `choose` looks at the least loaded workers until one fits, the workers holding the request's
   first key, and the rendezvous home of an unseen prefix (remembered per first key while the
   group is the same), instead of every worker.
+
+With the engines' KV events (`kv_events`) the holders are what the engines report, and a
+prefix no engine holds is placed by cache room instead of at its home: of two workers its
+hash picks (the same two on every replica), the one whose cache holds fewer blocks, unless
+that gains less than the request's own size (`_placed`). A home would send a prefix its
+worker evicted straight back there; room sends it where it can stay. The replica counts it
+as held where it sent it until that worker's events report it (`ReportedKeys.record`), so
+the session's next turns follow it in that gap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +36,13 @@ from app.pools.model import PoolRecord
 from app.protocol.generation import GenerationRequest
 from app.protocol.workers import EngineStats, WorkerStatus
 from app.routing.affinity import (
+    BLOCK_CHARS,
+    CHARS_PER_TOKEN_ESTIMATE,
     PrefixIndex,
     RouteDecision,
     WorkerLoad,
     affinity_keys,
+    digest,
     estimated_blocks,
     rendezvous_home,
     worker_load,
@@ -40,6 +53,11 @@ from app.routing.targets import Target, check_prompt_fits, choose_target, reques
 GROUPS_KEPT = 256
 HOMES_KEPT = 65_536
 HEAP_SLACK = 4  # rebuild a group's heap past this many entries per worker
+KEY_TOKENS = BLOCK_CHARS / CHARS_PER_TOKEN_ESTIMATE  # the prompt an affinity key stands for
+# a key sent somewhere counts as held there (until the events report it) only if it covers
+# this many KV blocks: a shorter prefix (a shared system prompt's first characters) is not
+# cached as a block of its own, and following it would chain unrelated prompts together
+SENT_MIN_BLOCKS = 2
 
 
 class TargetIndex:
@@ -105,6 +123,7 @@ class _Group:
     loads: dict[str, WorkerLoad]
     heap: list[tuple[int, str]] = field(default_factory=list)
     homes: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    ordered: tuple[str, ...] = ()  # `ready` by id: the same on every replica
 
     def rebuild(self) -> None:
         self.heap = [(load.load, worker) for worker, load in self.loads.items()]
@@ -117,12 +136,17 @@ class RoutingBoard:
     stats change; `choose` per request (it records the request's keys at the chosen worker)."""
 
     def __init__(
-        self, max_imbalance: int, prefix_capacity: int = 4096, kv_events: bool = False
+        self,
+        max_imbalance: int,
+        prefix_capacity: int = 4096,
+        kv_events: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_imbalance = max_imbalance
+        self.kv_events = kv_events
         # what the engines report they hold (`kv_keys`), or what this replica sent where
         self.index: PrefixIndex | ReportedKeys = (
-            ReportedKeys() if kv_events else PrefixIndex(prefix_capacity)
+            ReportedKeys(clock) if kv_events else PrefixIndex(prefix_capacity)
         )
         self.wanted: set[tuple[str, str]] = set()  # (worker, model): fetch its whole key set
         self._raw: dict[str, tuple[int, Mapping[str, object] | None]] = {}
@@ -177,7 +201,9 @@ class RoutingBoard:
             worker: worker_load(worker, *self._raw.get(worker, (0, None)), model)
             for worker in ready
         }
-        group = self._groups[key] = _Group(model, ready, frozenset(ready), loads)
+        group = self._groups[key] = _Group(
+            model, ready, frozenset(ready), loads, ordered=tuple(sorted(ready))
+        )
         group.rebuild()
         self._remember(group)
         for worker in ready:
@@ -206,16 +232,19 @@ class RoutingBoard:
         keys = affinity_keys(request)
         needs: dict[int, int] = {}
 
-        def fits(load: WorkerLoad) -> bool:
-            if load.kv_free_blocks is None:
-                return True
+        def need_of(load: WorkerLoad) -> int:
             size = load.kv_block_size
             if not size:
-                return True  # rank's need is 0 without a block size
+                return 0  # rank's need is 0 without a block size
             need = needs.get(size)
             if need is None:
                 need = needs[size] = estimated_blocks(request, size)
-            return load.kv_free_blocks >= need
+            return need
+
+        def fits(load: WorkerLoad) -> bool:
+            if load.kv_free_blocks is None or not load.kv_block_size:
+                return True
+            return load.kv_free_blocks >= need_of(load)
 
         least = self._least_fitting(group, fits)
         if least is None:
@@ -223,7 +252,7 @@ class RoutingBoard:
             return self._decided(queue, "no_headroom", 0, keys, record)
         if not keys:
             return self._decided(least, "least_loaded", 0, keys, record)
-        affine, reason, match = self._affine(group, keys)
+        affine, reason, match = self._affine(group, keys, need_of)
         if not fits(affine):
             return self._decided(
                 least, "headroom", self.index.match(least.worker_id, keys), keys, record
@@ -238,7 +267,13 @@ class RoutingBoard:
         self, worker: WorkerLoad, reason: str, match: int, keys: Sequence[str], record: bool
     ) -> RouteDecision:
         if record:
-            self.index.record(worker.worker_id, keys)
+            if not self.kv_events:
+                self.index.record(worker.worker_id, keys)
+            elif worker.kv_block_size:
+                # the first key it is not known to hold, if long enough to follow
+                position = max(match, _sent_from(worker.kv_block_size))
+                if position < len(keys):
+                    self.index.record(worker.worker_id, (keys[position],))
         return RouteDecision((worker.worker_id,), reason, match)
 
     @staticmethod
@@ -262,27 +297,76 @@ class RoutingBoard:
             heapq.heappush(heap, entry)
         return found
 
-    def _affine(self, group: _Group, keys: Sequence[str]) -> tuple[WorkerLoad, str, int]:
+    def _affine(
+        self, group: _Group, keys: Sequence[str], need_of: Callable[[WorkerLoad], int]
+    ) -> tuple[WorkerLoad, str, int]:
         """`affinity._affine` over the workers holding the first key (every other worker
-        matches none), else the first key's rendezvous home in the group."""
-        holders = self.index.holders(keys[0]) & group.members
+        matches none), else the first key's rendezvous home in the group; with KV events, the
+        first held key (the leading keys shorter than a KV block are never held), else the
+        place with the most cache room (`_placed`)."""
+        index, members = self.index, group.members
+        start = 0
+        holders = index.holders(keys[0]) & members
+        if not holders and self.kv_events:
+            for start in range(1, len(keys)):
+                found = index.holders(keys[start])
+                if found and (holders := found & members):
+                    break
         loads = group.loads
         if holders:
             # the workers holding the longest run of leading keys: intersect key by key
-            depth = 1
-            for key in keys[1:]:
-                deeper = holders & self.index.holders(key)
+            depth = start + 1
+            for key in keys[depth:]:
+                deeper = holders & index.holders(key)
                 if not deeper:
                     break
                 holders, depth = deeper, depth + 1
             best = max((loads[w] for w in holders), key=lambda w: (-w.load, w.worker_id))
             return best, "prefix", depth
+        if self.kv_events:
+            return self._placed(group, keys[-1], need_of), "room", 0
         home = group.homes.get(keys[0])
         if home is None:
             home = group.homes[keys[0]] = rendezvous_home(keys[0], loads)
             if len(group.homes) > HOMES_KEPT:
                 group.homes.popitem(last=False)
         return loads[home], "home", 0
+
+    def _placed(self, group: _Group, key: str, need_of: Callable[[WorkerLoad], int]) -> WorkerLoad:
+        """A prefix no engine holds: of two workers picked by its last key (the same two, in
+        the same order, on every replica), the first unless the second's cache has room for
+        more than the request's blocks beyond the first's. Room: KV blocks less the blocks
+        the engine reports cached. Two choices keep it O(1) at any fleet size; the margin
+        keeps replicas whose reports differ by a request or two agreeing."""
+        ordered, loads = group.ordered, group.loads
+        count = len(ordered)
+        if count == 1:
+            return loads[ordered[0]]
+        pick = int(key, 16)
+        first = pick % count
+        second = (pick // count) % (count - 1)
+        a, b = ordered[first], ordered[second + (second >= first)]
+        if digest(f"{key}\x00{a}") < digest(f"{key}\x00{b}"):
+            a, b = b, a  # rendezvous order of the two
+        room_a, room_b = self._room(loads[a], group.model), self._room(loads[b], group.model)
+        if room_a is not None and room_b is not None and room_b - room_a > need_of(loads[a]):
+            return loads[b]
+        return loads[a]
+
+    def _room(self, load: WorkerLoad, model: str) -> float | None:
+        """KV blocks not holding a cached prefix, as the engine's reports tell."""
+        size = load.kv_block_size
+        total = load.kv_total_blocks if load.kv_total_blocks is not None else load.kv_free_blocks
+        if total is None or not size:
+            return None
+        assert isinstance(self.index, ReportedKeys)
+        return total - self.index.held_count(load.worker_id, model) * KEY_TOKENS / size
+
+
+def _sent_from(block_size: int) -> int:
+    """The first key position covering `SENT_MIN_BLOCKS` KV blocks (by the token estimate)."""
+    blocks = SENT_MIN_BLOCKS * block_size * CHARS_PER_TOKEN_ESTIMATE / BLOCK_CHARS
+    return max(0, math.ceil(blocks) - 1)
 
 
 __all__ = ["RoutingBoard", "TargetIndex"]

@@ -8,13 +8,16 @@ which of those blocks are cached (`WorkerKeys`): a key is *held* while its block
 to the held set are numbered; the acknowledgement of every call carries the last ones
 (`summary`), and each ingress replica applies what it has not seen (`ReportedKeys`); one that
 missed some (a restart, a quiet spell) fetches the whole set once (`full`). One source of
-truth, the engine's own record, for every ingress replica.
+truth, the engine's own record, for every ingress replica. Until a worker's events report a
+prefix this replica just sent it, the replica counts it as held there for a few seconds
+(`ReportedKeys.record`), so the next turns it routes in that gap follow the first.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from app.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -23,6 +26,11 @@ from app.routing.kv_index import KVBlockIndex
 
 LOG_KEPT = 128  # changes carried on each acknowledgement (older ones: fetch the whole set)
 SELF = ""  # the worker's own engine in its one-worker index
+# A key this replica sent a worker counts as held there until its events report it, at most
+# this long (the prompt's prefill, its BlockStored and the next acknowledgement; a request may
+# wait for KV space first). Longer would send a prefix evicted meanwhile back to its evictor.
+SENT_SECONDS = 10.0
+SENT_KEPT = 65_536
 
 Summary = list[Any]  # [epoch, seq, first_seq | None, changes [(key, held)] | held keys]
 
@@ -138,12 +146,15 @@ class WorkerKeys:
 class ReportedKeys:
     """An ingress replica's view of every worker's held keys, from their summaries. Reads
     like `affinity.PrefixIndex` (`match`, `holders`), so `RoutingBoard` uses either; `record`
-    does nothing: the worker reports what its engine cached."""
+    counts a key as held where this replica sent it until the worker reports it (or
+    `SENT_SECONDS` pass): the gap between a prompt's routing and its blocks' events."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._keys: dict[tuple[str, str], set[str]] = {}  # (worker, model) -> held keys
         self._holders: dict[str, str | set[str]] = {}  # key -> worker(s)
         self._cursor: dict[tuple[str, str], tuple[str, int]] = {}  # -> (epoch, seq)
+        self._sent: dict[str, tuple[str, float]] = {}  # key -> (worker, until), oldest first
 
     def apply(self, worker: str, model: str, summary: Summary) -> bool:
         """Apply a summary; True when changes were missed (fetch `WorkerKeys.full`)."""
@@ -176,12 +187,14 @@ class ReportedKeys:
 
     def _add(self, slot: tuple[str, str], keys: Iterable[str]) -> None:
         held = self._keys.setdefault(slot, set())
-        holders = self._holders
+        holders, sent = self._holders, self._sent
         worker = slot[0]
         for key in keys:
             if key in held:
                 continue
             held.add(key)
+            if sent and (was := sent.get(key)) is not None and was[0] == worker:
+                del sent[key]  # reported: the events speak for it from now on
             current = holders.get(key)
             if current is None:
                 holders[key] = worker  # one holder: the id itself (no set per key)
@@ -211,35 +224,59 @@ class ReportedKeys:
         self._keys.pop(slot, None)
 
     def match(self, worker_id: str, keys: Sequence[str]) -> int:
-        count = 0
-        for key in keys:
-            current = self._holders.get(key)
-            if current is None or (
-                current != worker_id if isinstance(current, str) else worker_id not in current
-            ):
+        """The keys up to the end of the first run `worker_id` holds: the leading keys shorter
+        than a KV block are never held, so a run may start after them."""
+        end = 0
+        for position, key in enumerate(keys):
+            if worker_id in self.holders(key):
+                end = position + 1
+            elif end:
                 break
-            count += 1
-        return count
+        return end
 
     def holders(self, key: str) -> set[str] | frozenset[str]:
         current = self._holders.get(key)
+        sent = self._sent.get(key) if self._sent else None
+        if sent is not None:
+            if sent[1] <= self._clock():
+                del self._sent[key]
+            elif current is None:
+                return frozenset((sent[0],))
+            elif isinstance(current, str):
+                return frozenset((current, sent[0]))
+            else:
+                return current | {sent[0]}
         if current is None:
             return _NOBODY
         return frozenset((current,)) if isinstance(current, str) else current
 
     def record(self, worker_id: str, keys: Sequence[str]) -> None:
-        """Nothing: a worker's keys are what its engine reports."""
+        """This replica sent `keys` to `worker_id`: held there until its events report them,
+        for `SENT_SECONDS` at most (the board records one key per request: the first that
+        worker was not known to hold)."""
+        sent = self._sent
+        until = self._clock() + SENT_SECONDS
+        for key in keys:
+            sent.pop(key, None)  # to the end: the oldest entry goes first
+            sent[key] = (worker_id, until)
+        while len(sent) > SENT_KEPT:
+            del sent[next(iter(sent))]
+
+    def held_count(self, worker_id: str, model: str | None = None) -> int:
+        """Keys the worker's engine holds (of one model, or of all)."""
+        if model is not None:
+            return len(self._keys.get((worker_id, model), ()))
+        return sum(len(keys) for slot, keys in self._keys.items() if slot[0] == worker_id)
 
     def forget(self, worker_id: str) -> None:
         for slot in [slot for slot in self._keys if slot[0] == worker_id]:
             self._drop(slot)
         for slot in [slot for slot in self._cursor if slot[0] == worker_id]:
             del self._cursor[slot]
-
-    def held_count(self, worker_id: str) -> int:
-        return sum(len(keys) for slot, keys in self._keys.items() if slot[0] == worker_id)
+        for key in [key for key, (worker, _) in self._sent.items() if worker == worker_id]:
+            del self._sent[key]
 
 
 _NOBODY: frozenset[str] = frozenset()
 
-__all__ = ["ReportedKeys", "WorkerKeys", "key_block"]
+__all__ = ["SENT_SECONDS", "ReportedKeys", "WorkerKeys", "key_block"]

@@ -175,7 +175,7 @@ def test_routing_stats_round_trip_into_worker_load() -> None:
         active_requests=5,
     )
     published = routing_stats(status)
-    assert worker_load("w1", 3, published, MODEL) == WorkerLoad("w1", 5, 70, 128, 2)
+    assert worker_load("w1", 3, published, MODEL) == WorkerLoad("w1", 5, 70, 128, 2, 100)
     assert worker_load("w1", 7, published, MODEL).ongoing == 7
     assert worker_load("w1", 1, published, "org/loading") == WorkerLoad("w1", 5)
     assert worker_load("w1", 1, None, MODEL) == WorkerLoad("w1", 1)

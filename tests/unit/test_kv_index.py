@@ -175,4 +175,4 @@ def test_the_board_routes_on_what_the_engines_report() -> None:
     board.update("a", 0, _board_stats(a.summary()))
     assert board.wanted == {("a", "m")}
     board.forget("a")
-    assert board.choose(ready, request).reason == "home"  # held nowhere now
+    assert board.choose(ready, request).reason == "room"  # held nowhere now: placed by room
