@@ -29,6 +29,7 @@ from app.tenancy.requests import engine_usage, terminal_stats
 
 logger = logging.getLogger("ray.serve")
 FORGET_TIMEOUT_S = 2.0
+SETTLE_TIMEOUT_S = 2.0
 
 
 class Generator:
@@ -59,6 +60,7 @@ class Generator:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._pool = "default"  # pushed by the PoolAutoscaler in its heartbeat replies
         self._running: dict[str, asyncio.Task[None]] = {}  # request id -> its task
+        self._settling: set[asyncio.Task[None]] = set()  # bills waiting for aborts to end
         loop = asyncio.get_running_loop()
         self._loading = loop.create_task(self._worker.load_all())
         self._heartbeat = loop.create_task(self._heartbeat_forever())
@@ -145,7 +147,7 @@ class Generator:
             last = refusal
         except asyncio.CancelledError:
             if not billed and self._billing is not None:  # `cancel`: the call goes on
-                self._billing.later(request_id, engine_usage(request, counts))
+                self._bill_later(request, counts)
             put(request_id, ENDED)
             raise
         except Exception:
@@ -158,9 +160,26 @@ class Generator:
         put(request_id, last)
 
     async def _bill(self, request: GenerationRequest, counts: EngineCounts) -> None:
+        await settled(counts)
         self._kv.counted(request.model, counts)
         if self._billing is not None:
             await self._billing.before_reply(request.request_id, engine_usage(request, counts))
+
+    def _bill_later(self, request: GenerationRequest, counts: EngineCounts) -> None:
+        """In the background, once its engine requests ended (their aborts counted)."""
+        assert self._billing is not None
+        billing = self._billing
+        if not counts.open_requests:
+            billing.later(request.request_id, engine_usage(request, counts))
+            return
+
+        async def bill() -> None:
+            await settled(counts)
+            billing.later(request.request_id, engine_usage(request, counts))
+
+        task = asyncio.get_running_loop().create_task(bill())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def cancel(self, request_ids: list[str], worker: str | None = None) -> None:
         """Stop requests of a call whose client left (the call goes on for the others).
@@ -207,6 +226,15 @@ class Generator:
                 self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S
             )
         await self._worker.shutdown()
+
+
+async def settled(counts: EngineCounts) -> None:
+    """Until the request's engine requests ended (within SETTLE_TIMEOUT_S): one cancelled
+    with its caller is counted as its abort ends, and vLLM's OpenAI layer runs the prompts of
+    a completion list as tasks of their own, which end a few loop turns after the call."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_TIMEOUT_S
+    while counts.open_requests and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 def _resident_bytes() -> int:

@@ -6,6 +6,8 @@ stats our metrics need. Imports vllm (the engine package is the only place that 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -127,22 +129,90 @@ class AdmittedEngine:
             async with admission.reserve(
                 request_id, token_ids, max(1, max_tokens), candidates, namespace
             ):
-                first = True
-                async for output in self._engine.generate(prompt, params, request_id, **kwargs):
-                    now = time.perf_counter()
-                    produced = sum(len(each.token_ids) for each in output.outputs)
-                    cached = int(output.num_cached_tokens or 0)
-                    book.counts.output(len(token_ids), cached, produced, first)
-                    first = False
-                    if produced:
-                        if book.first_token_at is None:
-                            admission.prefilled(request_id)
-                        book.first_token_at = book.first_token_at or now
-                        book.last_token_at = now
-                    yield output
+                outputs = counted_outputs(
+                    self._engine, prompt, params, request_id, book.counts, len(token_ids), kwargs
+                )
+                async with contextlib.aclosing(outputs):
+                    async for output in outputs:
+                        if any(each.token_ids for each in output.outputs):
+                            now = time.perf_counter()
+                            if book.first_token_at is None:
+                                admission.prefilled(request_id)
+                            book.first_token_at = book.first_token_at or now
+                            book.last_token_at = now
+                        yield output
         except ServiceError as refusal:
             book.refusal = refusal
             raise
+
+
+async def counted_outputs(
+    engine: Any,
+    prompt: Any,
+    params: Any,
+    request_id: str,
+    counts: EngineCounts,
+    prompt_tokens: int,
+    options: dict[str, Any],
+) -> AsyncGenerator[Any, None]:
+    """`AsyncLLM.generate(prompt, params, request_id, **options)`, with every output that
+    vLLM's stat logger counts counted into `counts` too, however the request ends.
+
+    vLLM counts tokens as its output handler processes them, not as they are read. A request
+    in FINAL_ONLY mode (what vLLM's OpenAI layer asks for a reply that is not streamed) gets no
+    output at all before its end, and a streamed one cancelled just after an output was put in
+    its collector leaves that output there; `generate` then aborts without reading either. So
+    a request left before its end is aborted here, which stops vLLM counting for it, and then
+    what its collector holds is counted: the abort's final output, which carries the tokens
+    vLLM counted and nobody read (all of them in FINAL_ONLY mode). The rest mirrors
+    `generate`: its errors are raised as `generate` raises them."""
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    queue: Any = None
+    finished = prefilled = False
+
+    def count(output: Any) -> None:
+        nonlocal prefilled
+        produced = sum(len(each.token_ids) for each in output.outputs)
+        first = produced > 0 and not prefilled  # vLLM counts the prompt with its first token
+        counts.output(prompt_tokens, int(output.num_cached_tokens or 0), produced, first)
+        prefilled = prefilled or first
+
+    counts.open_requests += 1
+    try:
+        try:
+            queue = await engine.add_request(request_id, prompt, params, **options)
+        except asyncio.CancelledError:
+            # vLLM may hold it already (n = 1 is registered before it is sent to the core)
+            await engine.abort(request_id)
+            raise
+        while not finished:
+            output = queue.get_nowait() or await queue.get()
+            finished = bool(output.finished)
+            count(output)
+            if finished:  # all counted
+                counts.open_requests -= 1
+            yield output
+    except (EngineDeadError, VLLMClientError, GracefulHTTPError):
+        raise
+    except Exception as error:  # as `generate` wraps it
+        raise EngineGenerateError() from error
+    finally:
+        try:
+            if queue is not None and not finished:
+                await engine.abort(queue.request_id, internal=True)
+        finally:
+            # vLLM stops counting the request as its abort begins (before its first await);
+            # what it counted and nobody read is in the collector, merged into one output
+            if queue is not None and not finished:
+                with contextlib.suppress(Exception):  # an engine failure it holds
+                    if (unread := queue.get_nowait()) is not None:
+                        count(unread)
+            if queue is not None:
+                queue.close()
+            if not finished:
+                counts.open_requests -= 1
 
 
 def _request_models() -> dict[str, tuple[TypeAdapter[Any], frozenset[str]]]:

@@ -25,7 +25,7 @@ from app.engine.base import (
 from app.engine.default_model import resolve_model_source
 from app.engine.demo_lora import resolve_lora_source
 from app.engine.logprobs import token_logprobs
-from app.engine.openai_frontend import OpenAIFrontend
+from app.engine.openai_frontend import OpenAIFrontend, counted_outputs
 from app.errors import InvalidRequest, ModelLoading, UnknownLora
 from app.protocol.generation import (
     EngineCounts,
@@ -368,29 +368,25 @@ class VLLMAdapter(GenerationAdapter):
         many = params.n > 1
         is_first = False
         completion_tokens = 0
-        finished = False
-        outputs = engine.generate(
+        outputs = counted_outputs(
+            engine,
             {"prompt_token_ids": prompt_ids},
             params,
             request.request_id,
-            lora_request=self._lora_request(request.lora_adapter),
-            priority=request.priority or 0,
+            counts,
+            len(prompt_ids),
+            {
+                "lora_request": self._lora_request(request.lora_adapter),
+                "priority": request.priority or 0,
+            },
         )
         try:
             try:
                 output = await anext(outputs)
             except request_errors() as error:  # vLLM's validation (bad schema, token ids)
                 raise InvalidRequest(str(error)) from error
-            first_output = True
             while True:
                 is_first = False
-                counts.output(
-                    len(prompt_ids),
-                    int(output.num_cached_tokens or 0),
-                    sum(len(each.token_ids) for each in output.outputs),
-                    first_output,
-                )
-                first_output = False
                 for completion in output.outputs:
                     completion_tokens += len(completion.token_ids)
                     text = completion.text
@@ -417,7 +413,6 @@ class VLLMAdapter(GenerationAdapter):
                             ),
                         )
                 if output.finished:
-                    finished = True
                     last = output.outputs[0] if output.outputs and not many else None
                     terminal = timer.terminal(
                         _FINISH_REASONS.get(last.finish_reason, "stop") if last else "stop",
@@ -441,9 +436,7 @@ class VLLMAdapter(GenerationAdapter):
                     return
                 output = await anext(outputs)
         finally:
-            await outputs.aclose()
-            if not finished:
-                await engine.abort(request.request_id)
+            await outputs.aclose()  # aborts a request left before its end, and counts it
 
 
 def _chunk_tokens(scheduler: Any) -> int:

@@ -115,9 +115,13 @@ class EngineCounts:
     completion_tokens: int = 0
     engine_requests: int = 0
     """Engine requests that produced output."""
+    open_requests: int = 0
+    """Engine requests started and not ended yet: until none is, the counts may still grow
+    (a cancelled one is counted as its abort ends, possibly in a task of its own)."""
 
     def output(self, prompt_tokens: int, cached_tokens: int, produced: int, first: bool) -> None:
-        """One engine output of `produced` new tokens (`first`: its engine request's first)."""
+        """One engine output of `produced` new tokens (`first`: its engine request's first
+        tokens, with which vLLM counts its prompt)."""
         if first:
             self.engine_requests += 1
             self.prompt_tokens += prompt_tokens

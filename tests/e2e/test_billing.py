@@ -195,17 +195,24 @@ def test_billing_equals_the_engines_counters_with_the_ledger_killed_mid_load(
     stack: Stack,
 ) -> None:
     """The mixed load again (without the n / best_of fan-out, whose prompts only a reply can
-    tell), with the TenantLedger's replica SIGKILLed mid-load.
+    tell), with the TenantLedger's replica SIGKILLed mid-load. The reports the dead ledger did
+    not acknowledge are sent again to its replacement, which counts each request id once."""
+    killed_mid_load(stack, "TenantLedger", random.Random(11))
 
-    Not yet exact with the ingress replica killed instead (checked by hand with
-    `victim = "Ingress"`, 2026-12-06: 1-2 requests' worth short of vLLM's counters): requests
-    of the dead caller are cancelled on the worker, and one cancelled just after vLLM produced
-    an output the adapter had not read yet is billed without it, though vLLM counted it.
-    The reports the dead ledger did not acknowledge are sent again to its replacement, which
-    counts each request id once."""
-    victim = "TenantLedger"
+
+def test_billing_equals_the_engines_counters_with_an_ingress_killed_mid_load(
+    stack: Stack,
+) -> None:
+    """The same with the ingress replica SIGKILLed: the requests in flight lose their caller,
+    and the worker cancels them. A buffered reply cut mid-way had read nothing from vLLM
+    (FINAL_ONLY: one output at the end) though vLLM had counted its prompt and tokens; it is
+    billed with the abort's final output, as is a streamed one's output left unread in its
+    collector, and a completion list's prompts, whose aborts end in tasks of vLLM's own."""
+    killed_mid_load(stack, "Ingress", random.Random(13))
+
+
+def killed_mid_load(stack: Stack, victim: str, rnd: random.Random) -> None:
     before, engine_before = quiet(stack)
-    rnd = random.Random(11)
     kills: list[str] = []
     failed = 0
 
@@ -223,6 +230,8 @@ def test_billing_equals_the_engines_counters_with_the_ledger_killed_mid_load(
                 if n == 20:
                     os.kill(replica_pid(victim), signal.SIGKILL)
                     kills.append(victim)
+                    if victim == "Ingress":  # the rest of the load once its replacement serves
+                        await asyncio.to_thread(wait_serving, stack.base_url)
                 running.add(asyncio.create_task(guarded(client, n)))
                 if len(running) >= 6:
                     _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -238,7 +247,9 @@ def test_billing_equals_the_engines_counters_with_the_ledger_killed_mid_load(
         stack, before, engine_before, within_s=120
     )
     print(
-        f"\n[billing] settled after {time.monotonic() - started:.1f} s: {requests} requests billed, {failed} cut by the kills; {engine_delta}"
+        f"\n[billing] {victim} killed; settled after {time.monotonic() - started:.1f} s: "
+        f"{requests} requests billed, {failed} cut by the kill; billed {(prompt, completion)}, "
+        f"engine {engine_delta}"
     )
     assert requests > 30
     assert (prompt, completion) == engine_delta, (prompt, completion, engine_delta)

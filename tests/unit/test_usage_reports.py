@@ -53,11 +53,13 @@ class Engine:
 
     def __init__(self, tokens: int = 2) -> None:
         self.tokens = tokens
+        self.counts: dict[str, EngineCounts] = {}  # request id -> what it counts into
 
     async def stream(
         self, request: GenerationRequest, counts: EngineCounts
     ) -> AsyncIterator[list[GenerationChunk]]:
         name = request.request_id
+        self.counts[name] = counts
         if name.startswith("refused"):
             raise QueueFull("the queue is full")
         for step in range(self.tokens):
@@ -83,6 +85,7 @@ def generator(ledger: Ledger, engine: Engine) -> Generator:
     worker._worker = engine  # type: ignore[assignment]
     worker._billing = UsageReports(ledger)
     worker._running = {}
+    worker._settling = set()
     worker._kv = KVSource(engine, AppConfig(), "test")  # type: ignore[arg-type]  # events off
     return worker
 
@@ -161,6 +164,29 @@ async def test_a_client_that_leaves_is_billed_what_the_engine_generated() -> Non
         await task
     await settle()
     assert ledger.calls == [[("slow", usage("slow", 2))]]
+
+
+async def test_a_client_that_leaves_is_billed_once_its_engine_requests_ended() -> None:
+    """An engine request still open when the cancellation reaches the worker's task (vLLM's
+    OpenAI layer aborts a completion list's prompts in tasks of their own) is counted as its
+    abort ends: the bill waits for it."""
+    ledger, reader = Ledger(), Reader()
+    engine = Engine(tokens=400)
+    worker = generator(ledger, engine)
+    task = asyncio.create_task(worker._serve(request("slow"), reader.put))
+    await settle()
+    task.cancel()
+    counts = engine.counts["slow"]
+    counts.open_requests += 1  # an abort still under way
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert ledger.calls == []
+    counts.output(3, 1, 1, first=False)  # what the abort found unread
+    counts.open_requests -= 1
+    await asyncio.sleep(0.05)
+    await settle()
+    assert ledger.calls == [[("slow", usage("slow", 3))]]
 
 
 async def test_a_reply_cancelled_while_its_bill_is_out_is_still_billed() -> None:
