@@ -259,7 +259,7 @@ CLIENT_DISCONNECTS = Counts(
 )
 ROUTING_DECISIONS = Counts(
     "routing_decisions",
-    "Worker choices of the request router (app.routing.affinity), by reason: prefix, home, "
+    "Worker choices of the request router (app.routing.board), by reason: prefix, home, room, "
     "least_loaded, imbalance, headroom, no_headroom.",
     ("reason",),
 )

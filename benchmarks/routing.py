@@ -208,7 +208,8 @@ async def generate_turn(
 ) -> Turn:
     """One turn on the SIE generate route: its answer's usage has the engine's cached tokens."""
     body = {"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0}
-    response = await client.post(f"/v1/generate/{MODEL}", json=body)
+    # the SIE contract spells a model id's "/" as "__" in the path
+    response = await client.post(f"/v1/generate/{MODEL.replace('/', '__')}", json=body)
     if response.status_code == 200:
         usage = response.json().get("usage") or {}
         turn.prompt_tokens = usage.get("prompt_tokens") or 0
