@@ -25,7 +25,7 @@ from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 from app.routing.targets import request_pool
 from app.tenancy.reports import UsageReports
-from app.tenancy.requests import engine_usage, terminal_stats
+from app.tenancy.requests import ahead_of_bill, engine_usage, terminal_stats
 
 logger = logging.getLogger("ray.serve")
 FORGET_TIMEOUT_S = 2.0
@@ -141,6 +141,9 @@ class Generator:
             async for batch in self._worker.stream(request, counts):
                 if not billed and terminal_stats(batch) is not None:
                     billed = True
+                    ahead, batch = ahead_of_bill(batch)  # the last tokens do not wait for it
+                    if ahead:
+                        put(request_id, ahead)
                     await self._bill(request, counts)
                 put(request_id, batch)
         except ServiceError as refusal:

@@ -10,7 +10,13 @@ from collections.abc import Iterable
 
 from app.config import AppConfig, Limits
 from app.pools.model import DEFAULT_POOL, PoolRecord, normalize_name
-from app.protocol.generation import EngineCounts, GenerationChunk, GenerationRequest, WireReply
+from app.protocol.generation import (
+    EngineCounts,
+    GenerationChunk,
+    GenerationRequest,
+    StreamBatch,
+    WireReply,
+)
 from app.tenancy.keys import NO_KEY
 from app.tenancy.limits import Ticket, estimate_tokens, subjects_for
 from app.tenancy.usage import UsageRecord
@@ -106,6 +112,31 @@ def terminal_stats(batch: Iterable[GenerationChunk | WireReply]) -> GenerationCh
         elif item.done:
             return item
     return None
+
+
+def ahead_of_bill(batch: StreamBatch) -> tuple[StreamBatch, StreamBatch]:
+    """(what may go out before the request's bill, the rest) of its terminal batch. A streamed
+    reply's SSE events up to the first that carries a usage block (or to `[DONE]`) go ahead:
+    the last tokens do not wait for the ledger's round trip, and no client holds a usage block
+    the ledger lacks. Anything else waits whole."""
+    if len(batch) != 1:
+        return [], batch
+    reply = batch[0]
+    if not isinstance(reply, WireReply) or not reply.stream or not reply.done:
+        return [], batch
+    data = reply.data
+    held = data.find(b'"usage"')  # (a JSON string holding it would have escaped quotes)
+    if held < 0:
+        held = data.rfind(b"data: [DONE]")
+    if held < 0:
+        return [], batch
+    cut = data.rfind(b"\n\n", 0, held) + 2  # the end of the last event before it
+    if cut < 2:
+        return [], batch
+    return (
+        [WireReply(data[:cut], stream=True)],
+        [WireReply(data[cut:], stream=True, done=True, stats=reply.stats)],
+    )
 
 
 def engine_usage(request: GenerationRequest, counts: EngineCounts) -> UsageRecord | None:

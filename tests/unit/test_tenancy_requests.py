@@ -29,7 +29,13 @@ from app.protocol.workers import ModelStatus, WorkerStatus
 from app.routing.targets import choose_target
 from app.tenancy.fairshare import Flow
 from app.tenancy.limits import TEMPLATE_TOKENS
-from app.tenancy.requests import engine_usage, terminal_stats, ticket_for, with_pool_defaults
+from app.tenancy.requests import (
+    ahead_of_bill,
+    engine_usage,
+    terminal_stats,
+    ticket_for,
+    with_pool_defaults,
+)
 from app.tenancy.usage import UsageBook, UsageRecord
 
 NOW = 1000.0
@@ -223,3 +229,50 @@ def test_usage_metrics_are_the_ledger_totals_with_bounded_labels() -> None:
     assert f"poolserve_usage_completion_tokens_total{{{labels}}} 3.0" in text
     assert 'poolserve_usage_worker_seconds_total{pool="team"} 10.0' in text
     assert "poolserve_usage_prompt_tokens_total" in metrics.metric_names()
+
+
+# ahead_of_bill: what of a terminal batch goes out before the worker bills the request
+
+
+def sse(payload: str) -> bytes:
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+STATS = GenerationChunk("", done=True, prompt_tokens=5, completion_tokens=1)
+DONE = b"data: [DONE]\n\n"
+
+
+def test_a_streamed_terminal_sends_its_tokens_ahead_and_holds_the_usage_event_and_done() -> None:
+    token = sse('{"choices":[{"delta":{"content":"hi"},"finish_reason":"length"}]}')
+    usage = sse('{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}')
+    reply = WireReply(token + usage + DONE, stream=True, done=True, stats=STATS)
+    ahead, rest = ahead_of_bill([reply])
+    assert ahead == [WireReply(token, stream=True)]
+    assert rest == [WireReply(usage + DONE, stream=True, done=True, stats=STATS)]
+    assert terminal_stats(ahead) is None and terminal_stats(rest) is STATS
+
+
+def test_without_a_usage_event_only_done_waits() -> None:
+    token = sse('{"choices":[{"delta":{"content":"a \\"usage\\" word"}}]}')  # escaped: no block
+    ahead, rest = ahead_of_bill([WireReply(token + DONE, stream=True, done=True, stats=STATS)])
+    assert ahead == [WireReply(token, stream=True)]
+    assert rest == [WireReply(DONE, stream=True, done=True, stats=STATS)]
+
+
+def test_named_events_are_cut_between_events() -> None:
+    delta = b'event: content_block_delta\ndata: {"delta":{"text":"hi"}}\n\n'
+    end = b'event: message_delta\ndata: {"usage":{"output_tokens":1}}\n\n'
+    ahead, rest = ahead_of_bill([WireReply(delta + end, stream=True, done=True, stats=STATS)])
+    assert ahead == [WireReply(delta, stream=True)]
+    assert rest[0].data == end  # type: ignore[union-attr]
+
+
+def test_nothing_goes_ahead_of_a_usage_block_a_json_reply_or_chunks() -> None:
+    usage_first = sse('{"usage":{"prompt_tokens":5}}') + DONE
+    for batch in (
+        [WireReply(usage_first, stream=True, done=True, stats=STATS)],
+        [WireReply(b'{"usage":{}}', stream=False, done=True, stats=STATS)],
+        [WireReply(sse("{}"), stream=True)],  # not the terminal
+        [GenerationChunk("hi"), STATS],  # SIE generate: the terminal chunk carries text and usage
+    ):
+        assert ahead_of_bill(batch) == ([], batch)  # type: ignore[arg-type]
