@@ -31,7 +31,7 @@ from ray import serve
 from app.api.convert import POOL_HEADER, PROFILE_HEADER, generate_request
 from app.api.errors import as_service_error, validation_error
 from app.api.generate import terminal_error
-from app.api.openai_routes import chunks_of, openai_request
+from app.api.openai_routes import ChatChunks, openai_request
 from app.config import AppConfig
 from app.deployments.ingress import ServeBackend
 from app.errors import InvalidRequest, ServiceError
@@ -316,10 +316,11 @@ class Client:
             started_at=time.time(),
         )
         batches = cast(AsyncGenerator[Any, None], self._backend.stream(request))
+        chat = ChatChunks()
         try:
             async for batch in batches:
                 if batch and isinstance(batch[0], WireReply):
-                    batch = [chunk for reply in batch for chunk in chunks_of(reply)]
+                    batch = [chunk for reply in batch for chunk in chat.feed(reply)]
                 for event in builder.feed(batch, time.time()):
                     if isinstance(event, StreamEventEnd) and event.error is not None:
                         raise terminal_error(builder.result)

@@ -283,46 +283,56 @@ _route("/tokenize", "tokenize", "vLLM's /tokenize (prompt or chat messages)")
 _route("/detokenize", "detokenize", "vLLM's /detokenize")
 
 
-def chunks_of(reply: WireReply) -> list[GenerationChunk]:
-    """A streamed chat reply as generation chunks (for callers that want events, not bytes:
-    app/handles.py): text deltas of choice 0, then a terminal chunk with the usage."""
-    chunks: list[GenerationChunk] = []
-    finish: FinishReason = "stop"
-    for line in reply.data.split(b"\n"):
-        if not line.startswith(b"data: {"):
-            continue
-        event = json.loads(line[len(b"data: ") :])
-        error = event.get("error")
-        if isinstance(error, dict):
-            message = str(error.get("message", "generation failed"))
-            code = str(error.get("code", "inference_error"))
-            return [
-                *chunks,
-                GenerationChunk(
-                    "", done=True, finish_reason="error", error_code=code, error_message=message
-                ),
-            ]
-        for choice in event.get("choices") or ():
-            if choice.get("index", 0) != 0:
+class ChatChunks:
+    """One streamed chat's replies as generation chunks (for callers that want events, not
+    bytes: app/handles.py): text deltas of choice 0, then a terminal chunk with the usage. The
+    finish reason and the first text are tracked across replies: a reply's last events can
+    arrive ahead of its terminal one (`app.tenancy.requests.ahead_of_bill`)."""
+
+    def __init__(self) -> None:
+        self.finish: FinishReason = "stop"
+        self.texts = 0
+
+    def feed(self, reply: WireReply) -> list[GenerationChunk]:
+        chunks: list[GenerationChunk] = []
+        for line in reply.data.split(b"\n"):
+            if not line.startswith(b"data: {"):
                 continue
-            text = (choice.get("delta") or {}).get("content") or ""
-            token_ids = tuple(choice.get("token_ids") or ())
-            if text or token_ids:
-                chunks.append(GenerationChunk(text, is_first=not chunks, token_ids=token_ids))
-            if choice.get("finish_reason") == "length":
-                finish = "length"
-    if reply.done:
-        stats = reply.stats or GenerationChunk("", done=True)
-        chunks.append(
-            GenerationChunk(
-                "",
-                done=True,
-                finish_reason=finish,
-                prompt_tokens=stats.prompt_tokens,
-                completion_tokens=stats.completion_tokens,
-                cached_tokens=stats.cached_tokens,
-                ttft_ms=stats.ttft_ms,
-                tpot_ms=stats.tpot_ms,
+            event = json.loads(line[len(b"data: ") :])
+            error = event.get("error")
+            if isinstance(error, dict):
+                message = str(error.get("message", "generation failed"))
+                code = str(error.get("code", "inference_error"))
+                return [
+                    *chunks,
+                    GenerationChunk(
+                        "", done=True, finish_reason="error", error_code=code, error_message=message
+                    ),
+                ]
+            for choice in event.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue
+                text = (choice.get("delta") or {}).get("content") or ""
+                token_ids = tuple(choice.get("token_ids") or ())
+                if text or token_ids:
+                    chunks.append(
+                        GenerationChunk(text, is_first=not self.texts, token_ids=token_ids)
+                    )
+                    self.texts += 1
+                if choice.get("finish_reason") == "length":
+                    self.finish = "length"
+        if reply.done:
+            stats = reply.stats or GenerationChunk("", done=True)
+            chunks.append(
+                GenerationChunk(
+                    "",
+                    done=True,
+                    finish_reason=self.finish,
+                    prompt_tokens=stats.prompt_tokens,
+                    completion_tokens=stats.completion_tokens,
+                    cached_tokens=stats.cached_tokens,
+                    ttft_ms=stats.ttft_ms,
+                    tpot_ms=stats.tpot_ms,
+                )
             )
-        )
-    return chunks
+        return chunks

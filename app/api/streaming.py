@@ -140,6 +140,8 @@ class StreamResponse(StreamingResponse):
     client raises) need no watcher at all; Starlette's own path serves them. A `Final` item
     ends the response in the same message (no empty last one)."""
 
+    complete = False  # the last body message went out
+
     async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -149,6 +151,7 @@ class StreamResponse(StreamingResponse):
             if not isinstance(chunk, bytes | memoryview):
                 chunk = chunk.encode(self.charset)
             if isinstance(chunk, Final):
+                self.complete = True  # the client leaving now is no reason to cancel the close
                 await send({"type": "http.response.body", "body": bytes(chunk), "more_body": False})
                 await _close(body)  # (its cleanup runs now, not when it is collected)
                 return
@@ -168,7 +171,7 @@ class StreamResponse(StreamingResponse):
             nonlocal left
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if not done:
+            if not done and not self.complete:
                 left = True
                 sending.cancel()
 

@@ -163,7 +163,12 @@ class Generator:
         put(request_id, last)
 
     async def _bill(self, request: GenerationRequest, counts: EngineCounts) -> None:
-        await settled(counts)
+        try:
+            await settled(counts)
+        except asyncio.CancelledError:
+            if self._billing is not None:  # cut while its aborts end: billed behind it
+                self._bill_later(request, counts)
+            raise
         self._kv.counted(request.model, counts)
         if self._billing is not None:
             await self._billing.before_reply(request.request_id, engine_usage(request, counts))

@@ -230,6 +230,7 @@ class RoutingBoard:
         """`affinity.rank`'s decision over `ready` (its `order` holds the chosen worker only)."""
         group = self._group(request.model, ready)
         keys = affinity_keys(request)
+        explicit = bool(request.prompt_cache_key or request.routing_key)  # its one key
         needs: dict[int, int] = {}
 
         def need_of(load: WorkerLoad) -> int:
@@ -249,29 +250,36 @@ class RoutingBoard:
         least = self._least_fitting(group, fits)
         if least is None:
             queue = min(group.loads.values(), key=lambda w: (w.kv_waiting, w.load, w.worker_id))
-            return self._decided(queue, "no_headroom", 0, keys, record)
+            return self._decided(queue, "no_headroom", 0, keys, record, explicit)
         if not keys:
-            return self._decided(least, "least_loaded", 0, keys, record)
+            return self._decided(least, "least_loaded", 0, keys, record, explicit)
         affine, reason, match = self._affine(group, keys, need_of)
         if not fits(affine):
             return self._decided(
-                least, "headroom", self.index.match(least.worker_id, keys), keys, record
+                least, "headroom", self.index.match(least.worker_id, keys), keys, record, explicit
             )
         if affine.load - least.load > self.max_imbalance:
             return self._decided(
-                least, "imbalance", self.index.match(least.worker_id, keys), keys, record
+                least, "imbalance", self.index.match(least.worker_id, keys), keys, record, explicit
             )
-        return self._decided(affine, reason, match, keys, record)
+        return self._decided(affine, reason, match, keys, record, explicit)
 
     def _decided(
-        self, worker: WorkerLoad, reason: str, match: int, keys: Sequence[str], record: bool
+        self,
+        worker: WorkerLoad,
+        reason: str,
+        match: int,
+        keys: Sequence[str],
+        record: bool,
+        explicit: bool = False,
     ) -> RouteDecision:
         if record:
             if not self.kv_events:
                 self.index.record(worker.worker_id, keys)
             elif worker.kv_block_size:
-                # the first key it is not known to hold, if long enough to follow
-                position = max(match, _sent_from(worker.kv_block_size))
+                # the first key it is not known to hold, if long enough to follow (a caller's
+                # explicit key always is: it names the session)
+                position = match if explicit else max(match, _sent_from(worker.kv_block_size))
                 if position < len(keys):
                     self.index.record(worker.worker_id, (keys[position],))
         return RouteDecision((worker.worker_id,), reason, match)

@@ -9,10 +9,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.api.openai_routes import _events
+from app.api.openai_routes import ChatChunks, _events
 from app.api.streaming import ChunkStream, Final
 from app.errors import WorkerUnavailable
-from app.protocol.generation import WireReply
+from app.protocol.generation import GenerationChunk, WireReply
 
 
 def event(text: str) -> bytes:
@@ -71,3 +71,20 @@ def test_the_terminal_reply_is_the_final_write() -> None:
     last = [WireReply(event("b") + b"data: [DONE]\n\n", stream=True, done=True)]
     chunks = writes([[WireReply(event("a"), stream=True)], last])
     assert [type(chunk) for chunk in chunks] == [bytes, Final]
+
+
+def test_a_chat_split_ahead_of_its_bill_keeps_its_finish_reason_and_first_text() -> None:
+    """The handles' parse of a streamed chat: the finish reason and the first text are the
+    whole reply's, though its last events came in a reply of their own (ahead of the bill)."""
+    head = event("a")
+    ahead = b'data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"length"}]}\n\n'
+    stats = GenerationChunk("", done=True, prompt_tokens=3, completion_tokens=2)
+    chat = ChatChunks()
+    chunks = [
+        *chat.feed(WireReply(head, stream=True)),
+        *chat.feed(WireReply(ahead, stream=True)),
+        *chat.feed(WireReply(b"data: [DONE]\n\n", stream=True, done=True, stats=stats)),
+    ]
+    assert [(c.text_delta, c.is_first) for c in chunks[:2]] == [("a", True), ("b", False)]
+    assert chunks[-1].done and chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 2

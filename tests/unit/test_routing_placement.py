@@ -254,3 +254,19 @@ def test_without_kv_events_an_unseen_prefix_goes_to_its_home_as_before() -> None
     assert (decision.chosen, decision.reason) == (rendezvous_home(keys[0], ready), "home")
     # every session behind the same system prompt now follows where the first went
     assert board.choose(ready, request(8, 0)).chosen == decision.chosen
+
+
+def test_an_explicit_cache_key_stays_on_its_worker_as_room_changes() -> None:
+    """A caller's `prompt_cache_key` names its session: once placed, its next requests follow
+    it (counted as sent there) though the other worker's cache has more room by then."""
+    a, b = Engine("a"), Engine("b")
+    board = board_of(a, b)
+    keyed = GenerationRequest(
+        "k0", MODEL, SamplingOptions(max_new_tokens=16), prompt="hi", prompt_cache_key="chat-42"
+    )
+    first = board.choose(("a", "b"), keyed).chosen
+    other = b if first == "a" else a
+    taken = a if first == "a" else b
+    taken.total_blocks, other.total_blocks = 20, 200  # the other now has far more room
+    report(board, a, b)
+    assert board.choose(("a", "b"), keyed).chosen == first
