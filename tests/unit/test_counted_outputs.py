@@ -82,6 +82,16 @@ def outputs_of(engine: CountingEngine, counts: EngineCounts) -> AsyncGenerator[A
     return counted_outputs(engine, {"prompt_token_ids": PROMPT}, None, "r", counts, len(PROMPT), {})
 
 
+async def reading(
+    engine: CountingEngine, counts: EngineCounts
+) -> tuple[AsyncGenerator[Any, None], asyncio.Future[Any]]:
+    """The request's outputs, with a reader already waiting for the first."""
+    outputs = outputs_of(engine, counts)
+    pending = asyncio.ensure_future(anext(outputs))
+    await asyncio.sleep(0)
+    return outputs, pending
+
+
 async def test_an_output_put_just_before_its_reader_is_cancelled_is_counted() -> None:
     """The race: the output handler puts an output (vLLM counts it) and wakes the reader, but
     the reader's task is cancelled before it runs; it then wakes to the cancellation."""
@@ -110,9 +120,7 @@ async def test_an_output_put_just_before_its_reader_is_cancelled_is_counted() ->
 
 async def test_outputs_made_while_the_reader_was_away_are_counted_when_it_closes() -> None:
     engine, counts = CountingEngine(), EngineCounts()
-    outputs = outputs_of(engine, counts)
-    pending = asyncio.ensure_future(anext(outputs))
-    await asyncio.sleep(0)
+    outputs, pending = await reading(engine, counts)
     engine.step("r", [7])
     await pending
     engine.step("r", [8, 9])  # merged in the collector: nobody reads them
@@ -124,9 +132,7 @@ async def test_outputs_made_while_the_reader_was_away_are_counted_when_it_closes
 
 async def test_a_request_cancelled_before_its_prefill_bills_nothing() -> None:
     engine, counts = CountingEngine(), EngineCounts()
-    outputs = outputs_of(engine, counts)
-    pending = asyncio.ensure_future(anext(outputs))
-    await asyncio.sleep(0)
+    _outputs, pending = await reading(engine, counts)
     pending.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await pending
@@ -137,9 +143,7 @@ async def test_a_request_cancelled_before_its_prefill_bills_nothing() -> None:
 
 async def test_a_finished_output_nobody_read_is_counted() -> None:
     engine, counts = CountingEngine(), EngineCounts()
-    outputs = outputs_of(engine, counts)
-    pending = asyncio.ensure_future(anext(outputs))
-    await asyncio.sleep(0)
+    outputs, pending = await reading(engine, counts)
     engine.step("r", [7])
     await pending
     engine.step("r", [8], finished=True)
@@ -176,9 +180,7 @@ async def test_a_request_read_to_its_end_is_counted_once_and_closed_at_its_last_
 async def test_a_buffered_reply_cut_mid_way_is_billed_what_vllm_counted() -> None:
     """FINAL_ONLY: nothing to read before the end; the abort's output carries every token."""
     engine, counts = CountingEngine(final_only=True), EngineCounts()
-    outputs = outputs_of(engine, counts)
-    pending = asyncio.ensure_future(anext(outputs))
-    await asyncio.sleep(0)
+    _outputs, pending = await reading(engine, counts)
     for tokens in ([7], [8], [9]):
         engine.step("r", tokens)
     await asyncio.sleep(0)
