@@ -1,7 +1,8 @@
 """Metrics that add up (issue 27): an application with 2 ingress replicas (fake engine) serves N
 chats; every scrape of /metrics, whichever replica HAProxy hands it to, counts N, with the TTFT
 and TPOT series of the request's pool and model, and so does the dashboard feed. Counts of the
-other replica lag by at most `metrics.PUBLISH_EVERY_S` plus a call: the test waits that long."""
+other replica lag by `metrics.PUBLISH_EVERY_S` plus an actor call: the test waits for them once
+(at most LAG_LIMIT_S more), then every scrape must count them all."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CHATS = 24
 STREAMED = CHATS // 2  # the others are buffered replies: no serving-layer TTFT/TPOT
 SCRAPES = 8
 CHAT = "/v1/chat/completions"
+LAG_LIMIT_S = 15.0  # how late the other replica's counts may arrive, beyond its publication period
 
 
 @pytest.fixture(scope="module")
@@ -106,25 +108,38 @@ def _sum(
     )
 
 
+def _scrape(
+    base: str,
+) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], tuple[float, ...]]:
+    response = httpx.get(f"{base}/metrics", timeout=30)
+    assert response.status_code == 200
+    samples = _samples(response.text)
+    target = {"route": CHAT, "pool": "default", "model": FAKE_MODEL}
+    return samples, (
+        _sum(samples, "poolserve_requests_total", code="none", **target),
+        _sum(samples, "poolserve_engine_time_to_first_token_seconds_count", **target),
+        _sum(samples, "poolserve_time_to_first_token_seconds_count", **target),
+        _sum(samples, "poolserve_time_per_output_token_seconds_count", **target),
+        _sum(samples, "poolserve_metrics_sources", state="live"),
+    )
+
+
 def test_every_scrape_of_either_replica_counts_every_chat(base_url: str) -> None:
     asyncio.run(_chats(base_url))
-    time.sleep(metrics.PUBLISH_EVERY_S + 1.0)  # the other replica's counts: at most this late
-    target = {"route": CHAT, "pool": "default", "model": FAKE_MODEL}
-    counts = []
-    for _ in range(SCRAPES):
-        response = httpx.get(f"{base_url}/metrics", timeout=30)
-        assert response.status_code == 200
-        samples = _samples(response.text)
-        counts.append(
-            (
-                _sum(samples, "poolserve_requests_total", code="none", **target),
-                _sum(samples, "poolserve_engine_time_to_first_token_seconds_count", **target),
-                _sum(samples, "poolserve_time_to_first_token_seconds_count", **target),
-                _sum(samples, "poolserve_time_per_output_token_seconds_count", **target),
-                _sum(samples, "poolserve_metrics_sources", state="live"),
-            )
-        )
-    assert counts == [(CHATS, CHATS, STREAMED, STREAMED, 2)] * SCRAPES, counts
+    expected = (CHATS, CHATS, STREAMED, STREAMED, 2)
+    # the other replica's counts arrive with its next publication (every PUBLISH_EVERY_S) plus
+    # one actor call; on a loaded 2-core machine that call alone has taken over a second, so
+    # wait for the whole count once (bounded), then every scrape, of either replica, must hold it
+    deadline = time.monotonic() + metrics.PUBLISH_EVERY_S + LAG_LIMIT_S
+    samples, first = _scrape(base_url)
+    while first != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+        samples, first = _scrape(base_url)
+    counts = [first]
+    for _ in range(SCRAPES - 1):
+        samples, seen = _scrape(base_url)
+        counts.append(seen)
+    assert counts == [expected] * SCRAPES, counts
     warmups = _sum(samples, "poolserve_requests_total", route="/v1/completions", code="none")
     state = httpx.get(f"{base_url}/dashboard/api/state", timeout=30).json()
     rows = {(row["pool"], row["model"]): row for row in state["targets"]}
