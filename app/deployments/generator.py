@@ -18,7 +18,7 @@ from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
 from app.deployments.kv_source import KVSource
 from app.deployments.ray_private import route_on_this_loop
-from app.engine.worker import Worker
+from app.engine.worker import Worker, omp_threads_bind
 from app.errors import InternalError, ServiceError, WorkerUnavailable
 from app.protocol.generation import EngineCounts, GenerationRequest
 from app.protocol.workers import WorkerStatus
@@ -43,6 +43,15 @@ class Generator:
         ledger: DeploymentHandle[Any] | None = None,
     ) -> None:
         self._config = config  # validated by the builder; unpickled without validation
+        context = serve.get_replica_context()
+        profile_config = config.profile(profile)
+        assert profile_config is not None, "the builder makes one Generator per profile"
+        cores_per_worker = profile_config.cpu_cores_per_worker
+        if cores_per_worker is not None and context.rank is not None:
+            # before the engine starts: vLLM reads it when its CPU worker binds its threads
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(
+                cores_per_worker, context.rank.local_rank, sorted(os.sched_getaffinity(0))
+            )
         self._worker = Worker(config, profile)
         # handle calls routed on this replica's loop: no hand-off to Serve's router thread
         # per call (a usage bill per round trip, a heartbeat)
@@ -54,7 +63,7 @@ class Generator:
             if ledger is not None
             else None
         )
-        self._worker_id = serve.get_replica_context().replica_id.unique_id
+        self._worker_id = context.replica_id.unique_id
         # its engines' KV events for the routers (routing.kv_events), before they start
         self._kv = KVSource(self._worker, self._config, epoch=os.urandom(8).hex())
         self._node_id = ray.get_runtime_context().get_node_id()

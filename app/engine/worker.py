@@ -254,3 +254,14 @@ class Worker:
     async def shutdown(self) -> None:
         for adapter in self._adapters.values():
             await adapter.shutdown()
+
+
+def omp_threads_bind(cores_per_worker: int, local_rank: int, cores: list[int]) -> str:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND for the worker of `local_rank` on its node: the
+    `local_rank`-th group of `cores_per_worker` of `cores` (the cores this process may use),
+    wrapping around when the node runs more workers than it has groups."""
+    cores = sorted(cores)
+    per = min(cores_per_worker, len(cores))
+    groups = max(1, len(cores) // per)
+    start = (local_rank % groups) * per
+    return ",".join(str(core) for core in cores[start : start + per])

@@ -7,7 +7,7 @@ import pytest
 
 from app.config import AppConfig
 from app.engine.vllm_adapter import chunked_prefill
-from app.engine.worker import Worker
+from app.engine.worker import Worker, omp_threads_bind
 from app.errors import WorkerUnavailable
 from tests.fakes.fake_engine import FakeAdapter
 
@@ -46,3 +46,20 @@ def test_chunked_prefill_is_off_on_cpu_unless_asked_for() -> None:
     }
     assert chunked_prefill(True, 8192, {}) == {"enable_chunked_prefill": True}
     assert chunked_prefill(None, 2048, {"enable_chunked_prefill": True}) == {}
+
+
+def test_each_cpu_worker_on_a_node_binds_its_own_cores() -> None:
+    cores = [0, 1, 2, 3]
+    assert [omp_threads_bind(1, rank, cores) for rank in range(4)] == ["0", "1", "2", "3"]
+    assert [omp_threads_bind(2, rank, cores) for rank in range(3)] == ["0,1", "2,3", "0,1"]
+    # the cores this process may use, in order, however Ray or the operator restricted them
+    assert omp_threads_bind(1, 1, [7, 5]) == "7"
+    # more cores asked for than the node has: the worker takes them all
+    assert omp_threads_bind(8, 3, [0, 1]) == "0,1"
+    with pytest.raises(ValueError):
+        AppConfig.model_validate(
+            {
+                "models": [{"id": "m", "source": "embedded:smollm2"}],
+                "profiles": [{"name": "cpu", "cpu_cores_per_worker": 0}],
+            }
+        )
