@@ -435,6 +435,15 @@ class RoutingConfig(ClosedModel):
         description="Leave the affine worker for the least loaded one when its in-flight "
         "requests exceed the least loaded one's by more than this.",
     )
+    prefix_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Follow a cached prefix only when it covers at least this share of the "
+        "prompt's prefix keys; a shorter one (only a system prompt every session shares, say) "
+        "is placed as an uncached prompt is, so new sessions spread over the workers instead "
+        "of all following the worker that first cached the shared part. 0: any cached prefix.",
+    )
     prefix_index_capacity: int = Field(
         4096, gt=0, description="Prefix keys remembered per worker (LRU)."
     )

@@ -98,6 +98,7 @@ class ServeBackend:
             config.routing.max_imbalance,
             config.routing.prefix_index_capacity,
             config.routing.kv_events,  # prefixes as the engines report them (KV events)
+            prefix_threshold=config.routing.prefix_threshold,
         )
         self._keys = KeyFetcher(self._board, generators)  # whole key sets after a gap
         self._targets = TargetIndex(config, [], {})

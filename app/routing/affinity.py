@@ -6,8 +6,10 @@ A request's affinity keys are either its explicit key (`prompt_cache_key`, else 
 or a chain of hashes over the leading blocks of its prompt text (the model, the LoRA adapter and
 every earlier block are folded into each hash, so equal keys mean equal prefixes). The worker
 that last received the longest run of a request's leading keys probably still holds that
-prefix in its KV cache; a prefix seen nowhere goes to its rendezvous-hash home, so every
-ingress replica picks the same worker for it without sharing state.
+prefix in its KV cache; a prefix seen nowhere, or held for less than `prefix_threshold` of its
+keys (only a shared system prompt, say), goes to the rendezvous-hash home of its first key past
+what is held, so every ingress replica picks the same worker for it without sharing state and
+new sessions spread over the workers.
 
 Ranking, in order: KV headroom (never a worker that cannot admit the request now when another
 can), then affinity, unless the affine worker's load exceeds the least loaded one's by more
@@ -144,9 +146,11 @@ def rank(
     matches: Mapping[str, int],
     need_blocks: Mapping[str, int],
     max_imbalance: int,
+    prefix_threshold: float = 0.0,
 ) -> RouteDecision:
     """`matches`: worker id -> leading keys believed cached there; `need_blocks`: worker id ->
-    estimated KV blocks the request needs there (block sizes may differ per worker)."""
+    estimated KV blocks the request needs there (block sizes may differ per worker);
+    `prefix_threshold`: the least share of the keys a match must cover to be followed."""
     assert workers, "rank needs at least one worker"
     by_load = sorted(workers, key=lambda w: (w.load, w.worker_id))
     fits = [w for w in by_load if _fits(w, need_blocks.get(w.worker_id, 0))]
@@ -154,7 +158,7 @@ def rank(
         queue = sorted(workers, key=lambda w: (w.kv_waiting, w.load, w.worker_id))
         return RouteDecision(_order(queue[0], by_load), "no_headroom", 0)
     least = fits[0]
-    affine, reason, match = _affine(workers, keys, matches)
+    affine, reason, match = _affine(workers, keys, matches, prefix_threshold)
     if affine is None:
         return RouteDecision(_order(least, by_load), "least_loaded", 0)
     if affine not in fits:
@@ -165,16 +169,27 @@ def rank(
 
 
 def _affine(
-    workers: Sequence[WorkerLoad], keys: Sequence[str], matches: Mapping[str, int]
+    workers: Sequence[WorkerLoad],
+    keys: Sequence[str],
+    matches: Mapping[str, int],
+    prefix_threshold: float,
 ) -> tuple[WorkerLoad | None, str, int]:
     if not keys:
         return None, "least_loaded", 0
     best = max(workers, key=lambda w: (matches.get(w.worker_id, 0), -w.load, w.worker_id))
     match = matches.get(best.worker_id, 0)
-    if match > 0:
+    if followed(match, len(keys), prefix_threshold):
         return best, "prefix", match
-    home = rendezvous_home(keys[0], (w.worker_id for w in workers))
-    return next(w for w in workers if w.worker_id == home), "home", 0
+    # nothing cached, or too little (a system prompt every session shares): the home of its
+    # first key past the match, so new sessions spread instead of following the shared part
+    home = rendezvous_home(keys[match], (w.worker_id for w in workers))
+    return next(w for w in workers if w.worker_id == home), "home", matches.get(home, 0)
+
+
+def followed(match: int, keys: int, prefix_threshold: float) -> bool:
+    """Whether a cached run of `match` of a request's `keys` leading keys is worth following:
+    it is some, and at least `prefix_threshold` of them."""
+    return match > 0 and match >= prefix_threshold * keys
 
 
 def _fits(worker: WorkerLoad, need: int) -> bool:

@@ -44,6 +44,7 @@ from app.routing.affinity import (
     affinity_keys,
     digest,
     estimated_blocks,
+    followed,
     rendezvous_home,
     worker_load,
 )
@@ -141,8 +142,10 @@ class RoutingBoard:
         prefix_capacity: int = 4096,
         kv_events: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        prefix_threshold: float = 0.0,
     ) -> None:
         self.max_imbalance = max_imbalance
+        self.prefix_threshold = prefix_threshold
         self.kv_events = kv_events
         # what the engines report they hold (`kv_keys`), or what this replica sent where
         self.index: PrefixIndex | ReportedKeys = (
@@ -330,15 +333,20 @@ class RoutingBoard:
                     break
                 holders, depth = deeper, depth + 1
             best = max((loads[w] for w in holders), key=lambda w: (-w.load, w.worker_id))
-            return best, "prefix", depth
+            if followed(depth, len(keys), self.prefix_threshold):
+                return best, "prefix", depth
+        else:
+            depth = 0
         if self.kv_events:
-            return self._placed(group, keys[-1], need_of), "room", 0
-        home = group.homes.get(keys[0])
+            placed = self._placed(group, keys[-1], need_of)
+            return placed, "room", self.index.match(placed.worker_id, keys) if depth else 0
+        first = keys[depth]  # the first key past what is held
+        home = group.homes.get(first)
         if home is None:
-            home = group.homes[keys[0]] = rendezvous_home(keys[0], loads)
+            home = group.homes[first] = rendezvous_home(first, loads)
             if len(group.homes) > HOMES_KEPT:
                 group.homes.popitem(last=False)
-        return loads[home], "home", 0
+        return loads[home], "home", self.index.match(home, keys) if depth else 0
 
     def _placed(self, group: _Group, key: str, need_of: Callable[[WorkerLoad], int]) -> WorkerLoad:
         """A prefix no engine holds: of two workers picked by its last key (the same two, in

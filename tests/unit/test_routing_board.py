@@ -5,6 +5,7 @@ targets.choose_target, over random sequences of loads, stats, prefixes and snaps
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -21,6 +22,7 @@ from app.routing.affinity import (
     worker_load,
 )
 from app.routing.board import RoutingBoard, TargetIndex
+from app.routing.kv_keys import ReportedKeys
 from app.routing.targets import choose_target
 
 PREFIXES = ["".join(chr(97 + (n * k) % 26) for k in range(600)) for n in range(6)]
@@ -42,7 +44,10 @@ def stats(rng: random.Random) -> dict[str, object] | None:
 
 
 def generation(rng: random.Random, n: int) -> GenerationRequest:
-    prompt = rng.choice(PREFIXES)[: rng.choice([100, 300, 600])] + str(rng.random())
+    # a shared prefix, then a session's own text (a few sessions, so some repeat), of lengths
+    # that make cached runs of every share of the prompt
+    session = str(rng.randrange(8)) * rng.choice([0, 300, 900])
+    prompt = rng.choice(PREFIXES)[: rng.choice([100, 300, 600])] + session + str(rng.random())
     return GenerationRequest(
         f"r{n}", "m", SamplingOptions(max_new_tokens=rng.choice([8, 64, 512])), prompt=prompt
     )
@@ -52,7 +57,8 @@ def generation(rng: random.Random, n: int) -> GenerationRequest:
 def test_the_board_decides_as_rank_over_every_worker(seed: int) -> None:
     rng = random.Random(seed)
     imbalance = rng.randrange(5)
-    board = RoutingBoard(imbalance, prefix_capacity=8)
+    threshold = rng.choice([0.0, 0.5, 0.9])
+    board = RoutingBoard(imbalance, prefix_capacity=8, prefix_threshold=threshold)
     reference = PrefixIndex(8)
     raw: dict[str, tuple[int, dict[str, object] | None]] = {}
     groups = [tuple(f"w{k}" for k in range(rng.randrange(1, 30))) for _ in range(3)]
@@ -75,6 +81,7 @@ def test_the_board_decides_as_rank_over_every_worker(seed: int) -> None:
                 if load.kv_block_size
             },
             imbalance,
+            threshold,
         )
         reference.record(expected.chosen, keys)
         got = board.choose(ready, request)
@@ -138,3 +145,42 @@ def test_the_target_index_chooses_as_choose_target(seed: int) -> None:
         assert outcome(index.choose, request, now) == outcome(
             choose_target, CONFIG, workers, request, now
         ), step
+
+
+@pytest.mark.parametrize("kv_events", [False, True])
+def test_sessions_behind_a_shared_system_prompt_spread_and_keep_their_worker(
+    kv_events: bool,
+) -> None:
+    """Every session starts with the same system prompt: a worker that cached only that is no
+    reason to send it a new session (it would get them all); a session's next turn, cached
+    for most of its prompt, goes back where its first went."""
+    system = "You are a precise assistant. Answer only from the document. " * 6
+    docs = [" ".join(f"w{session}x{k}" for k in range(250)) for session in range(20)]
+
+    def turn(session: int, n: int) -> GenerationRequest:
+        prompt = f"{system}\n{docs[session]}\nQuestion {n}"
+        return GenerationRequest(
+            f"s{session}t{n}", "m", SamplingOptions(max_new_tokens=8), prompt=prompt
+        )
+
+    def placements(threshold: float) -> tuple[Counter[str], int]:
+        board = RoutingBoard(4, kv_events=kv_events, prefix_threshold=threshold)
+        ready = ("a", "b")
+        first: dict[int, str] = {}
+        held: dict[str, set[str]] = {"a": set(), "b": set()}
+        for session in range(20):
+            chosen = board.choose(ready, turn(session, 0)).chosen
+            first[session] = chosen
+            if kv_events:  # what the engine reports once it cached the prompt: all of it
+                held[chosen].update(affinity_keys(turn(session, 0)))
+                summary = ["epoch", session + 1, None, sorted(held[chosen])]
+                assert isinstance(board.index, ReportedKeys)
+                board.index.apply(chosen, "m", summary)
+        back = sum(board.choose(ready, turn(s, 1)).chosen == first[s] for s in range(20))
+        return Counter(first.values()), back
+
+    spread, back = placements(0.5)
+    assert min(spread["a"], spread["b"]) >= 5, spread
+    assert back == 20
+    # following any cached prefix: the first worker gets every session
+    assert placements(0.0)[0].most_common(1)[0][1] == 20
