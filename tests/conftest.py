@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.local_serve import start_local_serve, stop_local_serve
+from tests.support.teardowns import Teardowns
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -135,3 +136,14 @@ def stack() -> Iterator[Stack]:
         yield Stack(base_url)
     finally:
         stop_local_serve()
+
+
+@pytest.fixture(scope="session")
+def teardowns() -> Iterator[Teardowns]:
+    """Teardowns that only wait (a test's own Ray head stopping), run beside the next tests;
+    their checks fail at the session's end (tests/support/teardowns.py)."""
+    running = Teardowns()
+    try:
+        yield running
+    finally:
+        running.finish()

@@ -41,6 +41,7 @@ from app.serve_env import free_port
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import FAKE_MODEL, ROOT, fake_app_args
 from tests.support.sse import data
+from tests.support.teardowns import Teardowns
 
 pytestmark = pytest.mark.e2e
 
@@ -116,7 +117,7 @@ def stack_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+def head(tmp_path_factory: pytest.TempPathFactory, teardowns: Teardowns) -> Iterator[Head]:
     work = tmp_path_factory.mktemp("gcs-ft")
     temp_dir = Path(tempfile.mkdtemp(prefix="psg-", dir="/tmp"))  # short: Ray's socket paths
     gcs_port, dashboard_port, http_port, redis_port = (free_port() for _ in range(4))
@@ -170,18 +171,23 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         )
         yield started
     finally:
-        stopped = stack_py("stop")
-        left = stop_processes(started.pids())
-        redis_left = stop_processes(
-            process_tree(
-                lambda cmdline: f"127.0.0.1:{redis_port}" in cmdline and "redis" in cmdline
+
+        def stop() -> None:
+            stopped = stack_py("stop")
+            left = stop_processes(started.pids())
+            redis_left = stop_processes(
+                process_tree(
+                    lambda cmdline: f"127.0.0.1:{redis_port}" in cmdline and "redis" in cmdline
+                )
             )
-        )
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert stopped.returncode == 0, f"stack.py stop:\n{stopped.stdout}\n{stopped.stderr}"
-        assert f"stopped Redis on port {redis_port}" in stopped.stdout, stopped.stdout
-        assert not left, f"processes of the test's head survived: {left}"
-        assert not redis_left, f"the test's Redis survived: {redis_left}"
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            assert stopped.returncode == 0, f"stack.py stop:\n{stopped.stdout}\n{stopped.stderr}"
+            assert f"stopped Redis on port {redis_port}" in stopped.stdout, stopped.stdout
+            assert not left, f"processes of the test's head survived: {left}"
+            assert not redis_left, f"the test's Redis survived: {redis_left}"
+
+        # ~30 s of waiting for processes to exit: beside the next tests (tests/support/teardowns)
+        teardowns.start("test_gcs_fault_tolerance's head (stack.py stop)", stop)
 
 
 # --- the load -----------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from app.serve_env import free_port
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import ROOT, Stack, fake_app_args
 from tests.support.sse import parse, payloads
+from tests.support.teardowns import Teardowns
 
 pytestmark = pytest.mark.e2e
 
@@ -258,7 +259,9 @@ def _head_pids(gcs_port: int, temp_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def make_serve_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+def make_serve_head(
+    tmp_path_factory: pytest.TempPathFactory, teardowns: Teardowns
+) -> Iterator[Head]:
     """`scripts/stack.py serve` (what `make serve` runs) on free ports with a temp dir and state
     file of its own, from a fresh-shell PATH; the fake engine as app `poolserve`. `stack.py
     stop` afterwards, and nothing of the head may survive."""
@@ -313,11 +316,16 @@ def make_serve_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         print(f"stack.py serve (fake engine) -> healthy in {time.monotonic() - started:.1f} s")
         yield Head(f"http://127.0.0.1:{dashboard_port}", env["POOLSERVE_API_URL"], served.stdout)
     finally:
-        stopped = stack_py("stop")
-        left = stop_processes(_head_pids(gcs_port, temp_dir))
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert stopped.returncode == 0, f"stack.py stop:\n{stopped.stdout}\n{stopped.stderr}"
-        assert not left, f"processes of the test's make-serve head survived: {left}"
+
+        def stop() -> None:
+            stopped = stack_py("stop")
+            left = stop_processes(_head_pids(gcs_port, temp_dir))
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            assert stopped.returncode == 0, f"stack.py stop:\n{stopped.stdout}\n{stopped.stderr}"
+            assert not left, f"processes of the test's make-serve head survived: {left}"
+
+        # ~30 s of waiting for processes to exit: beside the next tests (tests/support/teardowns)
+        teardowns.start("test_readme's make-serve head (stack.py stop)", stop)
 
 
 # ---------------------------------------------------------------------------------------------

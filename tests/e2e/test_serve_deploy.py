@@ -25,6 +25,7 @@ import yaml
 from app.serve_env import free_port, serve_env
 from scripts.stack import process_tree, stop_processes
 from tests.conftest import REAL_MODEL, ROOT
+from tests.support.teardowns import Teardowns
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,6 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 900.0  # engine load on 2 busy cores: 1.5 to 10 min
 JOB_TIMEOUT_S = 600.0
 NUM_PROMPTS = 6
-SAME_CONFIG_WATCH_S = 20.0
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Head:
     dashboard_url: str
     temp_dir: Path
     env: dict[str, str]
+    serve_stopped: bool = False  # the test ran `serve shutdown` and saw no app left
 
     def run(
         self, *command: str, timeout_s: float = 300, check: bool = True
@@ -76,7 +77,7 @@ def head_pids(gcs_port: int, temp_dir: Path) -> list[int]:
 
 
 @pytest.fixture
-def head() -> Iterator[Head]:
+def head(teardowns: Teardowns) -> Iterator[Head]:
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="psd-", dir="/tmp"))  # short: Ray's socket paths
     env = {
@@ -113,14 +114,18 @@ def head() -> Iterator[Head]:
         started.env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
         yield started
     finally:
-        with_serve = head_pids(gcs_port, temp_dir)
-        if with_serve:
-            started.run(
-                str(BIN / "serve"), "shutdown", "-y", "-a", started.dashboard_url, check=False
-            )
-        left = stop_processes(head_pids(gcs_port, temp_dir))
-        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
-        assert not left, f"processes of the test's Ray head survived: {left}"
+
+        def stop() -> None:
+            if not started.serve_stopped and head_pids(gcs_port, temp_dir):
+                started.run(
+                    str(BIN / "serve"), "shutdown", "-y", "-a", started.dashboard_url, check=False
+                )
+            left = stop_processes(head_pids(gcs_port, temp_dir))
+            subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+            assert not left, f"processes of the test's Ray head survived: {left}"
+
+        # waiting for the head's processes to exit: beside the next tests (tests/support/teardowns)
+        teardowns.start("test_serve_deploy's Ray head", stop)
 
 
 def deployable_config(directory: Path, http_port: int) -> Path:
@@ -186,8 +191,13 @@ def test_serve_deploy_chat_job_and_shutdown(head: Head, tmp_path: Path) -> None:
     replicas = replica_actors(head)
     assert len(replicas) == len(deployments), replicas
     head.serve("deploy", str(deployable_config(tmp_path, http_port)))
-    time.sleep(SAME_CONFIG_WATCH_S)  # a restart would have started new replicas by now
-    assert wait_healthy(head, base_url)["status"] == "RUNNING"
+    # `serve deploy` returns once the controller holds the new config (the app DEPLOYING), and
+    # Serve reports RUNNING again only after its control loop reconciled every deployment with
+    # it: a changed deployment would be UPDATING, its app DEPLOYING until its new replicas run
+    # (and a changed code version rebuilds the app first, DEPLOYING throughout)
+    redeployed = wait_healthy(head, base_url)
+    assert redeployed["status"] == "RUNNING"
+    assert deployed_at(redeployed) > deployed_at(app), redeployed  # the second deploy applied
     assert replica_actors(head) == replicas
 
     output = tmp_path / "batch.jsonl"
@@ -220,6 +230,14 @@ def test_serve_deploy_chat_job_and_shutdown(head: Head, tmp_path: Path) -> None:
     after = yaml.safe_load(head.serve("status").stdout) or {}
     assert not after.get("applications"), after
     assert proxy_gone(base_url), "the HTTP proxy still answers after serve shutdown"
+    head.serve_stopped = True  # the teardown need not run `serve shutdown` again
+
+
+def deployed_at(app: dict[str, object]) -> float:
+    """When the controller applied the app's current config (`serve status`)."""
+    value = app["last_deployed_time_s"]
+    assert isinstance(value, (int, float)), app
+    return float(value)
 
 
 def replica_actors(head: Head) -> set[str]:
