@@ -1,5 +1,5 @@
 """Fixtures of the e2e tier: bare vLLM on the stack's model, for the parity modules (one server
-for the session, started only if a parity test runs)."""
+for the session, started only if a parity test runs, with the session stack)."""
 
 from __future__ import annotations
 
@@ -60,18 +60,36 @@ def with_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vllm_starts_with_the_stack(request: pytest.FixtureRequest) -> None:
+    """When the session runs a parity test, bare vLLM starts with the first e2e test, before
+    the session stack (autouse fixtures come first), so the two load at once; otherwise the
+    first parity module would wait for bare vLLM to load long after the stack is up. It idles
+    in between (an idle vLLM engine does not poll)."""
+    if any("vllm_url" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("vllm_process")
+
+
 @pytest.fixture(scope="session")
-def vllm_url(vllm_process: tuple[subprocess.Popen[bytes], str, Path], stack: Stack) -> str:
+def vllm_url(
+    vllm_process: tuple[subprocess.Popen[bytes], str, Path], stack: Stack
+) -> Iterator[str]:
+    """Bare vLLM's URL once healthy. At the session's end it is told to stop first (set up
+    after the stack, torn down before it), so it exits while the stack shuts down; then
+    `vllm_process` waits for it and kills what is left."""
     process, url, log_path = vllm_process
     deadline = time.monotonic() + VLLM_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while True:
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-3000:]
             pytest.fail(f"bare vLLM exited with {process.returncode}:\n{tail}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return url
+                break
         except httpx.HTTPError:
             pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"bare vLLM not healthy after {VLLM_READY_TIMEOUT_S} s")
         time.sleep(1)
-    pytest.fail(f"bare vLLM not healthy after {VLLM_READY_TIMEOUT_S} s")
+    yield url
+    with_group(process, signal.SIGTERM)
