@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
 from tests.conftest import FAKE_MODEL, Stack, fake_app_args
+from tests.support.local_serve import delete_app_in_background
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ def base_url(stack: Stack) -> Iterator[str]:
         yield base
     finally:
         with contextlib.suppress(Exception):
-            serve.delete(APP)
+            delete_app_in_background(APP)
 
 
 def _wait_two_ingress_replicas_serving(base: str, timeout_s: float = 300) -> None:

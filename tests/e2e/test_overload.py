@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import FAKE_MODEL, Stack, _wait_ready
+from tests.support.local_serve import delete_app_in_background
 
 pytestmark = pytest.mark.e2e
 APP = "overload"
@@ -47,7 +48,7 @@ def overload_app(stack: Stack) -> Iterator[str]:
         _wait_ready(base)
         yield base
     finally:
-        serve.delete(APP)
+        delete_app_in_background(APP)
 
 
 def body(stream: bool) -> dict[str, Any]:

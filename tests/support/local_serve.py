@@ -44,3 +44,13 @@ def stop_local_serve() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+def delete_app_in_background(name: str) -> None:
+    """Delete one of the session's Serve apps without waiting for its replicas to stop: each
+    waits out Serve's drain loop (2 s) and its own shutdown (a Generator: the PoolAutoscaler's
+    `forget`, 2 s once that is gone too; a real engine's core: ~5 s more), which the tests
+    after it need not wait for. `serve.shutdown` at the session's end waits for what is left."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
