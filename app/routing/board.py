@@ -352,8 +352,9 @@ class RoutingBoard:
         """A prefix no engine holds (or too little of it): of two workers picked by its last
         key (the same two, in the same order, on every replica), the first unless the
         second's cache has room for more than the request's blocks beyond the first's. Room:
-        KV blocks less the blocks the engine reports cached. Two choices keep it O(1) at any fleet size; the margin
-        keeps replicas whose reports differ by a request or two agreeing."""
+        KV blocks less the blocks the engine reports cached. Two choices keep it O(1) at any
+        fleet size; the margin keeps replicas whose reports differ by a request or two
+        agreeing."""
         ordered, loads = group.ordered, group.loads
         count = len(ordered)
         if count == 1:
