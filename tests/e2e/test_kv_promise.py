@@ -10,7 +10,6 @@ step, so the check allows one request's worth)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,6 @@ import httpx
 import pytest
 
 from tests.conftest import REAL_MODEL, Stack, _wait_ready, real_app_args
-from tests.support.local_serve import delete_app_in_background
 
 pytestmark = pytest.mark.e2e
 
@@ -27,53 +25,28 @@ PROMPT_TOKENS = 600  # 4 full shareable blocks of 128
 MAX_TOKENS = 160  # the last block fills during decoding: new blocks while running
 SHARED = 10
 KV_GIB = 0.25
-APPS = {True: "kv-prefix-cache", False: "kv-no-prefix-cache"}  # prefix caching on, off
 
 
-def app_args(prefix_caching: bool) -> dict[str, Any]:
-    args = real_app_args()
-    model = args["models"][0]
-    model["engine"].update({"enable_prefix_caching": prefix_caching, "cpu_kv_cache_gib": KV_GIB})
-    model.pop("lora_adapters")
-    args["kv"] = {"max_waiting_requests": 64, "max_wait_seconds": 120}
-    return args
-
-
-@pytest.fixture(scope="module")
-def deployed(stack: Stack) -> Iterator[None]:
-    """Both small-cache engines deployed at once: the second loads while the first is waited
-    for and tested, instead of after it is deleted. Each case deletes its own app when done,
-    without waiting (the first one's engine stops while the second case runs); the module
-    waits until both are gone."""
+@pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching", "no-prefix-caching"])
+def engine(request: pytest.FixtureRequest, stack: Stack) -> Iterator[tuple[str, str]]:
+    """(base URL, app name) of a real engine with a small cache."""
     from ray import serve
 
     from app.builder import build_app
 
-    for prefix_caching, app in APPS.items():
-        serve.run(
-            build_app(app_args(prefix_caching)), name=app, route_prefix=f"/{app}", blocking=False
-        )
-    try:
-        yield
-    finally:
-        for app in APPS.values():  # stopped, or left by a case whose setup failed
-            with contextlib.suppress(Exception):
-                serve.delete(app)
-
-
-@pytest.fixture(scope="module", params=[True, False], ids=["prefix-caching", "no-prefix-caching"])
-def engine(
-    request: pytest.FixtureRequest, stack: Stack, deployed: None
-) -> Iterator[tuple[str, str]]:
-    """(base URL, app name) of a real engine with a small cache."""
-
-    app = APPS[request.param]
+    app = "kv-prefix-cache" if request.param else "kv-no-prefix-cache"
+    args = real_app_args()
+    model = args["models"][0]
+    model["engine"].update({"enable_prefix_caching": request.param, "cpu_kv_cache_gib": KV_GIB})
+    model.pop("lora_adapters")
+    args["kv"] = {"max_waiting_requests": 64, "max_wait_seconds": 120}
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}", blocking=False)
     base = f"{stack.base_url}/{app}"
     try:
         _wait_ready(base)
         yield base, app
     finally:
-        delete_app_in_background(app)
+        serve.delete(app)
 
 
 async def complete(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
