@@ -184,3 +184,14 @@ def test_sessions_behind_a_shared_system_prompt_spread_and_keep_their_worker(
     assert back == 20
     # following any cached prefix: the first worker gets every session
     assert placements(0.0)[0].most_common(1)[0][1] == 20
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, "half"])
+def test_a_prefix_threshold_outside_0_to_1_is_refused(threshold: object) -> None:
+    with pytest.raises(ValueError, match="prefix_threshold"):
+        AppConfig.model_validate(
+            {
+                "models": [{"id": "m", "source": "embedded:smollm2"}],
+                "routing": {"prefix_threshold": threshold},
+            }
+        )
