@@ -35,7 +35,7 @@ from ray.exceptions import RayError
 
 from app.config import AppConfig, MachineProfile
 from app.deployments.pool_store import GcsStore
-from app.deployments.ray_private import set_replica_target
+from app.deployments.ray_private import set_replica_target, stop_unplaced_replicas
 from app.deployments.worker_registry import WorkerRegistry
 from app.pools.book import PoolBook
 from app.pools.capacity import workers_that_fit
@@ -50,6 +50,9 @@ HISTORY_LENGTH = 200
 REACHED_CHECK_SECONDS = 0.1
 """Scale events waiting to be reached are checked at most this often (a check counts the live
 workers: once per heartbeat, it was the registry's largest cost per heartbeat)."""
+UNPLACED_WATCH_SECONDS = 30.0
+"""After a profile's target is lowered, its stopping replicas that never got a node are
+looked for (and killed: `stop_unplaced_replicas`) for this long."""
 RoutingSnapshot = tuple[list[WorkerStatus], dict[str, PoolRecord]]
 
 
@@ -87,6 +90,7 @@ class PoolAutoscaler:
         self._readiness: dict[str, str] = {}
         self._scaler_error: str | None = None
         self._applied_once = False
+        self._lowered: dict[str, float] = {}  # deployment -> when its target was last lowered
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._epoch = uuid.uuid4().hex[:8]
@@ -225,6 +229,13 @@ class PoolAutoscaler:
             "scale_events": [dataclasses.asdict(event) for event in self._events],
         }
 
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown (the app deleted or redeployed): the deleted deployments'
+        replicas that never got a node are stopped too, not left to the drain timeout."""
+        self._loop.cancel()
+        for profile in self._profiles():
+            await self._stop_unplaced(profile.deployment_name)
+
     # --- control loop --------------------------------------------------------------------------------
 
     async def _control_forever(self) -> None:
@@ -279,6 +290,22 @@ class PoolAutoscaler:
         if self._book.apply(dataclasses.replace(decision, targets=applied)):
             self._store.save(self._book)
             self._changed()
+        for deployment, lowered_at in list(self._lowered.items()):
+            if now - lowered_at > UNPLACED_WATCH_SECONDS:
+                del self._lowered[deployment]
+            else:
+                await self._stop_unplaced(deployment)
+
+    async def _stop_unplaced(self, deployment: str) -> None:
+        try:
+            killed = await stop_unplaced_replicas(self._app_name, deployment)
+        except RayError as error:
+            logger.warning("cannot stop %s's unplaced replicas: %s", deployment, error)
+            return
+        if killed:
+            logger.info(
+                "pool autoscaler: %s: stopped %d replica(s) without a node", deployment, killed
+            )
 
     async def _apply_targets(
         self, decision: Decision, replicas: dict[str, int], now: float
@@ -304,6 +331,8 @@ class PoolAutoscaler:
             self._scaler_error = None
             if target != replicas[profile.name]:
                 self._events.append(event)
+            if target < replicas[profile.name]:
+                self._lowered[profile.deployment_name] = now
         self._applied_once = True
         return applied
 

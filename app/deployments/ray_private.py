@@ -8,7 +8,8 @@ ray[serve]==2.60.0 (the pin of pyproject.toml), which has no public API for thes
   deployment's replica target (the external scaler of `external_scaler_enabled: true`) and read
   which replicas Serve still runs;
 - a deployment that starts with 0 replicas (`Deployment._deployment_config`), which
-  `Deployment.options(num_replicas=0)` refuses.
+  `Deployment.options(num_replicas=0)` refuses;
+- Serve's actor namespace (`SERVE_NAMESPACE`): stop a replica that never got a node.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import ray
+from ray.exceptions import RayTaskError
 from ray.experimental import internal_kv
 from ray.serve._private.common import DeploymentID, ReplicaState
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.context import _get_global_client
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
@@ -32,6 +36,7 @@ __all__ = [
     "running_replica_ids",
     "set_replica_target",
     "start_with_zero_replicas",
+    "stop_unplaced_replicas",
 ]
 
 GONE_STATES = frozenset({ReplicaState.STOPPING, ReplicaState.STOPPED})
@@ -85,6 +90,32 @@ async def set_replica_target(app_name: str, deployment: str, target: int) -> Non
     await client._controller.update_deployment_replicas.remote(
         DeploymentID(name=deployment, app_name=app_name), target
     )
+
+
+async def stop_unplaced_replicas(app_name: str, deployment: str) -> int:
+    """Kill the actors of the deployment's stopping replicas that never got a node (their
+    actor still waits for resources, e.g. a lost node's GPUs); returns how many. Serve stops
+    such a replica as it stops a running one: it asks it to drain and waits the deployment's
+    `graceful_shutdown_timeout_s` (the drain timeout, 600 s by default) for an answer that
+    cannot come, and the scale-down, the app's deletion or a redeploy wait with it. It has
+    nothing to drain; once its actor is gone Serve counts it stopped."""
+    client = _get_global_client()
+    if client is None:
+        return 0
+    try:
+        details = await client._controller.get_deployment_details.remote(app_name, deployment)
+    except RayTaskError as error:
+        if isinstance(error.cause, KeyError):
+            return 0  # the deployment is deleted already
+        raise
+    killed = 0
+    for replica in details.replicas:
+        if replica.state == ReplicaState.STOPPING and not replica.node_id:
+            with contextlib.suppress(ValueError):  # gone already
+                actor = ray.get_actor(replica.actor_name, namespace=SERVE_NAMESPACE)
+                ray.kill(actor, no_restart=True)
+                killed += 1
+    return killed
 
 
 def start_with_zero_replicas(deployment: Deployment) -> None:

@@ -16,6 +16,7 @@ import pytest
 from app.builder import build_app
 from tests.conftest import FAKE_MODEL, Stack, _wait_ready, fake_app_args
 from tests.support.closed_loop import ClosedLoop, LoopResult
+from tests.support.local_serve import delete_app_in_background
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +48,6 @@ async def redeploy_under_load(base_url: str, new_args: dict[str, Any]) -> tuple[
 
 
 def test_a_redeploy_under_load_loses_no_request_and_cuts_no_stream(stack: Stack) -> None:
-    from ray import serve
 
     base_url = stack.base_url + PREFIX
     deploy(changes_args(heartbeat_s=0.5))
@@ -59,7 +59,7 @@ def test_a_redeploy_under_load_loses_no_request_and_cuts_no_stream(stack: Stack)
         )
         new_worker = stack.worker_status(APP).worker_id
     finally:
-        serve.delete(APP)
+        delete_app_in_background(APP)
     assert new_worker != old_worker  # the change replaced the worker
     assert result.spanning(changed_at) == 8, result.row()  # every client was mid-stream
     assert (result.failed, result.cut) == (0, 0), result.row()

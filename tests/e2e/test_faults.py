@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import FAKE_MODEL, Stack, fake_app_args
+from tests.support.local_serve import delete_app_in_background
 from tests.support.sse import data
 
 pytestmark = pytest.mark.e2e
@@ -138,7 +139,7 @@ def faults(stack: Stack) -> Iterator[FaultApp]:
         wait_for("the faults app", app.ready, timeout_s=300)
         yield app
     finally:
-        serve.delete(APP)
+        delete_app_in_background(APP)
 
 
 def victim_handles(faults: FaultApp) -> int:

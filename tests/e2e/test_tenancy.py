@@ -34,6 +34,7 @@ from app.tenancy.keys import key_id
 from app.tenancy.limits import estimate_tokens
 from tests.conftest import FAKE_MODEL, Stack, _wait_ready
 from tests.sie import SIERunner
+from tests.support.local_serve import delete_app_in_background
 
 pytestmark = pytest.mark.e2e
 
@@ -133,7 +134,7 @@ def tenancy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield Tenancy(base)
     finally:
         with contextlib.suppress(Exception):
-            serve.delete(APP)
+            delete_app_in_background(APP)
 
 
 def _wait_ready_keyed(base: str, timeout_s: float = 300) -> None:

@@ -456,3 +456,15 @@ def test_node_loss_lowers_capacity_and_the_pool_waits(cluster: PoolCluster) -> N
     assert refused.json()["detail"]["code"] == "PROVISIONING"
     assert refused.headers["Retry-After"] == "1"
     print(f"\n[timing] l4 node lost -> pool pending: {time.monotonic() - lost_at:.1f} s")
+    # the replica Serve restarted for the lost worker waits for an l4 GPU; stopped, it has
+    # nothing to drain and must not wait out the drain timeout (600 s) in STOPPING
+    import ray
+    from ray.serve.context import _get_global_client
+
+    def l4_replicas() -> list[str]:
+        client = _get_global_client()
+        assert client is not None
+        details = ray.get(client._controller.get_deployment_details.remote(APP, "Generator-l4"))
+        return [str(replica.state) for replica in details.replicas]
+
+    wait_for("no l4 replica waiting for a node", lambda: l4_replicas() == [], 20)

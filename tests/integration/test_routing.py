@@ -28,6 +28,7 @@ from app.handles import Client, connect
 from app.protocol.generation import GenerationChunk, GenerationRequest, SamplingOptions
 from app.routing.affinity import affinity_keys, estimated_blocks, rendezvous_home
 from tests.conftest import REAL_MODEL, Stack
+from tests.support.local_serve import delete_app_in_background
 from tests.support.sse import adata
 from tests.support.worker_calls import worker_items
 
@@ -73,7 +74,7 @@ def two_workers(stack: Stack) -> Iterator[str]:
             time.sleep(1)
         yield base
     finally:
-        serve.delete(APP)
+        delete_app_in_background(APP)
 
 
 @pytest.fixture(scope="module")

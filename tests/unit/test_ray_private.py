@@ -68,12 +68,22 @@ def test_serve_controller_client_and_the_calls_we_make() -> None:
         "DeploymentDetails",
     )
     assert "replicas" in DeploymentDetails.model_fields
-    assert {"replica_id", "state"} <= set(ReplicaDetails.model_fields)
+    assert {"replica_id", "state", "node_id", "actor_name"} <= set(ReplicaDetails.model_fields)
     assert parameters(ServeController.update_deployment_replicas) == [
         "self",
         "deployment_id",
         "target_num_replicas",
     ]
+
+
+def test_serve_names_its_replica_actors_in_its_namespace() -> None:
+    """`stop_unplaced_replicas` finds a replica's actor by its `actor_name` in Serve's
+    namespace, as Serve's controller does."""
+    from ray.serve._private import deployment_state
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    assert SERVE_NAMESPACE == "serve"
+    assert "namespace=SERVE_NAMESPACE" in inspect.getsource(deployment_state.ActorReplicaWrapper)
 
 
 def test_a_deployment_can_start_with_zero_replicas() -> None:
@@ -120,6 +130,7 @@ def test_the_scan_sees_the_private_module() -> None:
         "ray.experimental.internal_kv",
         "ray.serve._private.common.DeploymentID",
         "ray.serve._private.common.ReplicaState",
+        "ray.serve._private.constants.SERVE_NAMESPACE",
         "ray.serve.context._get_global_client",
     }
 
