@@ -47,6 +47,7 @@ Measured in docs/benchmarks.md ("Root causes", 4 and 7)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -82,6 +83,15 @@ HAPROXY_PORTS = (
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
 )
+
+
+def freeze_startup_heap() -> None:
+    """Once a replica has started: collect, then move every object alive now (imported modules,
+    the loaded engine, the app) out of the garbage collector's view, as vLLM's own server does
+    (`vllm.utils.gc_utils.freeze_gc_heap`). A full collection then walks only what requests
+    allocated since, not the whole startup heap; each one stalls every stream of the process."""
+    gc.collect()
+    gc.freeze()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

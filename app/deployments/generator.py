@@ -24,6 +24,7 @@ from app.protocol.generation import EngineCounts, GenerationRequest
 from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 from app.routing.targets import request_pool
+from app.serve_env import freeze_startup_heap
 from app.tenancy.reports import UsageReports
 from app.tenancy.requests import ahead_of_bill, engine_usage, terminal_stats
 
@@ -78,6 +79,7 @@ class Generator:
         # the old replica only when the new one can serve. The heartbeat reports "loading"
         # meanwhile (/health, the dashboard).
         await self._loading
+        freeze_startup_heap()
 
     async def generate(
         self, requests: list[GenerationRequest], worker: str | None = None

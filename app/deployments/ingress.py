@@ -29,6 +29,7 @@ from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats, worker_load
 from app.routing.board import RoutingBoard, TargetIndex
 from app.routing.targets import Target, carry_over, request_pool
+from app.serve_env import freeze_startup_heap
 from app.server import create_app
 from app.tenancy.ledger_limits import LedgerLimits
 from app.tenancy.limits import Ticket
@@ -443,4 +444,6 @@ class Ingress:
         return self._connection
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return instrument(create_app(self._config, self._backend))  # request metrics
+        app = instrument(create_app(self._config, self._backend))  # request metrics
+        freeze_startup_heap()
+        return app
