@@ -36,11 +36,11 @@ async def measure(rounds: int) -> list[tuple[str, int, list[float]]]:
     adapter = VLLMAdapter(MODEL)
     await adapter.start()
     try:
-        rows = [("loaded, not frozen", len(gc.get_objects()), [])]
-        rows[0][2].extend(full_collection_ms() for _ in range(rounds))
+        walked = len(gc.get_objects())
+        rows = [("loaded, not frozen", walked, [full_collection_ms() for _ in range(rounds)])]
         freeze_startup_heap()
-        rows.append(("frozen", len(gc.get_objects()), []))
-        rows[1][2].extend(full_collection_ms() for _ in range(rounds))
+        walked = len(gc.get_objects())
+        rows.append(("frozen", walked, [full_collection_ms() for _ in range(rounds)]))
         return rows
     finally:
         await adapter.shutdown()
