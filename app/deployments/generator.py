@@ -30,6 +30,7 @@ from app.tenancy.requests import ahead_of_bill, engine_usage, terminal_stats
 
 logger = logging.getLogger("ray.serve")
 FORGET_TIMEOUT_S = 2.0
+FORGET_HEADSTART_S = 0.2
 SETTLE_TIMEOUT_S = 2.0
 
 
@@ -240,11 +241,12 @@ class Generator:
         self._heartbeat.cancel()
         # bounded: when the whole app is deleted the PoolAutoscaler goes too, and a handle call
         # to a deployment without replicas waits for one (until the graceful-shutdown timeout);
-        # sent first, and waited for while the engine stops
+        # a live PoolAutoscaler answers within FORGET_HEADSTART_S, before the engine stops
+        # (which holds the loop), a gone one is waited for while it stops
         forgetting = asyncio.ensure_future(
             asyncio.wait_for(self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S)
         )
-        await asyncio.sleep(0)
+        await asyncio.wait({forgetting}, timeout=FORGET_HEADSTART_S)
         await self._worker.shutdown()
         with contextlib.suppress(Exception):
             await forgetting
