@@ -48,7 +48,6 @@ async def redeploy_under_load(base_url: str, new_args: dict[str, Any]) -> tuple[
 
 
 def test_a_redeploy_under_load_loses_no_request_and_cuts_no_stream(stack: Stack) -> None:
-
     base_url = stack.base_url + PREFIX
     deploy(changes_args(heartbeat_s=0.5))
     try:
