@@ -617,7 +617,11 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
 
     TenantLedger = ledger_module().TenantLedger
 
+    from app.builder import LEDGER_MAX_ONGOING_REQUESTS
+    from app.serve_env import SERVE_ENV
+
     seconds = 10.0 if quick else 30.0
+    os.environ.update({k: os.environ.get(k, v) for k, v in SERVE_ENV.items()})  # as the app runs
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
     rows: list[Row] = []
     try:
@@ -628,19 +632,24 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
             async def routing_snapshot(self) -> tuple[list[Any], dict[str, Any]]:
                 return [], {}
 
-        @serve.deployment(name="TenantLedger", ray_actor_options={"num_cpus": 0})
+        @serve.deployment(  # the builder's options
+            name="TenantLedger",
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
+            logging_config={"enable_access_log": False},
+        )
         class Ledger(TenantLedger):
-            def cpu(self) -> float:
+            async def cpu(self) -> float:
                 return time.process_time()
 
-            def pid(self) -> int:
+            async def pid(self) -> int:  # async, as the ledger's methods (no thread per call)
                 return os.getpid()
 
         handle = serve.run(
             Ledger.bind(AppConfig(), Autoscaler.bind()),
             name="bench-ledger",
             route_prefix=None,
-        )
+        ).options(_by_reference=False)  # Serve's gRPC data plane, as the app's handles (SERVE_ENV)
 
         async def run(group: int, callers: int) -> tuple[float, float, list[float]]:
             serial = iter(range(10**12))
@@ -702,28 +711,31 @@ def bench_ledger_ray(quick: bool, profile: Path | None = None) -> list[Row]:
                 )
             )
 
-        async def empty_calls(callers: int, count: int) -> tuple[float, float]:
+        async def empty_calls(callers: int, count: int, by_reference: bool) -> tuple[float, float]:
+            empty = handle.options(_by_reference=by_reference).pid
             cpu0 = await handle.cpu.remote()
             wall = time.perf_counter()
 
             async def caller() -> None:
                 for _ in range(count // callers):
-                    await handle.pid.remote()
+                    await empty.remote()
 
             await asyncio.gather(*(caller() for _ in range(callers)))
             wall = time.perf_counter() - wall
             return (await handle.cpu.remote() - cpu0) / count, count / wall
 
-        cpu_per_call, calls_per_s = asyncio.run(empty_calls(4, 2000))
-        rows.append(
-            (
-                "ledger through Ray: a call that does nothing (Serve's own cost per call)",
-                "4 callers",
-                f"{us(cpu_per_call)} ledger CPU each",
-                "",
-                f"{calls_per_s:,.0f} calls/s",
+        for by_reference, transport in ((False, "gRPC"), (True, "Ray actor call")):
+            cpu_per_call, calls_per_s = asyncio.run(empty_calls(4, 2000, by_reference))
+            rows.append(
+                (
+                    f"ledger through Ray: a call that does nothing, {transport} "
+                    "(Serve's own cost per call)",
+                    "4 callers",
+                    f"{us(cpu_per_call)} ledger CPU each",
+                    "",
+                    f"{calls_per_s:,.0f} calls/s",
+                )
             )
-        )
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
