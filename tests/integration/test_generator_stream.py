@@ -166,7 +166,7 @@ def command_lines() -> list[list[str]]:
 
 def test_http_reaches_the_ingress_through_the_entry_serve_env_chose(stack: Stack) -> None:
     """Direct ingress by default (app/serve_env.py): the session's HTTP port is HAProxy's, which
-    runs without kernel splicing (`-dS`, scripts/haproxy-nosplice), the Python proxy is only its
+    runs without kernel splicing (`-dS`, scripts/haproxy-wrapper), the Python proxy is only its
     fallback, and the Ingress replica serves HTTP itself on a 127.0.0.1 port. With it turned off
     (RAY_SERVE_ENABLE_HA_PROXY=0), Serve's Python proxy. Either way the port is on 127.0.0.1 only
     and an ordinary request answers through it."""
