@@ -247,9 +247,11 @@ class Generator:
             asyncio.wait_for(self._autoscaler.forget.remote(self._worker_id), FORGET_TIMEOUT_S)
         )
         await asyncio.wait({forgetting}, timeout=FORGET_HEADSTART_S)
-        await self._worker.shutdown()
-        with contextlib.suppress(Exception):
-            await forgetting
+        try:
+            await self._worker.shutdown()
+        finally:
+            with contextlib.suppress(Exception):
+                await forgetting
 
 
 async def settled(counts: EngineCounts) -> None:

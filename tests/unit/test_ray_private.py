@@ -143,3 +143,58 @@ def test_a_handle_can_route_on_its_callers_loop() -> None:
     assert "_run_router_in_separate_loop" in {f.name for f in dataclasses.fields(InitHandleOptions)}
     assert "_router" in inspect.getsource(DeploymentHandle.__init__)
     assert parameters(DeploymentHandle._init) == ["self", "kwargs"]
+
+
+def test_stop_unplaced_replicas_kills_only_stopping_replicas_without_a_node(
+    monkeypatch: Any,
+) -> None:
+    """Against a fake controller: a STOPPING replica with no node is killed (without restart);
+    a STOPPING one on a node drains as Serve asks it to, a running one is left alone, one whose
+    actor is gone already is not counted; a deleted deployment (KeyError in the controller)
+    has nothing to stop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayTaskError
+    from ray.serve._private.common import ReplicaState
+
+    replicas = [
+        SimpleNamespace(state=ReplicaState.STOPPING, node_id=None, actor_name="lost"),
+        SimpleNamespace(state=ReplicaState.STOPPING, node_id="", actor_name="lost-too"),
+        SimpleNamespace(state=ReplicaState.STOPPING, node_id="n1", actor_name="draining"),
+        SimpleNamespace(state=ReplicaState.RUNNING, node_id=None, actor_name="running"),
+        SimpleNamespace(state=ReplicaState.STOPPING, node_id=None, actor_name="gone"),
+    ]
+    deleted = False
+
+    async def details(app_name: str, deployment: str) -> Any:
+        assert (app_name, deployment) == ("poolserve", "Generator-l4")
+        if deleted:
+            raise RayTaskError("get_deployment_details", "", KeyError(deployment))
+        return SimpleNamespace(replicas=replicas)
+
+    controller = SimpleNamespace(get_deployment_details=SimpleNamespace(remote=details))
+    monkeypatch.setattr(
+        ray_private, "_get_global_client", lambda: SimpleNamespace(_controller=controller)
+    )
+    looked_up: list[tuple[str, str]] = []
+    killed: list[tuple[str, bool]] = []
+
+    def get_actor(name: str, namespace: str) -> str:
+        looked_up.append((name, namespace))
+        if name == "gone":
+            raise ValueError(name)
+        return name
+
+    monkeypatch.setattr(ray_private.ray, "get_actor", get_actor)
+    monkeypatch.setattr(
+        ray_private.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart))
+    )
+    stopped = asyncio.run(ray_private.stop_unplaced_replicas("poolserve", "Generator-l4"))
+    assert stopped == 2
+    assert killed == [("lost", True), ("lost-too", True)]
+    assert {namespace for _, namespace in looked_up} == {ray_private.SERVE_NAMESPACE}
+    deleted = True
+    assert asyncio.run(ray_private.stop_unplaced_replicas("poolserve", "Generator-l4")) == 0
+    monkeypatch.setattr(ray_private, "_get_global_client", lambda: None)  # no Serve here
+    assert asyncio.run(ray_private.stop_unplaced_replicas("poolserve", "Generator-l4")) == 0
