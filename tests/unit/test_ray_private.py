@@ -155,8 +155,10 @@ def test_stop_unplaced_replicas_kills_only_stopping_replicas_without_a_node(
     import asyncio
     from types import SimpleNamespace
 
+    import ray
     from ray.exceptions import RayTaskError
     from ray.serve._private.common import ReplicaState
+    from ray.serve._private.constants import SERVE_NAMESPACE
 
     replicas = [
         SimpleNamespace(state=ReplicaState.STOPPING, node_id=None, actor_name="lost"),
@@ -170,7 +172,9 @@ def test_stop_unplaced_replicas_kills_only_stopping_replicas_without_a_node(
     async def details(app_name: str, deployment: str) -> Any:
         assert (app_name, deployment) == ("poolserve", "Generator-l4")
         if deleted:
-            raise RayTaskError("get_deployment_details", "", KeyError(deployment))
+            raise RayTaskError(  # type: ignore[no-untyped-call]
+                "get_deployment_details", "", KeyError(deployment)
+            )
         return SimpleNamespace(replicas=replicas)
 
     controller = SimpleNamespace(get_deployment_details=SimpleNamespace(remote=details))
@@ -186,14 +190,12 @@ def test_stop_unplaced_replicas_kills_only_stopping_replicas_without_a_node(
             raise ValueError(name)
         return name
 
-    monkeypatch.setattr(ray_private.ray, "get_actor", get_actor)
-    monkeypatch.setattr(
-        ray_private.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart))
-    )
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart)))
     stopped = asyncio.run(ray_private.stop_unplaced_replicas("poolserve", "Generator-l4"))
     assert stopped == 2
     assert killed == [("lost", True), ("lost-too", True)]
-    assert {namespace for _, namespace in looked_up} == {ray_private.SERVE_NAMESPACE}
+    assert {namespace for _, namespace in looked_up} == {SERVE_NAMESPACE}
     deleted = True
     assert asyncio.run(ray_private.stop_unplaced_replicas("poolserve", "Generator-l4")) == 0
     monkeypatch.setattr(ray_private, "_get_global_client", lambda: None)  # no Serve here
