@@ -152,6 +152,7 @@ def summary(tally: Tally, unloaded: tuple[float, float] | None, seconds: float) 
         "ttft_p99_ms": p99 * 1000,
         "p50_x": p50 / unloaded[0] if unloaded else None,
         "p99_x": p99 / unloaded[1] if unloaded else None,
+        "window_started_at": tally.window[0] + time.time() - time.monotonic(),  # unix time
         "ttfts_ms": [  # (sent, seconds into the window; TTFT ms), for a look at the tail
             (round(at, 2), round(ttft * 1000, 1))
             for at, ttft in zip(tally.sent_at, tally.ttfts, strict=True)
@@ -183,16 +184,15 @@ async def scenarios(
             while time.monotonic() < until:
                 await one(session, url, pool, LIGHT_TOKENS, tally, priority)
 
-        for _ in range(3):  # the engine warmed up
-            await one(session, url, "light", LIGHT_TOKENS, Tally())
-        until, window = phase()
-        alone = Tally(window)
-        await light_probe(until, alone)
-        alone_p50, alone_p99 = percentile(alone.ttfts, 50), percentile(alone.ttfts, 99)
-        assert alone_p50 is not None and alone_p99 is not None, alone.refused
-        unloaded = (alone_p50, alone_p99)
-        results["light alone"] = summary(alone, unloaded, seconds)
-        log(f"light alone: TTFT p50 {alone_p50 * 1000:.0f} ms, p99 {alone_p99 * 1000:.0f} ms")
+        alone = await light_alone(session, url, seconds, warmup)
+        assert alone["n"], alone["refused"]
+        unloaded = (alone["ttft_p50_ms"] / 1000, alone["ttft_p99_ms"] / 1000)
+        alone["p50_x"] = alone["p99_x"] = 1.0
+        results["light alone"] = alone
+        log(
+            f"light alone: TTFT p50 {alone['ttft_p50_ms']:.0f} ms, "
+            f"p99 {alone['ttft_p99_ms']:.0f} ms, max {alone['max_ms']:.0f} ms"
+        )
 
         def heavy_job(tally: Tally, priority: int | None = None) -> Callable[[], Any]:
             return lambda: one(session, url, "heavy", HEAVY_TOKENS, tally, priority)
@@ -326,6 +326,29 @@ def table(runs: dict[str, dict[str, Any]], flood: int) -> str:
     return "\n".join(rows)
 
 
+async def light_alone(
+    session: aiohttp.ClientSession, url: str, seconds: float, warmup: float
+) -> dict[str, Any]:
+    for _ in range(3):  # the engine warmed up
+        await one(session, url, "light", LIGHT_TOKENS, Tally())
+    start = time.monotonic() + warmup
+    alone = Tally((start, start + seconds))
+    while time.monotonic() < start + seconds:
+        await one(session, url, "light", LIGHT_TOKENS, alone)
+    result = summary(alone, None, seconds)
+    result["max_ms"] = max(alone.ttfts, default=float("nan")) * 1000
+    return result
+
+
+async def vllm_light_alone(args: argparse.Namespace) -> dict[str, Any]:
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    timeout = aiohttp.ClientTimeout(total=600)
+    with running("vllm", log_dir) as host:  # it ignores X-SIE-Pool
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            return await light_alone(session, host.base_url, args.seconds, args.warmup)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="8", help="fair_share_batch_requests values (on)")
@@ -347,7 +370,20 @@ def main() -> None:
     parser.add_argument(
         "--skip-off", action="store_true", help="no policy-off run (not with 'capacity')"
     )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="light alone only, against bare vLLM's own server (the engine's own tail)",
+    )
     args = parser.parse_args()
+    if args.vllm:
+        result = asyncio.run(vllm_light_alone(args))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        load = os.getloadavg()
+        print(f"bare vLLM, light alone: TTFT p50 / p99 ms {ms(result)}, max {result['max_ms']:.0f}")
+        print(f"load average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        return
     args.phases = set(args.phases.split(",")) - {""}
     if args.phases - set(PHASES):
         parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
