@@ -71,7 +71,8 @@ DIRECT_INGRESS_ENV: dict[str, str] = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
 
-# Serve starts this in place of HAProxy; it runs the binary named by HAPROXY_BINARY with `-dS`.
+# Serve starts this in place of HAProxy; it runs the binary named by HAPROXY_BINARY with `-dS`
+# after replacing Serve's error page with ours.
 HAPROXY_WRAPPER = str(Path(__file__).resolve().parents[1] / "scripts" / "haproxy-wrapper")
 HAPROXY_BINARY = "POOLSERVE_HAPROXY_BINARY"
 
