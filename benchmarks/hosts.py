@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -75,6 +76,7 @@ class Host:
     process: subprocess.Popen[str]
     base_url: str
     startup_s: float
+    log_path: Path
 
     def pids(self) -> list[int]:
         return process_tree(lambda cmdline: self.tag in cmdline and "compare.py" not in cmdline)
@@ -145,7 +147,7 @@ def _start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # a private cluster
         start_new_session=True,
     )
-    host = Host(system, tag, process, f"http://127.0.0.1:{port}", 0.0)
+    host = Host(system, tag, process, f"http://127.0.0.1:{port}", 0.0, log_path)
     assert process.stdout is not None
     line = ""
     while time.monotonic() - started < timeout_s:
@@ -178,6 +180,9 @@ def stop_host(host: Host) -> None:
     pids = host.pids()
     left = stop_processes(pids, grace_s=20)
     reaper.join(timeout=5)
+    serve_logs = Path(f"/tmp/{host.tag}/session_latest/logs/serve")
+    if serve_logs.is_dir():  # Ray's temp dir goes; its Serve logs stay beside the host's log
+        shutil.copytree(serve_logs, host.log_path.with_suffix(".serve"), dirs_exist_ok=True)
     subprocess.run(["rm", "-rf", f"/tmp/{host.tag}"], check=False)
     if left:
         SURVIVORS.extend(left)
