@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +158,16 @@ def _start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
         stop_host(host)
         raise RuntimeError(f"{system} did not start (see {log_path}):\n{tail(log_path)}")
     host.startup_s = time.monotonic() - started
+    # its stdout is a pipe every process it starts inherits: keep reading it, or a writer
+    # blocks once the pipe's 64 KiB fill
+    threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
     log(f"{system} ready in {host.startup_s:.0f} s")
     return host
+
+
+def _drain(stream: Iterable[str]) -> None:
+    for _ in stream:
+        pass
 
 
 def tail(path: Path, lines: int = 15) -> str:
