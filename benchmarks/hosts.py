@@ -158,8 +158,8 @@ def _start_host(system: str, log_dir: Path, timeout_s: float = 900) -> Host:
         stop_host(host)
         raise RuntimeError(f"{system} did not start (see {log_path}):\n{tail(log_path)}")
     host.startup_s = time.monotonic() - started
-    # its stdout is a pipe every process it starts inherits: keep reading it, or a writer
-    # blocks once the pipe's 64 KiB fill
+    # keep reading its stdout pipe: a host that wrote more than the pipe holds (64 KiB) after
+    # READY would block (Ray's processes do not share it; the host prints nothing after READY)
     threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
     log(f"{system} ready in {host.startup_s:.0f} s")
     return host
