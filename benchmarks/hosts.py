@@ -190,7 +190,8 @@ def stop_host(host: Host) -> None:
     reaper.join(timeout=5)
     serve_logs = Path(f"/tmp/{host.tag}/session_latest/logs/serve")
     if serve_logs.is_dir():  # Ray's temp dir goes; its Serve logs stay beside the host's log
-        shutil.copytree(serve_logs, host.log_path.with_suffix(".serve"), dirs_exist_ok=True)
+        with contextlib.suppress(OSError):  # (a log left behind is no reason to fail a run)
+            shutil.copytree(serve_logs, host.log_path.with_suffix(".serve"), dirs_exist_ok=True)
     subprocess.run(["rm", "-rf", f"/tmp/{host.tag}"], check=False)
     if left:
         SURVIVORS.extend(left)
