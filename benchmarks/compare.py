@@ -121,6 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '{"coalesce_window_ms": 50}}\' (experiments)',
     )
     parser.add_argument(
+        "--normal-priority",
+        action="store_true",
+        help="the token workloads' client at normal priority (by default it runs at real-time "
+        "priority, as a client on a machine of its own: at normal priority it waits for a core "
+        "beside a busy engine and times its wait as the server's); the null engine's client "
+        "always runs at normal priority",
+    )
+    parser.add_argument(
         "--background-wakeups",
         type=float,
         default=0,

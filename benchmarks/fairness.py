@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from app.history import percentile  # noqa: E402
-from benchmarks.hosts import MODEL_ID, log, running  # noqa: E402
+from benchmarks.hosts import MODEL_ID, client_priority, log, run_queue_seconds, running  # noqa: E402
 
 PHASES = ("streams", "capacity", "share", "priority")
 LIGHT_TOKENS = 32
@@ -127,29 +127,6 @@ async def one(
         tally.waits.append(waited)
         tally.sent_at.append(started - tally.window[0])
         tally.done += 1
-
-
-def run_queue_seconds() -> float:
-    """How long this thread (the client's event loop) has waited for a core, in all: its
-    runnable time on a run queue (/proc/thread-self/schedstat; 0 where there is none)."""
-    try:
-        with open("/proc/thread-self/schedstat") as stat:
-            return int(stat.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def client_priority() -> str:
-    """The client at real-time priority (SCHED_FIFO), as a client on a machine of its own:
-    on 2 cores whose engine keeps both busy, a client at normal priority waits for a core
-    (up to ~0.8 s per 32-token request, measured) and times its own wait as the server's. The
-    processes it starts keep the normal class (SCHED_RESET_ON_FORK); the kernel's RT limit
-    (95 % of each second) still holds. Says what it got."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(10))
-    except OSError as error:
-        return f"normal priority ({error.strerror}: its own waits count in its TTFTs)"
-    return "SCHED_FIFO 10"
 
 
 async def closed_loop(until: float, streams: int, job: Callable[[], Awaitable[None]]) -> None:
@@ -419,7 +396,7 @@ def main() -> None:
         help="the client at normal priority (its own waits for a core then count in its TTFTs)",
     )
     args = parser.parse_args()
-    client = "normal priority" if args.normal_priority else client_priority()
+    client = client_priority(not args.normal_priority)
     log(f"client: {client}")
     if args.vllm:
         result = asyncio.run(vllm_light_alone(args))

@@ -37,6 +37,33 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def client_priority(realtime: bool = True) -> str:
+    """The calling thread (a benchmark's client loop) at real-time priority (SCHED_FIFO 10),
+    as a client on a machine of its own, or back at normal priority. On 2 cores whose engine
+    keeps both busy, a client at normal priority waits for a core (up to ~0.8 s per 32-token
+    request, measured in its /proc/thread-self/schedstat) and times its own wait as the
+    server's. Processes started from it keep the normal class (SCHED_RESET_ON_FORK); the
+    kernel's RT limit (95 % of each second) still holds. Says what it got."""
+    if not realtime:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        return "normal priority"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(10))
+    except OSError as error:
+        return f"normal priority ({error.strerror}: its own waits count in its latencies)"
+    return "SCHED_FIFO 10"
+
+
+def run_queue_seconds() -> float:
+    """How long the calling thread has waited for a core, in all: its runnable time on a run
+    queue (/proc/thread-self/schedstat; 0 where there is none)."""
+    try:
+        with open("/proc/thread-self/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Systems: start one host process per system run, stop its whole process tree.
 

@@ -20,7 +20,17 @@ from typing import Any
 
 from app.engine.default_model import default_model_dir
 from app.history import percentile
-from benchmarks.hosts import MODEL_ID, NULL_MODEL_ID, SYSTEMS, Host, beside, log, running
+from benchmarks.hosts import (
+    MODEL_ID,
+    NULL_MODEL_ID,
+    SYSTEMS,
+    Host,
+    beside,
+    client_priority,
+    log,
+    run_queue_seconds,
+    running,
+)
 from benchmarks.report import RunRecord
 
 
@@ -410,13 +420,16 @@ def run_pass(
 ) -> None:
     for workload in items:
         workload = replace(workload, seed=workload.seed + 1000 * index)
+        queued = run_queue_seconds()
         metrics = run_bench(host.base_url, MODEL_ID, workload, log_file)
+        metrics["client_wait_ms"] = (run_queue_seconds() - queued) * 1000
         current.results[workload.name] = metrics
         log(
             f"round {current.round} {system:6} {workload.name:22} "
             f"{metrics['output_tok_s']:7.1f} tok/s  TTFT p50 "
             f"{metrics['ttft_p50_ms']:7.1f} ms  p99 {metrics['ttft_p99_ms']:7.1f}"
-            f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  errors "
+            f"  TPOT p50 {metrics['tpot_p50_ms']:6.1f} ms  client waited for a core "
+            f"{metrics['client_wait_ms']:.0f} ms  errors "
             f"{metrics['errors']}/{workload.num_prompts} {metrics['first_error']}"
         )
 
@@ -443,6 +456,7 @@ def run_system(
     try:
         with beside(args.beside, args.log_dir), running(system, args.log_dir) as host:
             current.startup_s = host.startup_s
+            client_priority(not args.normal_priority)  # back to normal below
             if args.warmup_prompts:
                 warmup = Workload(
                     "warm-up",
@@ -478,6 +492,8 @@ def run_system(
     except Exception as error:  # noqa: BLE001 (one system failing must not lose the others' figures)
         current.error = f"failed: {str(error).splitlines()[0][:160]}"
         log(f"{system}: {current.error}")
+    finally:
+        client_priority(False)  # the null engine's client competes for the cores as any process
     if current.load_after == (0.0, 0.0, 0.0):
         current.load_after = os.getloadavg()
     log(f"{system}: {time.monotonic() - started:.0f} s from start to stop")

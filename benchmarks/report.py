@@ -203,6 +203,10 @@ def render(
             if args.serve_env == "all"
             else "; Ray Serve LLM runs Serve's defaults"
         ),
+        "- client: vLLM's `vllm bench serve` in this process; for the token workloads at "
+        + ("normal priority" if args.normal_priority else "real-time priority (SCHED_FIFO 10)")
+        + ", for the null engine at normal priority (the figure after each workload in the log: "
+        "how long it waited for a core)",
         f"- total wall time: {(time.monotonic() - started) / 60:.1f} min",
     ]
     if records:
