@@ -107,14 +107,6 @@ class MachineProfile(ClosedModel):
         "process may use, wrapping around). None: vLLM's default, every core, so two CPU "
         "workers on one node contend for the same cores.",
     )
-    engine_yields_cores: bool | None = Field(
-        None,
-        description="Run the engine's processes (vLLM's EngineCore and CPU worker threads) at "
-        "idle scheduling priority (SCHED_IDLE): any other thread of the node that wakes (the "
-        "proxy, the ingress, this worker's own event loop) takes a core at once instead of "
-        "queueing behind the engine's compute threads, which use what is left. None: yes "
-        "without GPUs (a CPU engine's threads fill every core), no with GPUs.",
-    )
     surge_percent: int | None = Field(
         None,
         ge=0,
@@ -129,12 +121,6 @@ class MachineProfile(ClosedModel):
     @property
     def deployment_name(self) -> str:
         return f"Generator-{self.name}"
-
-    @property
-    def engine_idle_priority(self) -> bool:
-        if self.engine_yields_cores is not None:
-            return self.engine_yields_cores
-        return not self.num_gpus
 
     @property
     def rollout_surge_percent(self) -> int:

@@ -18,7 +18,7 @@ from app.config import AppConfig
 from app.deployments.calls import ENDED, WorkerItem, WorkerMessage
 from app.deployments.kv_source import KVSource
 from app.deployments.ray_private import route_on_this_loop
-from app.engine.worker import Worker, omp_threads_bind, yield_cores
+from app.engine.worker import Worker, omp_threads_bind
 from app.errors import InternalError, ServiceError, WorkerUnavailable
 from app.protocol.generation import EngineCounts, GenerationRequest
 from app.protocol.workers import WorkerStatus
@@ -80,8 +80,6 @@ class Generator:
         # the old replica only when the new one can serve. The heartbeat reports "loading"
         # meanwhile (/health, the dashboard).
         await self._loading
-        if profile_config.engine_idle_priority:  # the serving path first, the engine after
-            logger.info("engine threads at idle priority: %d", yield_cores(os.getpid()))
         freeze_startup_heap()
 
     async def generate(

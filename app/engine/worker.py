@@ -4,14 +4,11 @@ stream it serves. No Ray here; `app/deployments/generator.py` wraps it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 from app.config import AppConfig, ModelConfig
 from app.engine.base import GenerationAdapter, generation_budget
@@ -268,23 +265,3 @@ def omp_threads_bind(cores_per_worker: int, local_rank: int, cores: list[int]) -
     groups = max(1, len(cores) // per)
     start = (local_rank % groups) * per
     return ",".join(str(core) for core in cores[start : start + per])
-
-
-def yield_cores(pid: int) -> int:
-    """Every thread of `pid`'s descendant processes (its engines) at SCHED_IDLE, so that any
-    other thread that wakes on the node takes a core before them; threads they start later
-    inherit it. Returns how many threads it set (threads that ended meanwhile are skipped)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-    pending, count = list(children.get(pid, [])), 0
-    while pending:
-        process = pending.pop()
-        pending.extend(children.get(process, []))
-        for task in Path(f"/proc/{process}/task").glob("[0-9]*"):
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
-                count += 1
-    return count
