@@ -69,10 +69,10 @@ class Tally:
         return self.window[0] <= at <= self.window[1]
 
 
-def body(tokens: int, priority: int | None) -> dict[str, Any]:
+def body(tokens: int, priority: int | None, model: str = MODEL_ID) -> dict[str, Any]:
     words = " ".join(str(random.randrange(10**6)) for _ in range(4))  # no shared prefix
     chat: dict[str, Any] = {
-        "model": MODEL_ID,
+        "model": model,
         "messages": [{"role": "user", "content": f"{words}. Tell me a long story about a ship."}],
         "max_tokens": tokens,
         "ignore_eos": True,
@@ -92,6 +92,7 @@ async def one(
     tokens: int,
     tally: Tally,
     priority: int | None = None,
+    model: str = MODEL_ID,
 ) -> None:
     started = time.monotonic()
     counted = tally.inside(started)
@@ -99,7 +100,9 @@ async def one(
     waited = queued = run_queue_seconds()
     try:
         async with session.post(
-            f"{url}/v1/chat/completions", json=body(tokens, priority), headers={"X-SIE-Pool": pool}
+            f"{url}/v1/chat/completions",
+            json=body(tokens, priority, model),
+            headers={"X-SIE-Pool": pool},
         ) as response:
             if response.status != 200:
                 await response.read()
