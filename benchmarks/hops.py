@@ -7,9 +7,13 @@ captures loopback TCP with tcpdump (Debian's `tcpdump`, needs root) while one cl
 32-token chats one at a time, then follows each request through the capture by its chat id:
 when the client's POST reached the ingress (from HAProxy), when the ingress sent the request to
 a worker (the gRPC message carrying its id), and when the first content event left the worker,
-the ingress and HAProxy. Prints the median and p90 of each, in ms after the client's POST.
+the ingress and HAProxy. Prints the median, p90 and max of each, in ms after the client's POST,
+beside the first token as the client itself timed it (at real-time priority unless
+`--normal-priority`: then its own waits for a core show as the gap between the last two rows),
+and how long each serving process ran and waited for a core per request (all its threads,
+/proc/<pid>/task/*/schedstat).
 
-Every time is the kernel's, so neither client nor server timing code is in the figures.
+Every hop time is the kernel's, so neither client nor server timing code is in them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import os
 import re
 import statistics
@@ -33,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from benchmarks.fairness import LIGHT_TOKENS, Tally, one  # noqa: E402
-from benchmarks.hosts import MODEL_ID, NULL_MODEL_ID, client_priority, running  # noqa: E402
+from benchmarks.hosts import MODEL_ID, NULL_MODEL_ID, Host, client_priority, running  # noqa: E402
 
 Flow = tuple[int, int]  # (source port, destination port)
 CONTENT = re.compile(rb'chatcmpl-([0-9a-f]{32})".{0,240}?"delta": ?\{"content": ?"[^"]', re.S)
@@ -127,14 +132,45 @@ def hop_times(flows: dict[Flow, list[tuple[float, bytes]]], proxy_port: int) -> 
     return rows
 
 
-async def light_client(url: str, model: str, seconds: float) -> int:
+async def light_client(url: str, model: str, seconds: float) -> Tally:
+    """One chat at a time for `seconds` (after 3 warm-up chats, also in the capture)."""
     async with aiohttp.ClientSession() as session:
-        for _ in range(3):  # warm-up
+        for _ in range(3):
             await one(session, url, "default", LIGHT_TOKENS, Tally(), model=model)
         tally = Tally((time.monotonic(), time.monotonic() + seconds))
         while time.monotonic() < tally.window[1]:
             await one(session, url, "default", LIGHT_TOKENS, tally, model=model)
-        return len(tally.ttfts) + 3
+        return tally
+
+
+def serving_processes(host: Host) -> dict[str, int]:
+    """The processes on the request's path: HAProxy, the Ingress, the Generator, the engine's
+    EngineCore."""
+    roles = host.replica_pids()
+    found = {
+        role: roles[role] for role in ("Ingress", "Generator-cpu", "EngineCore") if role in roles
+    }
+    for pid in host.pids():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "haproxy":
+                found["haproxy"] = pid
+    return found
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(seconds run, seconds waited on a run queue) of every thread of `pid` so far."""
+    ran = waited = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            run_ns, wait_ns, _ = (int(x) for x in (task / "schedstat").read_text().split())
+            ran, waited = ran + run_ns / 1e9, waited + wait_ns / 1e9
+    return ran, waited
+
+
+def column(values: list[float]) -> str:
+    values = sorted(values)
+    p90 = values[int(0.9 * (len(values) - 1))]
+    return f"{statistics.median(values):.2f} | {p90:.2f} | {values[-1]:.2f}"
 
 
 def main() -> None:
@@ -142,6 +178,9 @@ def main() -> None:
     parser.add_argument("--system", choices=["ours", "ours-null"], default="ours")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--log-dir", default="/tmp/poolserve-hops")
+    parser.add_argument(
+        "--normal-priority", action="store_true", help="the client at normal priority"
+    )
     args = parser.parse_args()
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,10 +192,15 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1)  # listening
+        if tcpdump.poll() is not None:
+            raise SystemExit(f"tcpdump exited ({tcpdump.returncode}): it needs root on lo")
+        processes = serving_processes(host)
         try:
-            client = client_priority()
+            client = client_priority(not args.normal_priority)
             model = NULL_MODEL_ID if args.system == "ours-null" else MODEL_ID
-            sent = asyncio.run(light_client(host.base_url, model, args.seconds))
+            before = {role: cpu_times(pid) for role, pid in processes.items()}
+            tally = asyncio.run(light_client(host.base_url, model, args.seconds))
+            after = {role: cpu_times(pid) for role, pid in processes.items()}
         finally:
             tcpdump.terminate()
             tcpdump.wait()
@@ -164,13 +208,20 @@ def main() -> None:
     rows = hop_times(read_pcap(capture), port)
     load = os.getloadavg()
     print(
-        f"\n{args.system}: {len(rows)} of {sent} requests followed on every hop; client {client}\n"
+        f"\n{args.system}: {len(rows)} of {len(tally.ttfts) + 3} requests (3 warm-up) followed on "
+        f"every hop; client at {client}\n"
     )
-    print("| hop | ms after the client's POST: p50 | p90 |\n|---|---|---|")
+    print("| hop | ms after the client's POST: p50 | p90 | max |\n|---|---|---|---|")
     for index, name in enumerate(HOPS):
-        column = sorted(row[index] for row in rows)
-        p90 = column[int(0.9 * (len(column) - 1))]
-        print(f"| {name} | {statistics.median(column):.2f} | {p90:.2f} |")
+        print(f"| {name} | {column([row[index] for row in rows])} |")
+    timed = column([ttft * 1000 for ttft in tally.ttfts])
+    print(f"| first content read by the client (its own clock) | {timed} |")
+    print("\n| process | ran, ms per request | waited for a core, ms per request |\n|---|---|---|")
+    requests = len(tally.ttfts) + 3  # the warm-up ran between the samples too
+    for role in processes:
+        (ran_0, waited_0), (ran_1, waited_1) = before[role], after[role]
+        ran, waited = 1000 * (ran_1 - ran_0) / requests, 1000 * (waited_1 - waited_0) / requests
+        print(f"| {role} | {ran:.1f} | {waited:.1f} |")
     print(f"\nload average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
