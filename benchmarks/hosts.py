@@ -40,9 +40,9 @@ def log(message: str) -> None:
 def client_priority(realtime: bool = True) -> str:
     """The calling thread (a benchmark's client loop) at real-time priority (SCHED_FIFO 10),
     as a client on a machine of its own, or back at normal priority. On 2 cores whose engine
-    keeps both busy, a client at normal priority waits for a core (up to ~0.8 s per 32-token
-    request, measured in its /proc/thread-self/schedstat) and times its own wait as the
-    server's. Processes started from it keep the normal class (SCHED_RESET_ON_FORK); the
+    keeps both busy, a client at normal priority waits for a core and times its own wait as the
+    server's (`benchmarks/hops.py --normal-priority`: a first token on the wire after 154 ms at
+    most, read after up to 477 ms). Processes started from it keep the normal class (SCHED_RESET_ON_FORK); the
     kernel's RT limit (95 % of each second) still holds. Says what it got."""
     if not realtime:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
