@@ -35,6 +35,9 @@ def test_each_hop_is_read_from_its_own_flow(tmp_path: Path) -> None:
         (10.090, WORKER, 50002, token[half:]),  # the content arrives here
         (10.092, INGRESS, 50001, b"HTTP/1.1 200 OK\r\n\r\n" + role + token),
         (10.093, PROXY, 50000, b"HTTP/1.1 200 OK\r\n\r\n" + role + token),
+        # a request seen only at HAProxy (e.g. answered before a worker, or cut): not followed
+        (11.000, 50000, PROXY, b"POST /v1/chat/completions HTTP/1.1\r\n\r\n{}"),
+        (11.010, PROXY, 50000, TOKEN % (b"f" * 32)),
     ]
     capture = tmp_path / "lo.pcap"
     with capture.open("wb") as out:
