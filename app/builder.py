@@ -44,21 +44,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
         .bind(config)
     )
-    ledger = (
-        _deployment(TenantLedger)
-        .options(
-            name="TenantLedger",
-            num_replicas=1,
-            # every request of every ingress replica calls it (admit, finish): no queueing in
-            # Serve in front of it, and no access-log line per call
-            max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
-            logging_config={"enable_access_log": False},
-            ray_actor_options={"num_cpus": 0},
-        )
-        .bind(config, autoscaler)
-    )
+    shards = [_ledger(config, autoscaler, index) for index in range(1, config.tenancy.usage_shards)]
+    ledger = _ledger(config, autoscaler, 0, shards)
     generators = {
-        profile.name: _generator(profile, config).bind(config, profile.name, autoscaler, ledger)
+        profile.name: _generator(profile, config).bind(
+            config, profile.name, autoscaler, [ledger, *shards]
+        )
         for profile in config.profiles
     }
     return (
@@ -74,6 +65,25 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             logging_config={"enable_access_log": config.ingress.access_log},
         )
         .bind(config, autoscaler, generators, ledger)
+    )
+
+
+def _ledger(
+    config: AppConfig, autoscaler: Application, shard: int, others: list[Application] | None = None
+) -> Application:
+    """TenantLedger shard `shard` (0: `TenantLedger`, which merges the `others`' usage)."""
+    return (
+        _deployment(TenantLedger)
+        .options(
+            name="TenantLedger" if shard == 0 else f"TenantLedger-{shard}",
+            num_replicas=1,
+            # every worker bills to it and every ingress replica syncs with it: no queueing in
+            # Serve in front of it, and no access-log line per call
+            max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
+            logging_config={"enable_access_log": False},
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(config, autoscaler, shard, others or [])
     )
 
 

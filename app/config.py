@@ -318,9 +318,20 @@ class TenancyConfig(ClosedModel):
     accrual_interval_seconds: float = Field(
         2.0, gt=0, description="How often the worker-seconds of each pool are accrued."
     )
+    usage_shards: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="TenantLedger replicas that count usage: each worker bills to one, chosen "
+        "by its replica id; `/v1/usage` merges them (docs/scaling.md: one ledger carries "
+        "~1,000 usage calls/s). A shard removed later is still read. Needs leased_limits "
+        "(a worker's bill releases a ledger-decided limit only at shard 0).",
+    )
 
     @model_validator(mode="after")
     def _check_key_ids(self) -> TenancyConfig:
+        if self.usage_shards > 1 and not self.leased_limits:
+            raise ValueError("tenancy.usage_shards > 1 needs tenancy.leased_limits: true")
         for name in self.key_limits:
             if not KEY_ID_PATTERN.match(name):
                 raise ValueError(

@@ -202,6 +202,13 @@ class LimitsUnavailable(CapacityError):
     default_retry_after_s = 1.0
 
 
+class UsageUnavailable(CapacityError):
+    """The TenantLedger (or one of its usage shards) did not answer a usage read in time."""
+
+    code = "usage_unavailable"
+    default_retry_after_s = 1.0
+
+
 class WorkerUnavailable(CapacityError):
     """The worker serving a request went away (replica death, node loss)."""
 

@@ -25,7 +25,7 @@ from app.protocol.workers import WorkerStatus
 from app.routing.affinity import routing_stats
 from app.routing.targets import request_pool
 from app.serve_env import freeze_startup_heap
-from app.tenancy.reports import UsageReports
+from app.tenancy.reports import UsageReports, usage_shard
 from app.tenancy.requests import ahead_of_bill, engine_usage, terminal_stats
 
 logger = logging.getLogger("ray.serve")
@@ -42,7 +42,7 @@ class Generator:
         config: AppConfig,
         profile: str,
         autoscaler: DeploymentHandle[Any],
-        ledger: DeploymentHandle[Any] | None = None,
+        ledgers: list[DeploymentHandle[Any]] | None = None,
     ) -> None:
         self._config = config  # validated by the builder; unpickled without validation
         context = serve.get_replica_context()
@@ -58,14 +58,13 @@ class Generator:
         # handle calls routed on this replica's loop: no hand-off to Serve's router thread
         # per call (a usage bill per round trip, a heartbeat)
         self._autoscaler = route_on_this_loop(autoscaler)
-        ledger = route_on_this_loop(ledger) if ledger is not None else None
-        # requests are billed here, from the engine's counts, however they end
-        self._billing = (
-            UsageReports(lambda records: ledger.record_usage.remote(records))
-            if ledger is not None
-            else None
-        )
         self._worker_id = context.replica_id.unique_id
+        # requests are billed here, from the engine's counts, however they end; to the usage
+        # shard of this worker (tenancy.usage_shards)
+        self._billing: UsageReports | None = None
+        if ledgers:
+            ledger = route_on_this_loop(ledgers[usage_shard(self._worker_id, len(ledgers))])
+            self._billing = UsageReports(lambda records: ledger.record_usage.remote(records))
         # its engines' KV events for the routers (routing.kv_events), before they start
         self._kv = KVSource(self._worker, self._config, epoch=os.urandom(8).hex())
         self._node_id = ray.get_runtime_context().get_node_id()

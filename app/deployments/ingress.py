@@ -22,7 +22,7 @@ from app.deployments.calls import ENDED, Inbox, WorkerCalls, WorkerMessage
 from app.deployments.kv_view import KeyFetcher
 from app.deployments.metrics_sink import share_metrics
 from app.deployments.ray_private import route_on_this_loop
-from app.errors import ModelLoading, PoolNotFound, Provisioning, ServiceError
+from app.errors import ModelLoading, PoolNotFound, Provisioning, ServiceError, UsageUnavailable
 from app.pools.model import DEFAULT_POOL, PoolRecord, PoolSpec
 from app.protocol.generation import GenerationRequest, StreamBatch
 from app.protocol.workers import WorkerStatus
@@ -243,20 +243,29 @@ class ServeBackend:
         return None if self._at_ledger is None else self._at_ledger.health()
 
     async def usage_report(self, since: float | None, pool: str | None) -> dict[str, Any]:
-        if self._ledger is None:
-            raise ServiceError("usage accounting is not running in this deployment")
-        report: dict[str, Any] = await asyncio.wait_for(
-            self._ledger.usage_report.remote(since, pool), SNAPSHOT_TIMEOUT_SECONDS
-        )
+        report: dict[str, Any] = await self._usage_read("usage_report", since, pool)
         return report
 
     async def pool_usage(self, pool: str) -> dict[str, Any]:
+        usage: dict[str, Any] = await self._usage_read("pool_usage", pool)
+        return usage
+
+    async def _usage_read(self, method: str, *args: Any) -> Any:
+        """A usage read from the TenantLedger; 503 usage_unavailable when it (or a usage shard)
+        does not answer in time."""
         if self._ledger is None:
             raise ServiceError("usage accounting is not running in this deployment")
-        usage: dict[str, Any] = await asyncio.wait_for(
-            self._ledger.pool_usage.remote(pool), SNAPSHOT_TIMEOUT_SECONDS
-        )
-        return usage
+        try:
+            return await asyncio.wait_for(
+                getattr(self._ledger, method).remote(*args), SNAPSHOT_TIMEOUT_SECONDS
+            )
+        except Exception as error:  # noqa: BLE001 - timeouts, a dead or restarting replica
+            cause = getattr(error, "cause", error)
+            if isinstance(cause, ServiceError):
+                raise cause from None
+            raise UsageUnavailable(
+                f"the tenant ledger did not answer ({type(error).__name__}); retry"
+            ) from None
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[StreamBatch]:
         inbox: Inbox | None = None

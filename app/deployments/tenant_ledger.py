@@ -35,15 +35,16 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
 from app.deployments.ray_private import kv_delete, kv_get, kv_keys, kv_put
-from app.errors import ServiceError
+from app.errors import ServiceError, UsageUnavailable
 from app.pools.model import DEFAULT_POOL
 from app.tenancy.limits import LimitBook, Ticket
 from app.tenancy.quota import Grant, QuotaBook, SyncReport
-from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord, UsageTotals
+from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord, UsageTotals, UsageWindow
 
 logger = logging.getLogger("ray.serve")
 KV_NAMESPACE = "poolserve"
 PRUNE_EVERY_SECONDS = 60.0
+SHARD_TIMEOUT_SECONDS = 4.0  # under the ingress's wait for the ledger (5 s)
 COMPACT_SECONDS = 30.0
 LOG_KEYS_PER_COMPACTION = 2000
 
@@ -66,8 +67,8 @@ class UsageStore:
     doubles nothing but, at worst, one compaction interval of a minute's worker-seconds.
     Minute keys written whole with their request ids (the format before the log) load too."""
 
-    def __init__(self, app_name: str) -> None:
-        self.prefix = f"usage/{app_name}/"
+    def __init__(self, app_name: str, shard: int = 0) -> None:
+        self.prefix = f"usage/{app_name}/" + (f"shard-{shard}/" if shard else "")
         self._seq = 0
         self._records: list[list[Any]] = []  # counted, not yet in a log key
         self._accruals: list[dict[str, Any]] = []
@@ -236,13 +237,42 @@ class UsageStore:
             kv_delete(key, KV_NAMESPACE)
 
 
+def stored_shards(app_name: str) -> set[int]:
+    """The usage shards (`tenancy.usage_shards`) with keys in the store, 0 included."""
+    prefix = f"usage/{app_name}/shard-"
+    found = {0}
+    for key in kv_keys(prefix, KV_NAMESPACE):
+        name = (key.decode() if isinstance(key, bytes) else key)[len(prefix) :]
+        found.add(int(name.split("/", 1)[0]))
+    return found
+
+
 class TenantLedger:
-    def __init__(self, config: AppConfig, autoscaler: DeploymentHandle[Any]) -> None:
+    """Shard 0 (`TenantLedger`): limits, worker-seconds, its workers' usage, and `/v1/usage`
+    merged over every shard. Shards 1.. (`tenancy.usage_shards`; `TenantLedger-<i>`): the usage
+    of the workers that report to them (`usage_shard`), each with its own keys in the store."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        autoscaler: DeploymentHandle[Any],
+        shard: int = 0,
+        shards: list[DeploymentHandle[Any]] | None = None,
+    ) -> None:
         self._config = config  # validated by the builder; unpickled without validation
         tenancy = config.tenancy
         self._autoscaler = autoscaler
-        self._store = UsageStore(serve.get_replica_context().app_name)
+        self._shard = shard
+        self._shards = shards or []  # shard 0 only: the others, which its reports merge
+        app_name = serve.get_replica_context().app_name
+        self._store = UsageStore(app_name, shard)
         self._usage = self._store.load(tenancy.usage_retention_minutes)
+        # shards no longer configured: their usage is still read (an invoice outlives them)
+        self._retired = [
+            UsageStore(app_name, index).load(tenancy.usage_retention_minutes)
+            for index in sorted(stored_shards(app_name))
+            if shard == 0 and index >= tenancy.usage_shards
+        ]
         totals = self._usage.totals if self._usage.totals.started_at is not None else None
         self._limits = LimitBook(tenancy.limit_window_seconds, tenancy.stream_lease_seconds)
         self._quota = QuotaBook(tenancy.limit_window_seconds)
@@ -304,12 +334,33 @@ class TenantLedger:
             self._dirty = True
         return self._dirty
 
-    def usage_report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
-        """What was used since `since` (unix time; None: since the start), for `/v1/usage`."""
-        return self._usage.report(since, pool)
+    async def usage_report(
+        self, since: float | None = None, pool: str | None = None
+    ) -> dict[str, Any]:
+        """What was used since `since` (unix time; None: since the start), for `/v1/usage`:
+        every shard's."""
+        return self._usage.report(since, pool, await self._other_windows(since))
 
-    def pool_usage(self, pool: str) -> dict[str, Any]:
-        return self._usage.pool_usage(pool)
+    async def pool_usage(self, pool: str) -> dict[str, Any]:
+        return self._usage.pool_usage(pool, await self._other_windows(None))
+
+    async def usage_window(self, since: float | None) -> UsageWindow:
+        """This shard's counts since `since`, for shard 0 to merge."""
+        return self._usage.window(since)
+
+    async def _other_windows(self, since: float | None) -> list[UsageWindow]:
+        if not self._shards and not self._retired:
+            return []
+        try:
+            windows: list[UsageWindow] = await asyncio.wait_for(
+                asyncio.gather(*(shard.usage_window.remote(since) for shard in self._shards)),
+                SHARD_TIMEOUT_SECONDS,
+            )
+        except Exception as error:  # noqa: BLE001 - timeouts, a dead or restarting shard
+            raise UsageUnavailable(
+                f"a usage shard did not answer ({type(error).__name__}); retry"
+            ) from None
+        return windows + [book.window(since) for book in self._retired]
 
     async def _flush_forever(self) -> None:
         interval = self._config.tenancy.flush_interval_seconds
@@ -342,20 +393,23 @@ class TenantLedger:
         stale = self._config.worker_stale_seconds
         pruned_at = 0.0
         while True:
-            with contextlib.suppress(Exception):
-                workers, _pools = await asyncio.wait_for(
-                    self._autoscaler.routing_snapshot.remote(), 5.0
-                )
-                now = time.time()
-                held = Counter(
-                    w.pool or DEFAULT_POOL for w in workers if now - w.reported_at <= stale
-                )
-                before = dict(self._usage.totals.worker_seconds)
-                self._usage.accrue(held, now)
-                self._store.accrued(self._usage, before, now)
-                if now - pruned_at > PRUNE_EVERY_SECONDS:
-                    self._usage.prune(now)
-                    self._limits.expire(now)
-                    pruned_at = now
+            if self._shard == 0:  # worker-seconds are shard 0's
+                with contextlib.suppress(Exception):
+                    workers, _pools = await asyncio.wait_for(
+                        self._autoscaler.routing_snapshot.remote(), 5.0
+                    )
+                    now = time.time()
+                    held = Counter(
+                        w.pool or DEFAULT_POOL for w in workers if now - w.reported_at <= stale
+                    )
+                    before = dict(self._usage.totals.worker_seconds)
+                    self._usage.accrue(held, now)
+                    self._store.accrued(self._usage, before, now)
+                    self._dirty = True
+            now = time.time()
+            if now - pruned_at > PRUNE_EVERY_SECONDS:
+                self._usage.prune(now)
+                self._limits.expire(now)
+                pruned_at = now
                 self._dirty = True
             await asyncio.sleep(tenancy.accrual_interval_seconds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 
 from app.tenancy.batching import GroupCall
@@ -24,6 +25,12 @@ Report = tuple[str, UsageRecord | None]
 """A request id and its usage (None: nothing to bill; releases the request's limits)."""
 BEFORE_REPLY_SECONDS = 2.0
 ATTEMPTS = 12  # retried with backoff (0.5 s doubling to 15 s: about 2 minutes)
+
+
+def usage_shard(worker_id: str, shards: int) -> int:
+    """The usage shard a worker bills to (`tenancy.usage_shards`): fixed for its life, so a
+    retried report reaches the shard that may have counted it already."""
+    return zlib.crc32(worker_id.encode()) % shards
 
 
 class UsageReports:

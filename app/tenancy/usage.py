@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 SEPARATOR = "\t"
+_T = TypeVar("_T", int, float)
 DEDUP_MINUTES = 30
 """Request ids are remembered this long (a retried report of the same request counts once)."""
 
@@ -73,6 +74,65 @@ class UsageTotals(BaseModel):
     worker_seconds: dict[str, float] = Field(default_factory=dict)
     accrued_at: float | None = None
     started_at: float | None = None
+
+
+@dataclass(slots=True)
+class UsageWindow:
+    """Counts per usage key and worker-seconds per pool over a window, of one book or merged
+    from several (the shards of `tenancy.usage_shards`: each counts other requests)."""
+
+    counts: dict[str, Counts]
+    seconds: dict[str, float]
+    started_at: float | None  # when the earliest book began counting
+    first_minute: int | None  # the earliest minute retained
+
+    def merge(self, other: UsageWindow) -> None:
+        for key, each in other.counts.items():
+            self.counts.setdefault(key, Counts()).add(each)
+        for pool, held in other.seconds.items():
+            self.seconds[pool] = self.seconds.get(pool, 0.0) + held
+        self.started_at = _earliest(self.started_at, other.started_at)
+        self.first_minute = _earliest(self.first_minute, other.first_minute)
+
+    def report(self, since: float | None, pool: str | None) -> dict[str, Any]:
+        """Usage rows per (pool, model, key id), per-pool sums with worker-seconds, and the
+        service total; `since` (unix seconds) is rounded down to its minute."""
+        counts, seconds = self.counts, self.seconds
+        rows = []
+        pools: dict[str, Counts] = {}
+        total = Counts()
+        for key in sorted(counts):
+            row_pool, model, key_id = split_key(key)
+            if pool is not None and row_pool != pool:
+                continue
+            each = counts[key]
+            rows.append({"pool": row_pool, "model": model, "key_id": key_id, **each.body()})
+            pools.setdefault(row_pool, Counts()).add(each)
+            total.add(each)
+        names = sorted((set(pools) | set(seconds)) if pool is None else {pool})
+        return {
+            "since": None if since is None else math.floor(since / 60) * 60.0,
+            "counting_since": self.started_at,
+            "retained_since": None if self.first_minute is None else self.first_minute * 60.0,
+            "usage": rows,
+            "pools": {
+                name: {
+                    **pools.get(name, Counts()).body(),
+                    "worker_seconds": round(seconds.get(name, 0.0), 3),
+                }
+                for name in names
+            },
+            "total": {
+                **total.body(),
+                "worker_seconds": round(
+                    sum(seconds.values()) if pool is None else seconds.get(pool, 0.0), 3
+                ),
+            },
+        }
+
+
+def _earliest(a: _T | None, b: _T | None) -> _T | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def usage_key(pool: str, model: str, key_id: str) -> str:
@@ -158,61 +218,45 @@ class UsageBook:
                 bucket.request_ids = []
                 self.dirty_minutes.add(minute)
 
-    def _window(self, since: float | None) -> tuple[dict[str, Counts], dict[str, float]]:
-        if since is None:
-            return self.totals.counts, self.totals.worker_seconds
-        first = math.floor(since / 60)
+    def window(self, since: float | None = None) -> UsageWindow:
+        """What this book counted since `since` (None: since it began), in a copy that others'
+        windows merge into (`tenancy.usage_shards`: one book per shard)."""
         counts: dict[str, Counts] = {}
         seconds: dict[str, float] = {}
-        for minute, bucket in self.minutes.items():
-            if minute < first:
-                continue
-            for key, each in bucket.counts.items():
+        if since is None:
+            buckets: Iterable[tuple[dict[str, Counts], dict[str, float]]] = [
+                (self.totals.counts, self.totals.worker_seconds)
+            ]
+        else:
+            first = math.floor(since / 60)
+            buckets = [
+                (bucket.counts, bucket.worker_seconds)
+                for minute, bucket in self.minutes.items()
+                if minute >= first
+            ]
+        for bucket_counts, bucket_seconds in buckets:
+            for key, each in bucket_counts.items():
                 counts.setdefault(key, Counts()).add(each)
-            for pool, held in bucket.worker_seconds.items():
+            for pool, held in bucket_seconds.items():
                 seconds[pool] = seconds.get(pool, 0.0) + held
-        return counts, seconds
+        return UsageWindow(counts, seconds, self.totals.started_at, min(self.minutes, default=None))
 
-    def report(self, since: float | None = None, pool: str | None = None) -> dict[str, Any]:
-        """Usage rows per (pool, model, key id), per-pool sums with worker-seconds, and the
-        service total; `since` (unix seconds) is rounded down to its minute."""
-        counts, seconds = self._window(since)
-        rows = []
-        pools: dict[str, Counts] = {}
-        total = Counts()
-        for key in sorted(counts):
-            row_pool, model, key_id = split_key(key)
-            if pool is not None and row_pool != pool:
-                continue
-            each = counts[key]
-            rows.append({"pool": row_pool, "model": model, "key_id": key_id, **each.body()})
-            pools.setdefault(row_pool, Counts()).add(each)
-            total.add(each)
-        names = sorted((set(pools) | set(seconds)) if pool is None else {pool})
-        return {
-            "since": None if since is None else math.floor(since / 60) * 60.0,
-            "counting_since": self.totals.started_at,
-            "retained_since": min(self.minutes, default=None) and min(self.minutes) * 60.0,
-            "usage": rows,
-            "pools": {
-                name: {
-                    **pools.get(name, Counts()).body(),
-                    "worker_seconds": round(seconds.get(name, 0.0), 3),
-                }
-                for name in names
-            },
-            "total": {
-                **total.body(),
-                "worker_seconds": round(
-                    sum(seconds.values()) if pool is None else seconds.get(pool, 0.0), 3
-                ),
-            },
-        }
+    def report(
+        self,
+        since: float | None = None,
+        pool: str | None = None,
+        others: Iterable[UsageWindow] = (),
+    ) -> dict[str, Any]:
+        """This book's usage since `since` (with the other shards' windows), for `/v1/usage`."""
+        window = self.window(since)
+        for other in others:
+            window.merge(other)
+        return window.report(since, pool)
 
-    def pool_usage(self, pool: str) -> dict[str, Any]:
+    def pool_usage(self, pool: str, others: Iterable[UsageWindow] = ()) -> dict[str, Any]:
         """A pool's all-time usage (its `status.usage`): totals, worker-seconds, per model and
         per key id."""
-        report = self.report(pool=pool)
+        report = self.report(pool=pool, others=others)
         models: dict[str, Counts] = {}
         keys: dict[str, Counts] = {}
         for row in report["usage"]:

@@ -1,8 +1,9 @@
-"""Pools as tenants through the whole stack (fake engine, 2 ingress replicas, API keys on):
+"""Pools as tenants through the whole stack (fake engine, 2 ingress replicas, API keys on, usage
+in 2 ledger shards):
 
 - usage equals what the clients counted from the `usage` blocks they received, exactly, after
-  an ingress replica is killed mid-traffic and after the TenantLedger itself restarts; the same
-  numbers in `GET /v1/usage`, `status.usage` and `/metrics`;
+  an ingress replica is killed mid-traffic and after both TenantLedger shards restart; the
+  same numbers in `GET /v1/usage` (merged over the shards), `status.usage` and `/metrics`;
 - a tokens-per-minute limit holds across both ingress replicas (the window is shortened to
   `WINDOW_S` by `tenancy.limit_window_seconds`: two windows of 10 s instead of two minutes);
 - per-key limits (requests per window, concurrent streams) with their 429 codes and
@@ -103,6 +104,7 @@ def app_args(keys_dir: Path) -> dict[str, Any]:
             "limit_window_seconds": WINDOW_S,
             "accrual_interval_seconds": 0.5,
             "stream_lease_seconds": 6,
+            "usage_shards": 2,
             "key_limits": {
                 key_id(LIMITED_KEY): {"requests_per_minute": KEY_RPM, "concurrent_streams": 1}
             },
@@ -234,6 +236,14 @@ def kill_replica(deployment: str, index: int = 0) -> str:
     return names[index]
 
 
+def ledger_window(deployment: str) -> Any:
+    """A TenantLedger shard's own all-time counts (`usage_window`), not merged."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=APP)
+    return handle.usage_window.remote(None).result(timeout_s=30)
+
+
 def eventually(check: Any, timeout_s: float = 40.0) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -313,8 +323,16 @@ def test_usage_is_exact_after_an_ingress_replica_and_the_ledger_restart(tenancy:
     for pool in ("billing", "default"):
         assert counted(report, pool), (pool, observed(report, pool), expected(pool))
 
-    # the ledger restarts: nothing acknowledged is lost
+    # the report is the shards' sum: the worker bills to one, worker-seconds are shard 0's
+    windows = [ledger_window(name) for name in ("TenantLedger", "TenantLedger-1")]
+    assert sum(sum(c.requests for c in w.counts.values()) for w in windows) == sum(
+        row["requests"] for row in report["usage"]
+    )
+    assert not windows[1].seconds and windows[0].seconds
+
+    # both shards restart: nothing acknowledged is lost
     kill_replica("TenantLedger")
+    kill_replica("TenantLedger-1")
     restored = eventually(lambda: tenancy.usage(), 60)
     for pool in ("billing", "default"):
         assert observed(restored, pool) == observed(report, pool), pool

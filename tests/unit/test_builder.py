@@ -62,3 +62,25 @@ def test_a_pickled_config_is_not_validated_again() -> None:
     object.__setattr__(config, "worker_heartbeat_seconds", -1.0)  # invalid: gt=0
     restored = cloudpickle.loads(cloudpickle.dumps(config))
     assert restored.worker_heartbeat_seconds == -1.0
+
+
+def test_usage_shards_are_ledger_deployments_and_need_leased_limits() -> None:
+    """`tenancy.usage_shards: 3`: TenantLedger (shard 0, bound to the other two) and
+    TenantLedger-1, -2; every Generator is bound to all three (it bills to one of them)."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from app.builder import build_app
+
+    built = build_serve_app(build_app({"tenancy": {"usage_shards": 3}}), name="poolserve")
+    names = {d.name for d in built.deployments}
+    assert {"TenantLedger", "TenantLedger-1", "TenantLedger-2"} <= names
+    assert "TenantLedger-3" not in names
+    for deployment in built.deployments:
+        init_args = cloudpickle.loads(deployment._replica_config.serialized_init_args)
+        if deployment.name.startswith("TenantLedger"):
+            shard = 0 if deployment.name == "TenantLedger" else int(deployment.name[-1])
+            assert init_args[2] == shard and len(init_args[3]) == (2 if shard == 0 else 0)
+        elif deployment.name.startswith("Generator"):
+            assert len(init_args[3]) == 3
+    with pytest.raises(ValueError, match=r"usage_shards > 1 needs tenancy\.leased_limits"):
+        AppConfig.model_validate({"tenancy": {"usage_shards": 2, "leased_limits": False}})

@@ -3,7 +3,12 @@ minute windows, worker-seconds, retention, and a round trip through its persiste
 
 from __future__ import annotations
 
+import random
+import uuid
+from collections import Counter
+
 from app.tenancy.keys import NO_KEY, key_id
+from app.tenancy.reports import usage_shard
 from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord, UsageTotals
 
 T0 = 1_800_000_000.0  # a minute boundary
@@ -99,3 +104,44 @@ def test_key_ids_are_stable_short_and_not_the_key() -> None:
     assert key_id(key) == key_id(key.encode()) and key_id(key) != key_id("other")
     assert key_id(key).startswith("key-") and len(key_id(key)) == 16
     assert "secret" not in key_id(key) and NO_KEY == "none"
+
+
+def test_shards_merged_report_as_one_book_counting_everything() -> None:
+    """`tenancy.usage_shards`: each shard's book counts its workers' requests; the report merged
+    from their windows is the report of one book that counted them all, for every window, pool
+    and pool usage, and it does not change the books it merges."""
+    rng = random.Random(7)
+    whole, shards = UsageBook(), [UsageBook(), UsageBook(), UsageBook()]
+    for n in range(300):
+        at = T0 + 30 + n * 2.5  # over ~13 minutes
+        usage = record(f"r{n}", rng.choice("abc"), rng.choice(["k1", "k2"]), n % 17, n % 5)
+        shard = shards[rng.randrange(3)]
+        assert whole.record(usage, at) and shard.record(usage, at)
+        if n % 40 == 0:
+            held = {"a": 1, "b": n % 3}
+            whole.accrue(held, at)
+            shards[0].accrue(held, at)  # worker-seconds are shard 0's
+    before = [book.report() for book in shards]
+    for since in (None, T0, T0 + 300, T0 + 10_000):
+        for pool in (None, "a", "c"):
+            merged = shards[0].report(since, pool, [s.window(since) for s in shards[1:]])
+            assert merged == whole.report(since, pool), (since, pool)
+    assert shards[0].pool_usage("b", [s.window(None) for s in shards[1:]]) == whole.pool_usage("b")
+    assert [book.report() for book in shards] == before
+    late = UsageBook()
+    late.record(record("late"), T0 + 5_000)
+    window = shards[0].window(None)
+    window.merge(late.window(None))
+    assert window.started_at == shards[0].totals.started_at  # the earliest of the books
+    window.seconds, late_window = {"a": 2.0}, late.window(None)
+    late_window.seconds = {"a": 3.0, "b": 1.0}
+    window.merge(late_window)
+    assert window.seconds == {"a": 5.0, "b": 1.0}
+
+
+def test_a_worker_bills_to_one_shard_for_its_life_and_workers_spread() -> None:
+    workers = [uuid.uuid4().hex[:8] for _ in range(1000)]
+    assert [usage_shard(w, 4) for w in workers] == [usage_shard(w, 4) for w in workers]
+    spread = Counter(usage_shard(w, 4) for w in workers)
+    assert set(spread) == {0, 1, 2, 3} and min(spread.values()) > 200
+    assert {usage_shard(w, 1) for w in workers} == {0}

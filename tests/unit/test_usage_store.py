@@ -5,13 +5,15 @@ format) restores the same book, counting nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
 from app.deployments import tenant_ledger
 from app.deployments.tenant_ledger import UsageStore
-from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord
+from app.errors import UsageUnavailable
+from app.tenancy.usage import MinuteBucket, UsageBook, UsageRecord, UsageWindow
 
 T0 = 1_800_000_000.0
 
@@ -131,3 +133,55 @@ def test_the_whole_minute_format_before_the_log_still_loads(kv: Kv) -> None:
     flush(store, book, compact=True)  # its ids move to ids/ keys
     assert MinuteBucket.model_validate_json(kv.data[f"usage/app/minute/{minute}"]).request_ids == []
     assert UsageStore("app").load(60 * 24).seen("req-2")
+
+
+def test_each_usage_shard_keeps_its_own_keys_and_a_retired_one_is_found(kv: Kv) -> None:
+    """`tenancy.usage_shards`: shard 0 keeps the unsharded keys (a deployment that adds shards
+    loses nothing), shard i its own; compacting one deletes nothing of another; shard 0 finds
+    every shard in the store, also one the config no longer names (it is still read)."""
+    books = {}
+    for shard in (0, 1, 3):
+        store = UsageStore("app", shard)
+        books[shard] = store.load(60 * 24)
+        for n in range(5):
+            count(store, books[shard], shard * 100 + n, T0)
+        flush(store, books[shard])
+        flush(store, books[shard], compact=True)
+    assert tenant_ledger.stored_shards("app") == {0, 1, 3}
+    assert tenant_ledger.stored_shards("other") == {0}
+    for shard, book in books.items():
+        restored = UsageStore("app", shard).load(60 * 24)
+        assert restored.report() == book.report() and restored.report()["total"]["requests"] == 5
+        assert restored.seen(f"req-{shard * 100}") and not restored.seen(
+            "req-100" if shard != 1 else "req-0"
+        )
+
+
+def test_a_usage_shard_that_does_not_answer_is_a_503_not_a_partial_invoice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shard 0 merges every shard's window for a usage read; a shard out (or slow) makes the
+    read a 503 usage_unavailable with Retry-After, never a report short of its requests."""
+
+    class Shard:
+        def __init__(self, delay_s: float) -> None:
+            self.delay_s = delay_s
+
+        @property
+        def usage_window(self) -> Shard:
+            return self
+
+        async def remote(self, since: float | None) -> UsageWindow:
+            await asyncio.sleep(self.delay_s)
+            return UsageBook().window(since)
+
+    monkeypatch.setattr(tenant_ledger, "SHARD_TIMEOUT_SECONDS", 0.1)
+    ledger = object.__new__(tenant_ledger.TenantLedger)
+    ledger._usage, ledger._retired = UsageBook(), []
+    ledger._shards = [Shard(0), Shard(0)]
+    assert asyncio.run(ledger.usage_report())["total"]["requests"] == 0
+    ledger._shards = [Shard(0), Shard(5)]
+    with pytest.raises(UsageUnavailable) as refused:
+        asyncio.run(ledger.usage_report())
+    assert (refused.value.status, refused.value.code) == (503, "usage_unavailable")
+    assert refused.value.retry_after_s == 1.0
