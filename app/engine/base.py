@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.errors import InputTooLong
+from app.errors import InputTooLong, ServiceError
 from app.protocol.generation import (
     EngineCounts,
     FinishReason,
@@ -41,6 +41,10 @@ class Admission(Protocol):
 
     def prefilled(self, request_id: str) -> None:
         """The engine request's prompt is computed (its first token came)."""
+
+    def refusal_now(self) -> ServiceError | None:
+        """The refusal a request arriving now gets whatever its prompt (a full queue), before
+        the prompt is rendered; None: it may be admitted."""
 
 
 class GenerationAdapter(ABC):

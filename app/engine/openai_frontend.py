@@ -281,6 +281,7 @@ class OpenAIFrontend:
             args=args,
             supported_tasks=await engine.get_supported_tasks(),
         )
+        quiet_refusals()
         return cls(state, model_id)
 
     def _validated(self, call: OpenAICall) -> tuple[Any, tuple[int, bool] | None]:
@@ -327,6 +328,9 @@ class OpenAIFrontend:
         from starlette.requests import Request
 
         request, ranking = self._validated(call)
+        refusal = admission.refusal_now()  # before vLLM renders and tokenizes the prompt
+        if refusal is not None:
+            raise refusal
         attribute, method = _SERVING[call.route]
         serving = getattr(self._state, attribute, None)
         if serving is None:
@@ -387,6 +391,28 @@ class OpenAIFrontend:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class _NotOurRefusals(logging.Filter):
+    """vLLM's serving layers log whatever the engine's generator raises, with its traceback, at
+    ERROR ("Error in chat completion stream generator."). Ours are refusals (a waiter displaced
+    from a full queue, a wait past `kv.max_wait_seconds`) answered with their own code: under a
+    flood each cost a traceback's formatting on the worker's loop, and the log a dozen lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, ServiceError)
+
+
+_QUIET = _NotOurRefusals()
+
+
+def quiet_refusals() -> None:
+    """On every logger of vLLM's serving layers (their modules are imported by now)."""
+    for name, each in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("vllm.entrypoints") and isinstance(each, logging.Logger):
+            if _QUIET not in each.filters:
+                each.addFilter(_QUIET)
 
 
 def best_of_plan(route: str, body: dict[str, Any]) -> tuple[int, bool] | None:

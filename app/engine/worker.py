@@ -180,6 +180,11 @@ class Worker:
                 f"that {adapter.context_length} tokens can hold",
                 param="prompt",
             )
+        admission = self._admission[request.model]
+        flow = flow_of(request)
+        refusal = admission.refusal_for(flow)  # a full queue: before the prompt is tokenized
+        if refusal is not None:
+            raise refusal
         prompt_ids = await adapter.prompt_token_ids(request)
         budget = generation_budget(
             len(prompt_ids), request.sampling.max_new_tokens, adapter.context_length, "prompt"
@@ -188,12 +193,11 @@ class Worker:
         streaming = self.config.streaming
         self.active_requests += 1
         try:
-            admission = self._admission[request.model]
             namespace = f"{request.lora_adapter or ''}\x1f"
             if self.on_prompt is not None:
                 self.on_prompt(request, prompt_ids, namespace)
             async with admission.reserve(
-                request.request_id, prompt_ids, budget, candidates, namespace, flow=flow_of(request)
+                request.request_id, prompt_ids, budget, candidates, namespace, flow=flow
             ):
                 batches = coalesce(
                     adapter.generate(request, prompt_ids, counts),

@@ -108,13 +108,27 @@ class KVAdmission:
         (`observe` sees each engine request's prompt tokens)."""
         return FlowAdmission(self, flow, observe)
 
-    def _refuse_one(self, newcomer: _Waiter) -> None:
-        """The queue is full: refuse the newcomer, or the waiter it outranks."""
-        index = displaced([w.flow for w in self._waiters], newcomer.flow)
-        refusal = QueueFull(
+    def refusal_for(self, flow: Flow) -> QueueFull | None:
+        """The refusal a request of `flow` arriving now gets whatever its size: the queue is
+        full and it outranks no waiter. Asked before its prompt is rendered and tokenized, so
+        a flood's refusals cost no more than the check (`reserve` decides again)."""
+        waiters = self._waiters
+        if not waiters or len(waiters) < self.max_waiting:
+            return None
+        if displaced([w.flow for w in waiters], flow) is not None:
+            return None
+        return self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
             f"{len(self._waiters)} requests are already waiting for KV space",
             retry_after_s=self.retry_after_s(),
         )
+
+    def _refuse_one(self, newcomer: _Waiter) -> None:
+        """The queue is full: refuse the newcomer, or the waiter it outranks."""
+        index = displaced([w.flow for w in self._waiters], newcomer.flow)
+        refusal = self._queue_full()
         if index is None:
             raise refusal
         victim = self._waiters.pop(index)
@@ -130,10 +144,7 @@ class KVAdmission:
             return waiter.granted.result()
         if len(self._waiters) > self.max_waiting:
             self._waiters.remove(waiter)
-            raise QueueFull(
-                f"{len(self._waiters)} requests are already waiting for KV space",
-                retry_after_s=self.retry_after_s(),
-            )
+            raise self._queue_full()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.granted), self.max_wait_s)
         except BaseException as error:
@@ -209,3 +220,6 @@ class FlowAdmission:
 
     def prefilled(self, request_id: str) -> None:
         self.admission.prefilled(request_id)
+
+    def refusal_now(self) -> QueueFull | None:
+        return self.admission.refusal_for(self.flow)

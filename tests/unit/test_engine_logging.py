@@ -62,3 +62,31 @@ def test_keep_log_buffers_gives_the_target_back_and_flushes(
     assert sink.getvalue().splitlines() == ["during the engine start"] + [
         f"refused {n}" for n in range(5)
     ]
+
+
+def test_vllm_serving_logs_no_traceback_for_our_refusals() -> None:
+    """vLLM's serving layers log what the engine's generator raises, with its traceback; a
+    refusal of ours (QUEUE_FULL under a flood) is answered with its code, not logged."""
+    from app.engine.openai_frontend import quiet_refusals
+    from app.errors import QueueFull
+
+    sink = io.StringIO()
+    log = logging.getLogger("vllm.entrypoints.openai.test_serving")
+    log.addHandler(logging.StreamHandler(sink))
+    log.propagate = False
+    try:
+        quiet_refusals()
+        quiet_refusals()  # idempotent
+        assert len(log.filters) == 1
+        for error in (QueueFull("full"), ValueError("a real failure")):
+            try:
+                raise error
+            except Exception:
+                log.exception("Error in chat completion stream generator.")
+        assert sink.getvalue().count("Error in chat completion") == 1
+        assert (
+            "ValueError: a real failure" in sink.getvalue() and "QueueFull" not in sink.getvalue()
+        )
+    finally:
+        log.handlers.clear()
+        log.filters.clear()

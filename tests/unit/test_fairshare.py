@@ -303,3 +303,40 @@ def test_a_pool_with_requests_running_stays_active_without_sending() -> None:
     for _ in range(4):
         fair.released(LIGHT, 1)
     assert fair.batch_allows(HEAVY, 30.0)  # light is done and quiet: heavy is alone
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_early_refusal_refuses_only_what_reserve_refuses(seed: int) -> None:
+    """`refusal_for(flow)` is asked before a request's prompt is rendered: whenever it refuses,
+    `reserve` would have refused that same newcomer (not displaced a waiter, not admitted it),
+    over random arrivals, releases, flows and priorities."""
+    import random
+
+    rng = random.Random(seed)
+    flows = [HEAVY, LIGHT, Flow("heavy", 1, 1.0), Flow("other", 0, 2.0), Flow("light", -1, 1.0)]
+
+    async def scenario() -> tuple[int, int]:
+        kv = admission(rng.choice([2, 3, 4]), max_waiting=rng.choice([1, 2, 4]), batch=2)
+        holder = Holder(kv)
+        early = checked = 0
+        for n in range(60):
+            if rng.random() < 0.3 and holder.order:
+                holder.release(rng.choice(holder.order))
+                await holder.settle()
+            flow = rng.choice(flows)
+            refusal = kv.refusal_for(flow)
+            holder.start(f"r{n}", flow)
+            await holder.settle()
+            if refusal is not None:
+                early += 1
+                assert f"r{n}" in holder.refused, (n, flow)
+                assert refusal.code == "QUEUE_FULL" and refusal.retry_after_s
+            checked += 1
+        for task in holder.tasks:  # waiters the batch rule holds would wait out max_wait_s
+            task.cancel()
+        await asyncio.gather(*holder.tasks, return_exceptions=True)
+        assert kv.waiting == 0 and kv.ledger.open_handles == 0
+        return early, checked
+
+    early, checked = asyncio.run(scenario())
+    assert checked == 60 and early > 0
