@@ -46,6 +46,7 @@ import aiohttp  # noqa: E402
 
 from app.history import percentile  # noqa: E402
 from benchmarks.hosts import MODEL_ID, client_priority, log, run_queue_seconds, running  # noqa: E402
+from benchmarks.load import cpu_seconds  # noqa: E402
 
 PHASES = ("streams", "capacity", "share", "priority")
 LIGHT_TOKENS = 32
@@ -178,8 +179,23 @@ def summary(tally: Tally, unloaded: tuple[float, float] | None, seconds: float) 
     }
 
 
+def cpu_by_name(pids: list[int]) -> Counter[str]:
+    """CPU seconds so far of the stack's processes, summed by name (Ingress, Generator-cpu,
+    VLLM::EngineCore, haproxy, ...)."""
+    by_name: Counter[str] = Counter()
+    for name, cpu in cpu_seconds(pids).values():
+        by_name[name] += cpu
+    return by_name
+
+
 async def scenarios(
-    url: str, seconds: float, warmup: float, flood: int, rate: float | None, phases: set[str]
+    url: str,
+    seconds: float,
+    warmup: float,
+    flood: int,
+    rate: float | None,
+    phases: set[str],
+    pids: Callable[[], list[int]],
 ) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=0)
@@ -223,10 +239,14 @@ async def scenarios(
                 load = closed_loop(until, flood, heavy_job(heavy))
             else:
                 load = open_loop(until, 3 * capacity, heavy_job(heavy))
+            cpu0, wall = cpu_by_name(pids()), time.monotonic()
             await asyncio.gather(light_probe(until, light), load)
+            wall, cpu = time.monotonic() - wall, cpu_by_name(pids()) - cpu0
             results[name] = {
                 "light": summary(light, unloaded, seconds),
                 "heavy": summary(heavy, None, seconds),
+                # the stack's CPU (cores) by process over the phase, warm-up included
+                "cores": {k: round(v / wall, 3) for k, v in cpu.most_common(8)},
             }
             log(f"{name}: {brief(results[name])}")
             # the engine's requests/s for heavy's requests (the policy-off run's, for all)
@@ -278,7 +298,9 @@ def run_policy(batch: int, args: argparse.Namespace, rate: float | None) -> dict
     log_dir.mkdir(parents=True, exist_ok=True)
     with running("ours", log_dir) as host:
         return asyncio.run(
-            scenarios(host.base_url, args.seconds, args.warmup, args.flood, rate, args.phases)
+            scenarios(
+                host.base_url, args.seconds, args.warmup, args.flood, rate, args.phases, host.pids
+            )
         )
 
 
@@ -389,7 +411,15 @@ def main() -> None:
         help="JSON merged into serve_config.yaml's app args, one level deep (as compare.py's)",
     )
     parser.add_argument(
-        "--skip-off", action="store_true", help="no policy-off run (not with 'capacity')"
+        "--skip-off",
+        action="store_true",
+        help="no policy-off run (with 'capacity': only with --rate)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="heavy's capacity in requests/s for the 3x phase (default: the policy-off run's)",
     )
     parser.add_argument(
         "--vllm",
@@ -416,10 +446,10 @@ def main() -> None:
     args.phases = set(args.phases.split(",")) - {""}
     if args.phases - set(PHASES):
         parser.error(f"--phases: unknown {', '.join(sorted(args.phases - set(PHASES)))}")
-    if args.skip_off and "capacity" in args.phases:
+    if args.skip_off and "capacity" in args.phases and args.rate is None:
         parser.error("--skip-off: the 3x-capacity phase takes its rate from the policy-off run")
     runs: dict[str, dict[str, Any]] = {}
-    rate: float | None = None
+    rate: float | None = args.rate
     batches = [int(b) for b in args.batch.split(",") if b]
     for batch in batches if args.skip_off else [0, *batches]:
         name = f"batch {batch}" if batch else "off"
