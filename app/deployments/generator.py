@@ -64,7 +64,10 @@ class Generator:
         self._billing: UsageReports | None = None
         if ledgers:
             ledger = route_on_this_loop(ledgers[usage_shard(self._worker_id, len(ledgers))])
-            self._billing = UsageReports(lambda records: ledger.record_usage.remote(records))
+            self._billing = UsageReports(
+                lambda records: ledger.record_usage.remote(records),
+                releases=not config.tenancy.leased_limits,
+            )
         # its engines' KV events for the routers (routing.kv_events), before they start
         self._kv = KVSource(self._worker, self._config, epoch=os.urandom(8).hex())
         self._node_id = ray.get_runtime_context().get_node_id()

@@ -38,14 +38,23 @@ class UsageReports:
         self,
         send: Callable[[list[Report]], Awaitable[object]],
         before_reply_s: float = BEFORE_REPLY_SECONDS,
+        *,
+        releases: bool = True,
     ) -> None:
+        """`releases`: a report without usage is sent too, to release the request's limits at
+        the ledger (`tenancy.leased_limits: false`); with leased limits each ingress replica
+        releases its own, and such a report (a refusal, a failure before the engine) would be
+        a ledger call for nothing."""
         self._call: GroupCall[Report] = GroupCall(send)
         self._before_reply_s = before_reply_s
+        self._releases = releases
         self._later: set[asyncio.Task[None]] = set()
 
     async def before_reply(self, request_id: str, usage: UsageRecord | None) -> None:
         """Durable before the reply's end, or (the ledger slow or out, or the reply cancelled
         while it waits: its caller gone) retried later."""
+        if usage is None and not self._releases:
+            return
         try:
             await asyncio.wait_for(self._call.submit((request_id, usage)), self._before_reply_s)
         except asyncio.CancelledError:
@@ -57,6 +66,8 @@ class UsageReports:
 
     def later(self, request_id: str, usage: UsageRecord | None) -> None:
         """In the background (nobody waits for the reply's end: it was cancelled, or failed)."""
+        if usage is None and not self._releases:
+            return
         task = asyncio.get_running_loop().create_task(self._retried(request_id, usage))
         self._later.add(task)
         task.add_done_callback(self._later.discard)

@@ -80,10 +80,10 @@ class Replica(Generator):
         pass
 
 
-def generator(ledger: Ledger, engine: Engine) -> Generator:
+def generator(ledger: Ledger, engine: Engine, releases: bool = True) -> Generator:
     worker = Replica.__new__(Replica)
     worker._worker = engine  # type: ignore[assignment]
-    worker._billing = UsageReports(ledger)
+    worker._billing = UsageReports(ledger, releases=releases)
     worker._running = {}
     worker._settling = set()
     worker._kv = KVSource(engine, AppConfig(), "test")  # type: ignore[arg-type]  # events off
@@ -229,6 +229,23 @@ async def test_a_refusal_before_the_engine_bills_nothing_and_releases_the_limits
     ledger.gates[0].set_result(None)
     await task
     assert isinstance(reader.items["refused"][-1], QueueFull)
+
+
+async def test_with_leased_limits_a_refusal_before_the_engine_makes_no_ledger_call() -> None:
+    """`tenancy.leased_limits` (the default): the ingress replica releases its own limits, so
+    a report without usage would be a ledger call for nothing (under a flood, one per refusal);
+    one with usage still goes."""
+    ledger, reader = Ledger(), Reader()
+    worker = generator(ledger, Engine(), releases=False)
+    await asyncio.wait_for(worker._serve(request("refused"), reader.put), 5)
+    assert ledger.calls == [] and isinstance(reader.items["refused"][-1], QueueFull)
+    reports = UsageReports(ledger, releases=False)
+    reports.later("gone", None)
+    billed = asyncio.create_task(reports.before_reply("done", usage("done", 2)))
+    await settle()
+    assert ledger.calls == [[("done", usage("done", 2))]]
+    ledger.gates[0].set_result(None)
+    await billed
 
 
 def test_engine_counts_add_every_engine_request() -> None:
