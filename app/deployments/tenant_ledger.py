@@ -1,6 +1,7 @@
-"""TenantLedger deployment (one replica): the service-wide limit book and the durable usage
-book. Every ingress replica asks it to admit a request (limits hold for the whole service, not
-per replica) and tells it when the request ended, with the usage its client was sent.
+"""TenantLedger deployment (one replica; with `tenancy.usage_shards: K`, K-1 more that count
+usage only, merged by the first): the service-wide limit book and the durable usage book.
+Ingress replicas lease their limits' quota from it (or, without leases, ask it per request);
+workers bill it each request's usage as the engine counted it.
 
 - Usage records carry the request id: a retried one counts once. The worker waits for
   a request's record (`record_usage`) before its client can see the usage block; it is
