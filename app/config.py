@@ -98,7 +98,14 @@ class MachineProfile(ClosedModel):
         description="Most workers of this profile the pool autoscaler may run "
         "(None: as many as the cluster's resources allow).",
     )
-    max_ongoing_requests: int = Field(128, gt=0)
+    max_ongoing_requests: int = Field(
+        4096,
+        gt=0,
+        description="Serve's cap on calls in flight to one worker. Keep it above what the "
+        "worker's own admission holds (the requests its KV cache takes plus "
+        "kv.max_waiting_requests): below that, a flood's overflow waits at the ingress in "
+        "Serve's retries, probing the worker, instead of getting 503 QUEUE_FULL.",
+    )
     cpu_cores_per_worker: int | None = Field(
         None,
         gt=0,
