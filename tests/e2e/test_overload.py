@@ -127,3 +127,65 @@ def wait_idle(base: str, timeout_s: float = 20) -> None:
             return
         assert time.monotonic() < deadline, f"worker never went idle: {worker}"
         time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def roomy_app(stack: Stack) -> Iterator[str]:
+    """One fake worker whose KV cache takes 450 requests at once, slow tokens: the worker's
+    own admission, not Serve's cap on calls to it, is what bounds what it holds."""
+    from ray import serve
+
+    from app.builder import build_app
+
+    args: dict[str, Any] = {
+        "engine_adapter": "tests.fakes.fake_engine:FakeAdapter",
+        "models": [
+            {
+                "id": FAKE_MODEL,
+                "engine": {"extra_args": {"token_delay_s": 0.12, "kv_blocks": 450 * 7}},
+            }
+        ],
+        "profiles": [{"name": "cpu", "num_cpus": 0}],
+        "worker_heartbeat_seconds": 0.5,
+    }
+    serve.run(build_app(args), name="roomy", route_prefix="/roomy", blocking=False)
+    base = f"{stack.base_url}/roomy"
+    try:
+        _wait_ready(base)
+        yield base
+    finally:
+        delete_app_in_background("roomy")
+
+
+def test_a_worker_holds_what_its_admission_takes_not_what_serve_caps(roomy_app: str) -> None:
+    """400 streamed requests arrive one by one (a call to the worker carries one or a few) and
+    each runs ~12 s: all of them must be on the worker at once (its KV cache takes them), none held at
+    the ingress by Serve's cap on a replica's calls (it was 128: the overflow then waited in
+    Serve's retries instead of reaching admission, where a full queue answers QUEUE_FULL)."""
+    peak = 0
+
+    async def scenario() -> list[int]:
+        nonlocal peak
+        unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=roomy_app, timeout=120, limits=unbounded) as client:
+
+            async def one() -> int:
+                response = await client.post("/v1/chat/completions", json=body(True))
+                return response.status_code
+
+            tasks = []
+            for _ in range(400):
+                tasks.append(asyncio.create_task(one()))
+                await asyncio.sleep(0.01)
+            while not all(task.done() for task in tasks):
+                health = await client.get("/health")
+                (worker,) = health.json()["workers"]
+                peak = max(peak, worker["kv_handles_open"])
+                await asyncio.sleep(0.25)
+            return [task.result() for task in tasks]
+
+    statuses = asyncio.run(scenario())
+    assert Counter(statuses) == {200: 400}
+    # with the old cap of 128 calls (a call carries one to a few requests) the peak was 338
+    assert peak >= 380, f"at most {peak} requests were on the worker at once"
+    wait_idle(roomy_app)
