@@ -32,25 +32,19 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from app.history import percentile  # noqa: E402
-from benchmarks.fairness import cpu_by_name  # noqa: E402
-from benchmarks.hosts import MODEL_ID, client_priority, running  # noqa: E402
+from benchmarks.fairness import body, cpu_by_name  # noqa: E402
+from benchmarks.hosts import client_priority, running  # noqa: E402
 
 
 async def flood(url: str, rate: float, seconds: float, tokens: int) -> dict[str, list[float]]:
     """Answer (200 or error code; 'unanswered' at the end) -> seconds to the headers."""
     answers: dict[str, list[float]] = defaultdict(list)
-    body = {
-        "model": MODEL_ID,
-        "messages": [{"role": "user", "content": "Tell me a long story about a river."}],
-        "max_tokens": tokens,
-        "ignore_eos": True,
-        "stream": True,
-    }
 
     async def one(session: aiohttp.ClientSession) -> None:
         sent = time.monotonic()
         try:
-            async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+            chat = body(tokens, None)  # fairness.py's heavy chat: no shared prefix
+            async with session.post(f"{url}/v1/chat/completions", json=chat) as response:
                 code = response.headers.get("x-sie-error-code", str(response.status))
                 answers[code].append(time.monotonic() - sent)
                 await response.read()

@@ -84,3 +84,6 @@ def test_usage_shards_are_ledger_deployments_and_need_leased_limits() -> None:
             assert len(init_args[3]) == 3
     with pytest.raises(ValueError, match=r"usage_shards > 1 needs tenancy\.leased_limits"):
         AppConfig.model_validate({"tenancy": {"usage_shards": 2, "leased_limits": False}})
+    for bad in (0, 65, "two"):
+        with pytest.raises(ValueError, match="usage_shards"):
+            AppConfig.model_validate({"tenancy": {"usage_shards": bad}})
