@@ -99,18 +99,10 @@ class PoolAutoscaler:
         self._versioned: tuple[str, RoutingSnapshot] | None = None
         self._reached_checked_at = float("-inf")
         grace = self._config.pools.startup_grace_seconds
-        started = time.time()
-        self._registry = WorkerRegistry(
-            self._app_name, self._config.worker_heartbeat_seconds, started
-        )
-        self._decide_after = started + (
-            grace if grace is not None else 3 * self._config.worker_heartbeat_seconds
-        )
-        # after a restart, wait for the assigned workers' heartbeats (at most until a silent
-        # worker would count as stale anyway) so their pools keep them
-        self._decide_after_latest = started + max(
-            self._decide_after - started, self._config.worker_stale_seconds
-        )
+        self._grace = grace if grace is not None else 3 * self._config.worker_heartbeat_seconds
+        self._started = time.time()
+        self._deciding = False
+        self._registry = WorkerRegistry(self._app_name, self._config.worker_heartbeat_seconds)
         if self._restored:
             logger.info("pool autoscaler restored %d pools from the GCS", len(self._book.pools))
         self._loop = asyncio.get_running_loop().create_task(self._control_forever())
@@ -240,7 +232,6 @@ class PoolAutoscaler:
 
     async def _control_forever(self) -> None:
         interval = self._config.pools.control_interval_seconds
-        await asyncio.sleep(max(0.0, self._decide_after - time.time()))
         while not self._may_decide(time.time()):
             await asyncio.sleep(self._config.worker_heartbeat_seconds / 2)
         while True:
@@ -254,10 +245,20 @@ class PoolAutoscaler:
                 await asyncio.wait_for(self._wake.wait(), interval)
 
     def _may_decide(self, now: float) -> bool:
-        if now < self._decide_after:
+        """Not before the grace after the first heartbeat or pull reached this replica; after a
+        restart, not before the assigned workers' heartbeats (so their pools keep them), at most
+        until a silent worker would count as stale anyway. Nothing reached it within
+        `worker_stale_seconds` of starting: no worker runs, count from then."""
+        if self._deciding:
+            return True
+        stale = self._config.worker_stale_seconds
+        reached = self._registry.reached_at
+        origin = reached if reached is not None else self._started + stale
+        if now < origin + self._grace:
             return False
         waiting = [w for w in self._book.assignments if w not in self._registry.statuses]
-        return not waiting or now >= self._decide_after_latest
+        self._deciding = not waiting or now >= origin + max(self._grace, stale)
+        return self._deciding
 
     async def _control_once(self) -> None:
         now = time.time()

@@ -42,16 +42,25 @@ def routing_view(status: WorkerStatus) -> tuple[object, ...]:
 
 
 class WorkerRegistry:
-    def __init__(self, app_name: str, heartbeat_seconds: float, started: float) -> None:
+    def __init__(self, app_name: str, heartbeat_seconds: float) -> None:
         self._app_name = app_name
         self._heartbeat_seconds = heartbeat_seconds
         self.statuses: dict[str, WorkerStatus] = {}
         """worker id -> its last heartbeat."""
-        self._full_at = started + WARMUP_HEARTBEATS * heartbeat_seconds
+        self.reached_at: float | None = None
+        """When the first heartbeat or pull reached this replica. Serve publishes a new replica
+        to its callers seconds after its constructor ran (10 s on a busy 2-core machine), so
+        waits for a round of heartbeats count from here, not from the start."""
+
+    def reached(self, now: float) -> float:
+        if self.reached_at is None:
+            self.reached_at = now
+        return self.reached_at
 
     def heartbeat(self, status: WorkerStatus, stale_seconds: float = float("inf")) -> bool:
         """True when the heartbeat changes what an ingress routes by: a new worker, one back
         from stale, or a changed `routing_view`."""
+        self.reached(time.time())
         previous = self.statuses.get(status.worker_id)
         self.statuses[status.worker_id] = status
         return (
@@ -79,7 +88,8 @@ class WorkerRegistry:
     async def wait_until_full(self) -> None:
         """A registry that just started (a redeploy) knows only the workers that reported
         since: wait for a round of heartbeats."""
-        warming = self._full_at - time.time()
+        now = time.time()
+        warming = self.reached(now) + WARMUP_HEARTBEATS * self._heartbeat_seconds - now
         if warming > 0:
             await asyncio.sleep(warming)
 

@@ -1,7 +1,9 @@
-"""Versioned pulls of the PoolAutoscaler's routing snapshot (routing_snapshot_since): a pull
-while nothing an ingress routes by changed is a version only; a new worker, a changed model
-state, a pool change or a worker back from stale is a new version; and the version moves every
-worker_stale_seconds / 2 so no ingress judges liveness by times older than that."""
+"""The PoolAutoscaler's registry. Versioned pulls of its routing snapshot
+(routing_snapshot_since): a pull while nothing an ingress routes by changed is a version only; a
+new worker, a changed model state, a pool change or a worker back from stale is a new version;
+and the version moves every worker_stale_seconds / 2 so no ingress judges liveness by times
+older than that. After a restart, its waits for the workers' heartbeats count from when the
+first call reached it, not from its constructor (Serve publishes a replica seconds later)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from app.config import AppConfig
-from app.deployments import autoscaler, pool_store
+from app.deployments import autoscaler, pool_store, worker_registry
 from app.pools.model import PoolSpec
 from app.protocol.workers import ModelStatus, WorkerStatus
 
@@ -43,10 +45,16 @@ def scaler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     async def make() -> Any:
         return autoscaler.PoolAutoscaler(CONFIG)
 
-    created = loop.run_until_complete(make())
-    created._loop.cancel()
-    created._registry._full_at = 0.0
-    created.run = loop.run_until_complete
+    def started() -> Any:
+        created = loop.run_until_complete(make())
+        created._loop.cancel()
+        created.run = loop.run_until_complete
+        created.restart = started
+        return created
+
+    created = started()
+    # reached a heartbeat round ago: snapshots answer at once, and no decision runs (no Ray)
+    created._registry.reached_at = time.time() - worker_registry.WARMUP_HEARTBEATS * 2.0
     yield created
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()
@@ -102,3 +110,45 @@ def test_a_restarted_registry_never_matches_an_old_version(scaler: Any) -> None:
     version, _ = scaler.run(scaler.routing_snapshot_since(None))
     scaler._epoch = "restarted"
     assert scaler.run(scaler.routing_snapshot_since(version))[1] is not None
+
+
+def test_a_restarted_autoscaler_waits_for_its_workers_from_when_it_is_first_reached(
+    scaler: Any,
+) -> None:
+    scaler._book.assignments["w1"] = "p"
+    scaler._store.save(scaler._book)
+    restarted = scaler.restart()
+    assert restarted._restored
+    t0, grace, stale = restarted._started, 3 * 2.0, 10.0  # heartbeats every 2 s
+    assert not restarted._may_decide(t0 + stale + 2)  # nothing reached it yet
+    restarted._registry.reached(t0 + 12)  # Serve published it 12 s after it started
+    assert not restarted._may_decide(t0 + 12 + grace + 1)  # w1 (assigned to p) not heard yet
+    assert not restarted._may_decide(t0 + 12 + stale - 0.1)
+    restarted.heartbeat(status("w1"))
+    assert restarted._may_decide(t0 + 12 + grace + 1)
+    assert restarted._may_decide(t0)  # once deciding, always
+
+
+def test_a_silent_assigned_worker_is_waited_for_until_it_would_be_stale(scaler: Any) -> None:
+    scaler._book.assignments["w1"] = "p"
+    scaler._store.save(scaler._book)
+    restarted = scaler.restart()
+    t0, stale = restarted._started, 10.0
+    restarted._registry.reached(t0 + 12)
+    assert not restarted._may_decide(t0 + 12 + stale - 0.1)
+    assert restarted._may_decide(t0 + 12 + stale)
+    # a replica nothing ever reaches (no worker, no ingress) decides stale seconds later
+    alone = scaler.restart()
+    assert not alone._may_decide(alone._started + 2 * stale - 0.1)
+    assert alone._may_decide(alone._started + 2 * stale)
+
+
+def test_the_first_snapshot_waits_a_heartbeat_round_from_the_first_call() -> None:
+    registry = worker_registry.WorkerRegistry("t", heartbeat_seconds=0.2)
+    time.sleep(0.3)  # longer than the wait: published late
+    started = time.monotonic()
+    asyncio.run(registry.wait_until_full())
+    assert time.monotonic() - started >= 0.2
+    started = time.monotonic()
+    asyncio.run(registry.wait_until_full())
+    assert time.monotonic() - started < 0.1
