@@ -28,7 +28,13 @@ class EngineSettings(ClosedModel):
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile (saves ~150 s at start).")
     max_model_len: int = Field(2048, gt=0, description="Context length in tokens.")
-    max_num_seqs: int = Field(64, gt=0, description="Most sequences the engine runs at once.")
+    max_num_seqs: int = Field(
+        64,
+        gt=0,
+        description="Most sequences the engine runs at once; KV admission holds the rest in its "
+        "queue (bounded by `kv.max_waiting_requests` and `kv.max_wait_seconds`, ordered by "
+        "priority and share), not the engine's own.",
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "priority",

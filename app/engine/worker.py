@@ -98,6 +98,7 @@ class Worker:
             ),
             max_waiting=self.config.kv.max_waiting_requests,
             max_wait_s=self.config.kv.max_wait_seconds,
+            max_running=self._models[model_id].engine.max_num_seqs,
             kv_dtype=adapter.kv_dtype,
             fair=FairShare(
                 headroom_requests=self.config.kv.fair_share_headroom_requests,

@@ -1,9 +1,13 @@
-"""Admission against the KV ledger: a request that fits now (and leaves the room fair share keeps
-for others: `app.tenancy.fairshare`) gets its handle at once; one that does not waits in a
-bounded queue served by priority, then by each pool's share; past the bound -> 503 QUEUE_FULL
-with Retry-After for the lowest-ranked waiter (the newcomer or a waiter it displaces); one that
-could never fit -> 400 INPUT_TOO_LONG. The handle is freed on every path (completion, error,
-cancellation), and freeing wakes the queue."""
+"""Admission against the KV ledger and the engine's batch: a request that fits now (and leaves the
+room fair share keeps for others: `app.tenancy.fairshare`) gets its handle at once; one that
+does not waits in a bounded queue served by priority, then by each pool's share; past the bound
+-> 503 QUEUE_FULL with Retry-After for the lowest-ranked waiter (the newcomer or a waiter it
+displaces); one that could never fit -> 400 INPUT_TOO_LONG. The handle is freed on every path
+(completion, error, cancellation), and freeing wakes the queue.
+
+The engine runs at most `max_running` sequences (vLLM's `max_num_seqs`); requests past that wait
+here, not in the engine's own queue, which has no bound on time and no notion of shares: so
+this queue is the only one in front of the engine, and its bounds and order are the service's."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class _Waiter:
     demand: KVDemand
     granted: asyncio.Future[KVHandle]
     flow: Flow = field(default_factory=Flow)
+    sequences: int = 1
 
 
 class KVAdmission:
@@ -36,11 +41,16 @@ class KVAdmission:
         max_wait_s: float,
         kv_dtype: str = "float32",
         fair: FairShare | None = None,
+        max_running: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
+        self.max_running = max_running
+        """Engine sequences admitted at once (None: as many as the KV cache takes)."""
+        self.running = 0
+        """Engine sequences admitted and not yet ended (a request's candidates each count)."""
         self._kv_dtype = kv_dtype
         self.fair = fair or FairShare()
         self._clock = clock
@@ -87,10 +97,11 @@ class KVAdmission:
             )
         params = self._params(request_id, len(prompt_token_ids) + candidates * max_new_tokens)
         self.fair.arrived(flow, demand.blocks, self._clock())
-        handle = await self._wait(_Waiter(params, demand, _future(), flow))
+        handle = await self._wait(_Waiter(params, demand, _future(), flow, candidates))
         try:
             yield handle
         finally:
+            self.running -= candidates
             if ledger.free(handle):
                 self.fair.released(flow, demand.blocks)
             self._grant_waiters()
@@ -153,6 +164,7 @@ class KVAdmission:
             granted = waiter.granted
             if granted.done() and not granted.cancelled() and granted.exception() is None:
                 # granted just as we gave up: give it back
+                self.running -= waiter.sequences
                 if self.ledger.free(waiter.granted.result()):
                     self.fair.released(waiter.flow, waiter.demand.blocks)
                 self._grant_waiters()
@@ -167,7 +179,8 @@ class KVAdmission:
 
     def _grant_waiters(self) -> None:
         """Hand out handles in the fair-share order while the next waiter may be admitted (a
-        flow the engine's batch has no room for is passed over, not waited behind)."""
+        flow whose share of the batch is full is passed over, not waited behind; a full engine
+        stops all)."""
         ledger = self.ledger
         now = self._clock()
         full: set[Flow] = set()  # flows with no room in the batch now
@@ -176,6 +189,9 @@ class KVAdmission:
             if index is None:
                 return
             head = self._waiters[index]
+            cap = self.max_running
+            if cap is not None and self.running and self.running + head.sequences > cap:
+                return
             if not self.fair.batch_allows(head.flow, now):
                 full.add(head.flow)
                 continue
@@ -188,6 +204,7 @@ class KVAdmission:
             if handle is None:
                 return
             del self._waiters[index]
+            self.running += head.sequences
             self.fair.admitted(head.flow, head.demand.blocks)
             head.granted.set_result(handle)
 

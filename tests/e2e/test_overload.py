@@ -131,8 +131,8 @@ def wait_idle(base: str, timeout_s: float = 20) -> None:
 
 @pytest.fixture(scope="module")
 def roomy_app(stack: Stack) -> Iterator[str]:
-    """One fake worker whose KV cache takes 450 requests at once, slow tokens: the worker's
-    own admission, not Serve's cap on calls to it, is what bounds what it holds."""
+    """One fake worker whose KV cache and batch take 450 requests at once, slow tokens: the
+    worker's own admission, not Serve's cap on calls to it, is what bounds what it holds."""
     from ray import serve
 
     from app.builder import build_app
@@ -142,7 +142,10 @@ def roomy_app(stack: Stack) -> Iterator[str]:
         "models": [
             {
                 "id": FAKE_MODEL,
-                "engine": {"extra_args": {"token_delay_s": 0.12, "kv_blocks": 450 * 7}},
+                "engine": {
+                    "max_num_seqs": 450,
+                    "extra_args": {"token_delay_s": 0.12, "kv_blocks": 450 * 7},
+                },
             }
         ],
         "profiles": [{"name": "cpu", "num_cpus": 0}],

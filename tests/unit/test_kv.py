@@ -11,6 +11,7 @@ from app.errors import InputTooLong, QueueFull
 from app.kv.admission import KVAdmission
 from app.kv.ledger import KVLedger, prefix_block_keys
 from app.protocol.sagellm import KVAllocateParams
+from app.tenancy.fairshare import Flow
 
 BLOCK = 4
 
@@ -174,6 +175,43 @@ async def test_queue_bound_and_wait_bound_give_queue_full_with_retry_after() -> 
         with pytest.raises(QueueFull):
             await waiter  # timed out waiting
     assert admission.waiting == 0 and admission.ledger.used_blocks == 0
+
+
+async def test_past_the_engines_batch_requests_wait_here_in_rank_order_within_the_bounds() -> None:
+    """max_running (vLLM's max_num_seqs) counts sequences: a request's candidates each count;
+    past it requests wait in this queue (priority first), time out as QUEUE_FULL, and every
+    path gives its sequences back. One bigger than the batch runs alone."""
+    admission = KVAdmission(KVLedger(100, BLOCK), max_waiting=4, max_wait_s=0.3, max_running=3)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def request(name: str, candidates: int = 1, priority: int = 0) -> None:
+        flow = Flow(priority=priority)
+        async with admission.reserve(name, [1], 3, candidates, flow=flow):
+            order.append(name)
+            await release.wait()
+
+    pair = asyncio.create_task(request("pair", candidates=2))
+    one = asyncio.create_task(request("one"))
+    await asyncio.sleep(0.01)
+    assert admission.running == 3 and admission.ledger.free_blocks > 90  # room, but no seat
+    low = asyncio.create_task(request("low", priority=1))
+    high = asyncio.create_task(request("high", priority=0))
+    await asyncio.sleep(0.01)
+    assert order == ["pair", "one"] and admission.waiting == 2
+    release.set()
+    await asyncio.gather(pair, one, low, high)
+    assert order == ["pair", "one", "high", "low"]
+    assert admission.running == 0 and admission.waiting == 0
+    release.clear()
+    wide = asyncio.create_task(request("wide", candidates=5))  # wider than the batch: alone
+    await asyncio.sleep(0.01)
+    assert order[-1] == "wide" and admission.running == 5
+    with pytest.raises(QueueFull):
+        await _enter(admission, "timed out")  # waited max_wait_s for a seat
+    release.set()
+    await wide
+    assert admission.running == 0 and admission.waiting == 0 and admission.ledger.used_blocks == 0
 
 
 async def test_a_request_that_can_never_fit_is_refused() -> None:
