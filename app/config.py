@@ -248,7 +248,8 @@ class KVConfig(ClosedModel):
         "priorities) share by weight: while others are active, a pool over its share waits for "
         "room beside the headroom kept for them, so a light pool's request does not share its "
         "steps with a heavy pool's whole backlog. Alone, a pool runs as the engine allows. "
-        "0: only the KV cache is shared.",
+        "0: the engine's whole batch (the model's `max_num_seqs`), so a light pool finds a "
+        "seat at once beside a heavy pool's full batch (it still shares the steps).",
     )
 
 

@@ -89,6 +89,7 @@ class Worker:
             return
         adapter = self._adapters[model_id]
         stats = adapter.stats()
+        seats = self._models[model_id].engine.max_num_seqs
         self._admission[model_id] = KVAdmission(
             KVLedger(
                 stats.kv_blocks_total,
@@ -98,12 +99,12 @@ class Worker:
             ),
             max_waiting=self.config.kv.max_waiting_requests,
             max_wait_s=self.config.kv.max_wait_seconds,
-            max_running=self._models[model_id].engine.max_num_seqs,
+            max_running=seats,
             kv_dtype=adapter.kv_dtype,
             fair=FairShare(
                 headroom_requests=self.config.kv.fair_share_headroom_requests,
                 active_s=self.config.kv.fair_share_active_seconds,
-                batch_requests=self.config.kv.fair_share_batch_requests,
+                batch_requests=min(self.config.kv.fair_share_batch_requests or seats, seats),
             ),
         )
         self._states[model_id] = ModelStatus(model_id, "loaded")

@@ -103,7 +103,7 @@ class KVAdmission:
         finally:
             self.running -= candidates
             if ledger.free(handle):
-                self.fair.released(flow, demand.blocks)
+                self.fair.released(flow, demand.blocks, self._clock())
             self._grant_waiters()
 
     def prefilled(self, request_id: str) -> None:
@@ -166,7 +166,7 @@ class KVAdmission:
                 # granted just as we gave up: give it back
                 self.running -= waiter.sequences
                 if self.ledger.free(waiter.granted.result()):
-                    self.fair.released(waiter.flow, waiter.demand.blocks)
+                    self.fair.released(waiter.flow, waiter.demand.blocks, self._clock())
                 self._grant_waiters()
             else:
                 waiter.granted.cancel()

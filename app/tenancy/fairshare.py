@@ -5,8 +5,8 @@ keep for others, and whom to refuse when the queue is full. Pure: the caller pas
 - Within a priority, the pool holding the fewest KV blocks per unit of `weight` (its `gpus`)
   goes next, so admission is shared in proportion to the weights and no pool waits behind
   another's backlog.
-- Headroom: a request may not take the room kept for flows that are active (sent a request in
-  the last `active_s`) and either outrank it or are of its priority and under their share: room
+- Headroom: a request may not take the room kept for flows that are active (a request of
+  theirs runs, or arrived or ended in the last `active_s`) and either outrank it or are of its priority and under their share: room
   for `headroom_requests` of their recent size. So a light tenant is admitted at once, not when
   the next of a heavy tenant's requests ends. An idle engine admits anything that fits.
 - The engine's batch (`batch_requests`, 0: not shared): while other flows are active, a flow
@@ -68,7 +68,14 @@ class FairShare:
         key = (flow.priority, flow.pool, flow.member)
         self.running[key] = self.running.get(key, 0) + 1
 
-    def released(self, flow: Flow, blocks: int) -> None:
+    def released(self, flow: Flow, blocks: int, now: float) -> None:
+        """A request ended: its flow stays active `active_s` from now (one whose requests each
+        run longer than `active_s` would otherwise be idle the moment one ends, and a heavy
+        flow's waiter would take the seat kept for its next)."""
+        seen = self._seen.get((flow.priority, flow.pool))
+        if seen is not None:
+            seen.last_at = max(seen.last_at, now)
+            self._members.setdefault((flow.priority, flow.pool), {})[flow.member] = now
         left = self.held.get(flow.pool, 0) - blocks
         if left > 0:
             self.held[flow.pool] = left
@@ -91,8 +98,9 @@ class FairShare:
         )
 
     def _active(self, now: float) -> dict[tuple[int, str], _Seen]:
-        """Flows that sent a request in the last `active_s`, or have one running (a tenant
-        whose requests all wait or run long sends none meanwhile, and is no less active)."""
+        """Flows with a request that arrived or ended in the last `active_s`, or one running (a
+        tenant whose requests all wait or run long sends none meanwhile, and is no less
+        active)."""
         busy = {(priority, pool) for priority, pool, _ in self.running}
         stale = [
             key

@@ -260,7 +260,7 @@ def test_batch_share_rules() -> None:
     assert not fair3.batch_allows(heavy, 1.0)
     assert fair3.batch_allows(urgent, 1.0)
     for _ in range(6):
-        fair3.released(heavy, 1)
+        fair3.released(heavy, 1, 1.0)
     assert fair3.running == {}
     assert FairShare(batch_requests=0).batch_allows(heavy, 0.0)  # off
 
@@ -301,8 +301,11 @@ def test_a_pool_with_requests_running_stays_active_without_sending() -> None:
         fair.admitted(HEAVY, 1)
     assert not fair.batch_allows(HEAVY, 30.0)  # light still runs its 4: 10 + 1 > 8
     for _ in range(4):
-        fair.released(LIGHT, 1)
-    assert fair.batch_allows(HEAVY, 30.0)  # light is done and quiet: heavy is alone
+        fair.released(LIGHT, 1, 30.0)
+    # light's requests ran 30 s, longer than active_s: its next one comes now, and the room
+    # kept for it is still there (heavy 6 + 1 > 8 - 2)
+    assert not fair.batch_allows(HEAVY, 35.0)
+    assert fair.batch_allows(HEAVY, 40.1)  # light quiet for active_s: heavy is alone
 
 
 @pytest.mark.parametrize("seed", range(20))
