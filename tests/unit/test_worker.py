@@ -9,10 +9,10 @@ import asyncio
 import pytest
 
 from app.config import AppConfig
-from app.tenancy.fairshare import Flow
 from app.engine.vllm_adapter import chunked_prefill
 from app.engine.worker import Worker, omp_threads_bind
 from app.errors import WorkerUnavailable
+from app.tenancy.fairshare import Flow
 from tests.fakes.fake_engine import FakeAdapter
 
 CONFIG = AppConfig.model_validate(
