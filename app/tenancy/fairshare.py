@@ -6,9 +6,10 @@ keep for others, and whom to refuse when the queue is full. Pure: the caller pas
   goes next, so admission is shared in proportion to the weights and no pool waits behind
   another's backlog.
 - Headroom: a request may not take the room kept for flows that are active (a request of
-  theirs runs, or arrived or ended in the last `active_s`) and either outrank it or are of its priority and under their share: room
-  for `headroom_requests` of their recent size. So a light tenant is admitted at once, not when
-  the next of a heavy tenant's requests ends. An idle engine admits anything that fits.
+  theirs runs, or arrived or ended in the last `active_s`) and either outrank it or are of its
+  priority and under their share: room for `headroom_requests` of their recent size. So a
+  light tenant is admitted at once, not when the next of a heavy tenant's requests ends. An
+  idle engine admits anything that fits.
 - The engine's batch (`batch_requests`, 0: not shared): while other flows are active, a flow
   over its weighted share of that many running engine requests waits until the batch has room
   beside the headroom kept for the others, so a light tenant's request never queues and does
