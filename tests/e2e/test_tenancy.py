@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import statistics
 import time
 from collections import Counter
@@ -358,6 +360,48 @@ def test_usage_is_exact_after_an_ingress_replica_and_the_ledger_restart(tenancy:
     assert restored["pools"]["billing"]["worker_seconds"] == 0
     # a `since` window after all of it is empty
     assert tenancy.usage(since=time.time() + 120)["total"]["requests"] == 0
+
+
+def replica_pid(deployment: str) -> int:
+    """The pid of the app's one replica of `deployment` (Ray's proctitle
+    `ray::ServeReplica:<app>:<deployment>`, with `.<method>` while it runs one)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue
+        if argv0.startswith(f"ray::ServeReplica:{APP}:") and (
+            argv0.split(":")[-1].split(".")[0] == deployment
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no process of {deployment}")
+
+
+def test_a_silent_usage_shard_makes_usage_reads_503_not_a_short_invoice(
+    tenancy: Tenancy,
+) -> None:
+    """A usage shard alive but silent (SIGSTOP): GET /v1/usage answers 503 usage_unavailable
+    with Retry-After once shard 0 gives up on it (4 s), never a report without that shard's
+    counts; a pool still reads, its status.usage null; resumed, the reads are whole again."""
+    tenancy.create_pool("audited", gpus={"cpu": 1}, shared=True)
+    before = tenancy.usage()["total"]["requests"]
+    pid = replica_pid("TenantLedger-1")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        silent = httpx.get(
+            f"{tenancy.base_url}/v1/usage", headers=tenancy.headers(ADMIN_KEY), timeout=30
+        )
+        waited = time.monotonic() - started
+        pool = tenancy.pool("audited")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert silent.status_code == 503, silent.text
+    assert silent.json()["detail"]["code"] == "usage_unavailable"
+    assert float(silent.headers["retry-after"]) > 0
+    assert 3 < waited < 10, waited
+    assert pool["status"]["usage"] is None
+    assert eventually(lambda: tenancy.usage())["total"]["requests"] >= before
 
 
 def test_usage_needs_an_admin_key_and_refuses_bad_windows(tenancy: Tenancy) -> None:
