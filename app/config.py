@@ -239,7 +239,10 @@ class KVConfig(ClosedModel):
         "admitted at once rather than behind another pool's backlog (0: work-conserving only).",
     )
     fair_share_active_seconds: float = Field(
-        10.0, gt=0, description="A pool or priority class is active this long after a request."
+        10.0,
+        gt=0,
+        description="A pool or priority class is active while a request of its runs and this "
+        "long after one arrived or ended.",
     )
     fair_share_batch_requests: int = Field(
         0,

@@ -49,8 +49,9 @@ class WorkerRegistry:
         """worker id -> its last heartbeat."""
         self.reached_at: float | None = None
         """When the first heartbeat or pull reached this replica. Serve publishes a new replica
-        to its callers seconds after its constructor ran (10 s on a busy 2-core machine), so
-        waits for a round of heartbeats count from here, not from the start."""
+        to its callers only after its constructor ran and its health check passed (seconds on
+        a busy machine), so waits for a round of heartbeats count from here, not from the
+        start."""
 
     def reached(self, now: float) -> float:
         if self.reached_at is None:
