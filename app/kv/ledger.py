@@ -11,7 +11,7 @@ import hashlib
 import math
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from app.protocol.sagellm import KVAllocateParams, KVHandle
@@ -87,6 +87,7 @@ class KVLedger:
         self._sharers: Counter[str] = Counter()  # live reusers of the cached copy
         self._owner: dict[str, str] = {}  # key -> live request whose copy is the cached one
         self._private_blocks = 0
+        self._prefix_blocks = 0  # physical copies of prefix blocks: the sum of `_copies`
         self._reservations: dict[str, Reservation] = {}
 
     def _copies(self, key: str) -> int:
@@ -98,10 +99,16 @@ class KVLedger:
     def _cached(self, key: str) -> bool:
         return key in self._owner or self._sharers[key] > 0
 
+    def _recount(self, keys: set[str], change: Callable[[], None]) -> None:
+        """Apply `change`, which touches only `keys`, keeping `_prefix_blocks` the sum of their
+        copies: each admission decision reads `used_blocks`, so it costs O(1), not O(blocks)."""
+        before = sum(self._copies(key) for key in keys)
+        change()
+        self._prefix_blocks += sum(self._copies(key) for key in keys) - before
+
     @property
     def used_blocks(self) -> int:
-        keys = set(self._payers) | set(self._sharers)
-        return sum(self._copies(key) for key in keys) + self._private_blocks
+        return self._prefix_blocks + self._private_blocks
 
     @property
     def free_blocks(self) -> int:
@@ -168,11 +175,15 @@ class KVLedger:
             device=self.device,
         )
         paid, shared = self._split(demand)
-        self._payers.update(paid)
-        self._sharers.update(shared)
-        for index, key in enumerate(demand.prefix_keys):
-            if self._early(index) and key not in self._owner and key in paid:
-                self._owner[key] = params.request_id  # cached as it is allocated
+
+        def take() -> None:
+            self._payers.update(paid)
+            self._sharers.update(shared)
+            for index, key in enumerate(demand.prefix_keys):
+                if self._early(index) and key not in self._owner and key in paid:
+                    self._owner[key] = params.request_id  # cached as it is allocated
+
+        self._recount({*paid, *shared}, take)
         self._private_blocks += demand.private_blocks
         self._reservations[params.request_id] = Reservation(
             handle, paid, shared, demand.private_blocks
@@ -186,7 +197,7 @@ class KVLedger:
         if reservation is None or reservation.prefilled:
             return False
         reservation.prefilled = True
-        for key in set(reservation.paid):
+        for key in set(reservation.paid):  # no copy count changes: none of these is shared
             if not self._cached(key):  # the first computed copy is the one the cache keeps
                 self._owner[key] = request_id
         return True
@@ -197,11 +208,15 @@ class KVLedger:
         if reservation is None or reservation.handle.handle_id != handle.handle_id:
             return False
         del self._reservations[handle.request_id]
-        _subtract(self._payers, reservation.paid)
-        _subtract(self._sharers, reservation.shared)
-        for key in set(reservation.paid):
-            if self._owner.get(key) == handle.request_id:
-                del self._owner[key]
+
+        def release() -> None:
+            _subtract(self._payers, reservation.paid)
+            _subtract(self._sharers, reservation.shared)
+            for key in set(reservation.paid):
+                if self._owner.get(key) == handle.request_id:
+                    del self._owner[key]
+
+        self._recount({*reservation.paid, *reservation.shared}, release)
         self._private_blocks -= reservation.private_blocks
         return True
 

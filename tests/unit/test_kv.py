@@ -4,6 +4,7 @@ every path gives its handle back."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -79,6 +80,34 @@ def test_blocks_past_the_first_prefill_chunk_are_shared_only_once_computed() -> 
     assert ledger.free(first) and ledger.used_blocks == 5  # c holds a's cached copies
     assert ledger.free(racing) and ledger.used_blocks == 3
     assert ledger.free(later) and ledger.used_blocks == 0
+
+
+def test_the_running_count_of_blocks_is_the_sum_over_all_blocks() -> None:
+    """`used_blocks` is kept as requests come, prefill and go (so admission reads it in O(1)):
+    after every step of a random mix of shared prefixes, candidates and chunked prefill, it is
+    what counting every prefix block's physical copies gives."""
+    rng = random.Random(7)
+    ledger = KVLedger(10_000, BLOCK, chunk_tokens=2 * BLOCK)
+    prefixes = [[rng.randrange(50) for _ in range(4 * BLOCK)] for _ in range(3)]
+    held = []
+    for step in range(400):
+        action = rng.random()
+        if action < 0.45 or not held:
+            prompt = [*rng.choice(prefixes)[: rng.randrange(1, 4 * BLOCK)], step]
+            demand = ledger.demand(prompt, rng.randrange(1, 9), rng.choice([1, 1, 3]))
+            handle = ledger.allocate(params(f"r{step}"), demand)
+            assert handle is not None
+            held.append(handle)
+        elif action < 0.7:
+            ledger.prefilled(rng.choice(held).request_id)
+        else:
+            assert ledger.free(held.pop(rng.randrange(len(held))))
+        keys = set(ledger._payers) | set(ledger._sharers)
+        counted = sum(ledger._copies(key) for key in keys) + ledger._private_blocks
+        assert ledger.used_blocks == counted
+    for handle in held:
+        ledger.free(handle)
+    assert ledger.used_blocks == 0
 
 
 def test_candidates_of_one_request_share_the_prompt_blocks() -> None:
