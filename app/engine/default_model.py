@@ -138,7 +138,7 @@ def convert_gguf(
     config = quantized_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain_model.load_state_dict(quantized_model.state_dict(), strict=True)
     plain_model.generation_config = quantized_model.generation_config
     del quantized_model
