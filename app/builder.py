@@ -95,9 +95,6 @@ def _generator(profile: MachineProfile, config: AppConfig) -> Deployment:
         ray_actor_options=profile.ray_actor_options(),
         graceful_shutdown_timeout_s=config.drain_timeout_seconds,
         max_surge_percent=profile.rollout_surge_percent,
-        # a line per call (a group of requests, a cancel, a status) names no request: the
-        # ingress's access log and /metrics do; with ingress.access_log both log
-        logging_config={"enable_access_log": config.ingress.access_log},
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_PATH,  # type: ignore[arg-type]
         ),

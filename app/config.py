@@ -167,8 +167,7 @@ class IngressConfig(ClosedModel):
     )
     access_log: bool = Field(
         False,
-        description="Serve's access log line per HTTP request in the ingress replicas' logs "
-        "(and per call in the Generators'). "
+        description="Serve's access log line per HTTP request in the ingress replicas' logs. "
         "Off by default: it costs about a tenth of an ingress replica's CPU on short requests, "
         "and /metrics counts every request by route, status and error code.",
     )

@@ -197,7 +197,8 @@ class KVLedger:
         if reservation is None or reservation.prefilled:
             return False
         reservation.prefilled = True
-        for key in set(reservation.paid):  # no copy count changes: none of these is shared
+        # an uncached key has no reusers, so giving it an owner changes no copy count
+        for key in set(reservation.paid):
             if not self._cached(key):  # the first computed copy is the one the cache keeps
                 self._owner[key] = request_id
         return True
