@@ -11,7 +11,7 @@ import hashlib
 import math
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.protocol.sagellm import KVAllocateParams, KVHandle
@@ -87,7 +87,7 @@ class KVLedger:
         self._sharers: Counter[str] = Counter()  # live reusers of the cached copy
         self._owner: dict[str, str] = {}  # key -> live request whose copy is the cached one
         self._private_blocks = 0
-        self._prefix_blocks = 0  # physical copies of prefix blocks: the sum of `_copies`
+        self._prefix_blocks = 0  # physical copies of prefix blocks: `_copies` summed over all
         self._reservations: dict[str, Reservation] = {}
 
     def _copies(self, key: str) -> int:
@@ -99,12 +99,11 @@ class KVLedger:
     def _cached(self, key: str) -> bool:
         return key in self._owner or self._sharers[key] > 0
 
-    def _recount(self, keys: set[str], change: Callable[[], None]) -> None:
-        """Apply `change`, which touches only `keys`, keeping `_prefix_blocks` the sum of their
-        copies: each admission decision reads `used_blocks`, so it costs O(1), not O(blocks)."""
-        before = sum(self._copies(key) for key in keys)
-        change()
-        self._prefix_blocks += sum(self._copies(key) for key in keys) - before
+    def _copies_of(self, keys: set[str]) -> int:
+        """Physical copies of `keys`: taking or freeing a handle changes only its own keys'
+        copies, so `_prefix_blocks` moves by their difference and each admission decision
+        reads `used_blocks` in O(1), not O(blocks)."""
+        return sum(self._copies(key) for key in keys)
 
     @property
     def used_blocks(self) -> int:
@@ -175,15 +174,14 @@ class KVLedger:
             device=self.device,
         )
         paid, shared = self._split(demand)
-
-        def take() -> None:
-            self._payers.update(paid)
-            self._sharers.update(shared)
-            for index, key in enumerate(demand.prefix_keys):
-                if self._early(index) and key not in self._owner and key in paid:
-                    self._owner[key] = params.request_id  # cached as it is allocated
-
-        self._recount({*paid, *shared}, take)
+        keys = {*paid, *shared}
+        before = self._copies_of(keys)
+        self._payers.update(paid)
+        self._sharers.update(shared)
+        for index, key in enumerate(demand.prefix_keys):
+            if self._early(index) and key not in self._owner and key in paid:
+                self._owner[key] = params.request_id  # cached as it is allocated
+        self._prefix_blocks += self._copies_of(keys) - before
         self._private_blocks += demand.private_blocks
         self._reservations[params.request_id] = Reservation(
             handle, paid, shared, demand.private_blocks
@@ -209,15 +207,14 @@ class KVLedger:
         if reservation is None or reservation.handle.handle_id != handle.handle_id:
             return False
         del self._reservations[handle.request_id]
-
-        def release() -> None:
-            _subtract(self._payers, reservation.paid)
-            _subtract(self._sharers, reservation.shared)
-            for key in set(reservation.paid):
-                if self._owner.get(key) == handle.request_id:
-                    del self._owner[key]
-
-        self._recount({*reservation.paid, *reservation.shared}, release)
+        keys = {*reservation.paid, *reservation.shared}
+        before = self._copies_of(keys)
+        _subtract(self._payers, reservation.paid)
+        _subtract(self._sharers, reservation.shared)
+        for key in set(reservation.paid):
+            if self._owner.get(key) == handle.request_id:
+                del self._owner[key]
+        self._prefix_blocks += self._copies_of(keys) - before
         self._private_blocks -= reservation.private_blocks
         return True
 
